@@ -1,0 +1,1 @@
+"""Orchestration of the embedding feature platform: configuration and the ``derm`` CLI."""
