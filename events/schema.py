@@ -67,8 +67,10 @@ def _compatible(expected: pa.DataType, actual: pa.DataType) -> bool:
         # Any unit is fine; a naive timestamp is not (whose midnight would it be?).
         return pa.types.is_timestamp(actual) and actual.tz is not None
     if pa.types.is_string(expected):
-        return pa.types.is_string(actual) or pa.types.is_large_string(actual) or (
-            pa.types.is_dictionary(actual) and pa.types.is_string(actual.value_type)
+        return (
+            pa.types.is_string(actual)
+            or pa.types.is_large_string(actual)
+            or (pa.types.is_dictionary(actual) and pa.types.is_string(actual.value_type))
         )
     return actual == expected
 
@@ -91,14 +93,10 @@ def check_event_log(events_dir: Path) -> list[Path]:
                 raise EventLogError(f"{path}: missing column {field.name!r} ({field.type})")
             actual = schema.field(field.name).type
             if not _compatible(field.type, actual):
-                raise EventLogError(
-                    f"{path}: column {field.name!r} has type {actual}, expected {field.type}"
-                )
+                raise EventLogError(f"{path}: column {field.name!r} has type {actual}, expected {field.type}")
 
     con = duckdb.connect()
-    columns = ", ".join(
-        f"count(*) FILTER (WHERE {f.name} IS NULL) AS {f.name}" for f in EVENT_LOG_SCHEMA
-    )
+    columns = ", ".join(f"count(*) FILTER (WHERE {f.name} IS NULL) AS {f.name}" for f in EVENT_LOG_SCHEMA)
     surfaces = ", ".join(f"'{s}'" for s in SURFACES)
     for path in files:
         rel = f"read_parquet('{path}')"
@@ -123,8 +121,7 @@ def check_event_log(events_dir: Path) -> list[Path]:
             if count:
                 raise EventLogError(f"{path}: {message}")
     duplicates = con.execute(
-        f"SELECT event_id FROM read_parquet('{event_glob(events_dir)}') "
-        "GROUP BY event_id HAVING count(*) > 1 LIMIT 5"
+        f"SELECT event_id FROM read_parquet('{event_glob(events_dir)}') GROUP BY event_id HAVING count(*) > 1 LIMIT 5"
     ).fetchall()
     if duplicates:
         ids = [row[0] for row in duplicates]

@@ -55,7 +55,9 @@ class SyntheticConfig:
     PRESETS = {  # noqa: RUF012 - class-level table of named sizes
         "tiny": dict(n_users=200, n_pins=80, n_advertisers=10, n_categories=5, n_days=6, events_per_day=2_000),
         "local": {},
-        "bench": dict(n_users=1_000_000, n_pins=200_000, n_advertisers=5_000, n_categories=50, n_days=30, events_per_day=333_334),
+        "bench": dict(
+            n_users=1_000_000, n_pins=200_000, n_advertisers=5_000, n_categories=50, n_days=30, events_per_day=333_334
+        ),
     }
 
     @classmethod

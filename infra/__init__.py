@@ -1,1 +1,1 @@
-
+"""Local services the pipeline needs on the default profile (a private Redis server)."""
