@@ -1,0 +1,369 @@
+"""Validation gate: every class of bad snapshot or training set is rejected, good data passes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from training.snapshot import (
+    MANIFEST_FILE,
+    SnapshotManifest,
+    file_sha256,
+    snapshot_dir,
+    snapshot_schema,
+)
+from validation.commands import validate
+from validation.gate import (
+    GateThresholds,
+    ValidationFailed,
+    previous_snapshot,
+    validate_snapshot,
+    validate_training_set,
+)
+
+FAMILY = "ctr_user"
+VERSION = "v1"
+DIM = 8
+ENTITIES = 50
+DAY = date(2026, 1, 5)
+NOW = datetime(2026, 1, 7, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def docs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One GE project (and context) shared by every test of the session."""
+    return tmp_path_factory.mktemp("validation")
+
+
+def unit_vectors(rng: np.random.Generator, n: int = ENTITIES, dim: int = DIM) -> np.ndarray:
+    vectors = rng.normal(size=(n, dim))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def availability(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1, hours=2)
+
+
+def write_snapshot(
+    root: Path,
+    day: date,
+    vectors: list | np.ndarray,
+    *,
+    ids: list[int] | None = None,
+    timestamps: list[datetime] | None = None,
+    table: pa.Table | None = None,
+    **manifest_overrides: object,
+) -> Path:
+    """Write a snapshot in the training.snapshot layout; ``table`` bypasses the schema for corrupt files."""
+    folder = snapshot_dir(root, FAMILY, VERSION, day)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = len(vectors)
+    stamp = availability(day)
+    if table is None:
+        table = pa.table(
+            {
+                "user_id": ids if ids is not None else list(range(rows)),
+                "event_timestamp": timestamps or [stamp] * rows,
+                "embedding": [list(map(float, v)) for v in vectors],
+                "model_version": [VERSION] * rows,
+            },
+            schema=snapshot_schema(FAMILY),
+        )
+    pq.write_table(table, folder / "embeddings.parquet")
+    manifest = SnapshotManifest(
+        family=FAMILY,
+        model_version=VERSION,
+        config_hash="c" * 64,
+        weights_sha256="w" * 64,
+        dim=DIM,
+        snapshot_date=day,
+        event_timestamp=stamp,
+        data_window_start=stamp - timedelta(days=2, hours=2),
+        data_window_end=stamp - timedelta(hours=2),
+        row_count=table.num_rows,
+        aggregation="ema",
+        ema_weight=0.8,
+        created_at=stamp,
+        data_sha256=file_sha256(folder / "embeddings.parquet"),
+    )
+    (folder / MANIFEST_FILE).write_text(replace(manifest, **manifest_overrides).to_json())
+    return folder
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """Snapshots root holding the previous day's snapshot; returns it and its vectors."""
+    previous = unit_vectors(np.random.default_rng(0))
+    write_snapshot(tmp_path, DAY - timedelta(days=1), previous)
+    return tmp_path, previous
+
+
+def next_day(previous: np.ndarray, seed: int = 1) -> np.ndarray:
+    """A plausible refresh: each entity moves a little (EMA-smoothed)."""
+    moved = previous + 0.05 * np.random.default_rng(seed).normal(size=previous.shape)
+    return (moved / np.linalg.norm(moved, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_good_snapshot_passes_and_writes_data_docs(history: tuple[Path, np.ndarray], docs_dir: Path) -> None:
+    root, previous = history
+    folder = write_snapshot(root, DAY, next_day(previous))
+
+    report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
+
+    assert report.success, report.failures
+    report.raise_for_failure()
+    assert report.summary.startswith("ctr_user v1 2026-01-05: ")
+    passed, total = report.summary.rsplit(": ", 1)[1].split(" ")[0].split("/")
+    assert passed == total and int(total) >= 12  # drift checks ran against the previous day
+    assert report.data_docs_index == docs_dir.resolve() / "gx/uncommitted/data_docs/local_site/index.html"
+    assert report.data_docs_index.is_file()
+
+
+def test_first_snapshot_of_a_version_passes_without_drift_checks(tmp_path: Path, docs_dir: Path) -> None:
+    folder = write_snapshot(tmp_path, DAY, unit_vectors(np.random.default_rng(3)))
+    report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
+    assert report.success, report.failures
+    assert any("drift checks skipped" in note for note in report.notes)
+
+
+def _corrupt_rows(vectors: np.ndarray, rows: dict[int, list[float]]) -> list:
+    corrupted: list = [list(v) for v in vectors]
+    for index, value in rows.items():
+        corrupted[index] = value
+    return corrupted
+
+
+def _unit(dim: int) -> list[float]:
+    return [1.0] + [0.0] * (dim - 1)
+
+
+# Each case: how to write the bad snapshot, the expectation that must fail, the entity ids it must name.
+BAD_SNAPSHOTS = {
+    "wrong_dim": (
+        lambda root, v: write_snapshot(root, DAY, _corrupt_rows(v, {7: _unit(DIM - 1)})),
+        "embedding_dim",
+        [7],
+    ),
+    "nan": (
+        lambda root, v: write_snapshot(root, DAY, _corrupt_rows(v, {3: [float("nan"), *_unit(DIM)[1:]]})),
+        "all_values_finite",
+        [3],
+    ),
+    "inf": (
+        lambda root, v: write_snapshot(root, DAY, _corrupt_rows(v, {4: [float("inf"), *_unit(DIM)[1:]]})),
+        "all_values_finite",
+        [4],
+    ),
+    "zero_vector": (lambda root, v: write_snapshot(root, DAY, _corrupt_rows(v, {5: [0.0] * DIM})), "l2_norm", [5]),
+    "duplicate_keys": (
+        lambda root, v: write_snapshot(root, DAY, v, ids=[*range(ENTITIES - 1), 9]),
+        "user_id, event_timestamp",
+        [9],
+    ),
+    "future_timestamps": (
+        lambda root, v: write_snapshot(
+            root, DAY, v, timestamps=[availability(DAY)] * (ENTITIES - 1) + [NOW + timedelta(days=30)]
+        ),
+        "event_timestamp",
+        [ENTITIES - 1],
+    ),
+    "sudden_drift": (
+        lambda root, v: write_snapshot(root, DAY, unit_vectors(np.random.default_rng(42))),
+        "cosine_to_previous",
+        None,  # any five entities of the re-randomised space
+    ),
+    "manifest_row_count": (lambda root, v: write_snapshot(root, DAY, v, row_count=ENTITIES + 1), None, []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SNAPSHOTS))
+def test_bad_snapshot_is_rejected_with_offending_entities(
+    case: str, history: tuple[Path, np.ndarray], docs_dir: Path
+) -> None:
+    root, previous = history
+    write, column, entity_ids = BAD_SNAPSHOTS[case]
+    folder = write(root, next_day(previous))
+
+    report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
+
+    assert not report.success
+    named = [f.entity_ids for f in report.failures if f.column == column]
+    assert named, report.failures
+    if entity_ids is None:
+        assert any(len(ids) == 5 for ids in named)
+    else:
+        assert entity_ids in named
+    with pytest.raises(ValidationFailed) as raised:
+        report.raise_for_failure()
+    assert str(folder) in str(raised.value)
+    assert isinstance(raised.value, ValueError)
+
+
+def _table(columns: dict[str, pa.Array]) -> pa.Table:
+    return pa.table(columns)
+
+
+def _structural_cases(vectors: np.ndarray) -> dict[str, tuple[pa.Table, str | None]]:
+    n = len(vectors)
+    good = {
+        "user_id": pa.array(range(n), pa.int64()),
+        "event_timestamp": pa.array([availability(DAY)] * n, pa.timestamp("us", tz="UTC")),
+        "embedding": pa.array([list(map(float, v)) for v in vectors], pa.list_(pa.float32())),
+        "model_version": pa.array([VERSION] * n),
+    }
+    return {
+        "missing_column": (_table({k: v for k, v in good.items() if k != "model_version"}), "model_version"),
+        "wrong_dtype": (
+            _table({**good, "embedding": pa.array([list(map(float, v)) for v in vectors], pa.list_(pa.float64()))}),
+            "embedding",
+        ),
+        "empty": (_table({k: v.slice(0, 0) for k, v in good.items()}), None),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing_column", "wrong_dtype", "empty"])
+def test_unreadable_snapshot_is_a_failure_not_an_exception(
+    case: str, history: tuple[Path, np.ndarray], docs_dir: Path
+) -> None:
+    root, previous = history
+    table, column = _structural_cases(next_day(previous))[case]
+    folder = write_snapshot(root, DAY, [], table=table)
+
+    report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
+
+    assert not report.success
+    assert report.failures[0].expectation == "snapshot_is_readable"
+    assert "embeddings.parquet" in report.failures[0].description
+    if column:
+        assert report.failures[0].column == column
+        assert column in str(report.failures[0])
+
+
+def test_missing_manifest_is_a_failure(tmp_path: Path, docs_dir: Path) -> None:
+    folder = snapshot_dir(tmp_path, FAMILY, VERSION, DAY)
+    folder.mkdir(parents=True)
+    report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
+    assert not report.success and "manifest" in report.failures[0].description
+
+
+def test_previous_snapshot_is_latest_earlier_day_of_same_version(tmp_path: Path) -> None:
+    vectors = unit_vectors(np.random.default_rng(0), n=3)
+    for day in (date(2026, 1, 1), date(2026, 1, 3), date(2026, 1, 4), date(2026, 1, 9)):
+        write_snapshot(tmp_path, day, vectors)
+    other_version = snapshot_dir(tmp_path, FAMILY, "v2", date(2026, 1, 4))
+    other_version.mkdir(parents=True)
+    (other_version / MANIFEST_FILE).write_text("{}")
+
+    assert previous_snapshot(snapshot_dir(tmp_path, FAMILY, VERSION, date(2026, 1, 4))) == snapshot_dir(
+        tmp_path, FAMILY, VERSION, date(2026, 1, 3)
+    )
+    assert previous_snapshot(snapshot_dir(tmp_path, FAMILY, VERSION, date(2026, 1, 1))) is None
+    assert previous_snapshot(snapshot_dir(tmp_path, FAMILY, "v2", date(2026, 1, 4))) is None
+
+
+def test_thresholds_file_is_loaded_and_overridable(tmp_path: Path) -> None:
+    defaults = GateThresholds.load()
+    assert (defaults.snapshot.norm_min, defaults.snapshot.norm_max) == (0.9, 1.1)
+    override = tmp_path / "thresholds.yaml"
+    override.write_text("snapshot:\n  norm_min: 0.5\n")
+    assert GateThresholds.load(override).snapshot.norm_min == 0.5
+    override.write_text("snapshot:\n  norm_minimum: 0.5\n")
+    with pytest.raises(ValueError, match="norm_minimum"):
+        GateThresholds.load(override)
+
+
+def test_cli_prints_failures_docs_path_and_exits_non_zero(
+    history: tuple[Path, np.ndarray], docs_dir: Path, tmp_path: Path
+) -> None:
+    root, previous = history
+    folder = write_snapshot(root, DAY, _corrupt_rows(next_day(previous), {11: [0.0] * DIM}))
+
+    result = CliRunner().invoke(validate, [str(folder), "--docs-dir", str(docs_dir)])
+
+    assert result.exit_code == 1, result.output
+    assert "l2_norm" in result.output and "11" in result.output
+    assert "index.html" in result.output
+    assert "ctr_user v1 2026-01-05:" in result.output
+
+
+# --------------------------------------------------------------------------- training sets
+
+WINDOW = (datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 8, tzinfo=UTC))
+
+
+def training_set(rng: np.random.Generator, n: int = 200) -> pd.DataFrame:
+    embeddings = [list(v) for v in unit_vectors(rng, n)]
+    return pd.DataFrame(
+        {
+            "user_id": np.arange(n, dtype=np.int64),
+            "pin_id": np.arange(n, dtype=np.int64) + 1000,
+            "event_timestamp": pd.date_range(WINDOW[0], periods=n, freq="30min", tz="UTC"),
+            "clicked": (rng.random(n) < 0.1).astype(np.int64),
+            "ctr_user_embedding": [None if i % 20 == 0 else e for i, e in enumerate(embeddings)],
+        }
+    )
+
+
+def _validate_training(df: pd.DataFrame, docs_dir: Path):
+    return validate_training_set(
+        df,
+        label="clicked",
+        embedding_columns=["ctr_user_embedding"],
+        required_columns=["user_id", "pin_id", "event_timestamp", "clicked"],
+        window=WINDOW,
+        docs_dir=docs_dir,
+    )
+
+
+def test_good_training_set_passes(docs_dir: Path) -> None:
+    report = _validate_training(training_set(np.random.default_rng(0)), docs_dir)
+    assert report.success, report.failures
+    assert report.data_docs_index is not None and report.data_docs_index.is_file()
+
+
+def _no_positives(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(clicked=0)
+
+
+def _mostly_missing(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(ctr_user_embedding=[None] * len(df))
+
+
+def _null_entity(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(pin_id=df["pin_id"].astype("Int64").mask(df.index == 17))
+
+
+def _outside_window(df: pd.DataFrame) -> pd.DataFrame:
+    stamps = df["event_timestamp"].copy()
+    stamps.iloc[5] = WINDOW[1] + timedelta(days=3)
+    return df.assign(event_timestamp=stamps)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "column", "offending"),
+    [
+        (_no_positives, "clicked", None),
+        (_mostly_missing, "ctr_user_embedding", "user_id=0, pin_id=1000"),
+        (_null_entity, "pin_id", None),
+        (_outside_window, "event_timestamp", "user_id=5, pin_id=1005"),
+    ],
+)
+def test_bad_training_set_is_rejected(corrupt, column: str, offending: str | None, docs_dir: Path) -> None:
+    report = _validate_training(corrupt(training_set(np.random.default_rng(0))), docs_dir)
+    assert not report.success
+    failure = next(f for f in report.failures if f.column == column)
+    if offending:
+        assert failure.entity_ids[0] == offending
+
+
+def test_training_set_missing_column_is_a_failure(docs_dir: Path) -> None:
+    report = _validate_training(training_set(np.random.default_rng(0)).drop(columns=["pin_id"]), docs_dir)
+    assert not report.success and report.failures[0].column == "pin_id"

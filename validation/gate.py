@@ -1,0 +1,619 @@
+"""Validation gate: no bad embedding snapshot or training set ever reaches a store.
+
+A snapshot (see ``training.snapshot``) is first checked for being readable at all (manifest,
+Parquet file, exact Arrow schema, at least one row); those structural problems come back as
+failures naming the file and column. Then DuckDB derives one scalar per vector property
+(dimension, L2 norm, all-finite flag, cosine to the same entity in the previous snapshot) and
+per-dimension statistics, and Great Expectations validates those frames with built-in
+expectations (``validation.suites``) so that Data Docs stay readable. Every GE run stores its
+result in a file-backed GE project under ``PlatformPaths.validation_dir`` (or ``docs_dir``)
+and rebuilds Data Docs at ``<root>/gx/uncommitted/data_docs/local_site/index.html``.
+
+Thresholds come from one YAML file, ``validation/thresholds.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import yaml
+
+from training.snapshot import (
+    FAMILIES,
+    SnapshotManifest,
+    file_sha256,
+    list_snapshots,
+    read_manifest,
+    snapshot_schema,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DEFAULT_THRESHOLDS_PATH = Path(__file__).with_name("thresholds.yaml")
+MAX_OFFENDING_IDS = 5
+
+_DATASOURCE = "derm_validation"
+_STRUCTURE_CHECK = "snapshot_is_readable"
+_TRAINING_STRUCTURE_CHECK = "training_set_is_readable"
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+@dataclass(frozen=True)
+class SnapshotThresholds:
+    norm_min: float = 0.9
+    norm_max: float = 1.1
+    coverage_change_min: float = -0.2
+    coverage_change_max: float = 0.5
+    min_median_cosine_to_previous: float = 0.8
+    low_cosine_to_previous: float = 0.5
+    max_fraction_below_low_cosine: float = 0.05
+    max_dimension_mean_shift: float = 0.5
+    dimension_std_ratio_min: float = 0.5
+    dimension_std_ratio_max: float = 2.0
+
+
+@dataclass(frozen=True)
+class TrainingSetThresholds:
+    label_rate_min: float = 0.0001
+    label_rate_max: float = 0.5
+    max_missing_embedding_rate: float = 0.2
+    max_missing_rate_by_feature: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    snapshot: SnapshotThresholds = field(default_factory=SnapshotThresholds)
+    training_set: TrainingSetThresholds = field(default_factory=TrainingSetThresholds)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> GateThresholds:
+        """Read the thresholds file (default ``validation/thresholds.yaml``); unknown keys are errors."""
+        path = Path(path) if path is not None else DEFAULT_THRESHOLDS_PATH
+        raw = yaml.safe_load(path.read_text()) or {}
+        unknown = set(raw) - {"snapshot", "training_set"}
+        if unknown:
+            raise ValueError(f"{path}: unknown sections {sorted(unknown)}")
+        return cls(
+            snapshot=_section(SnapshotThresholds, raw.get("snapshot") or {}, path),
+            training_set=_section(TrainingSetThresholds, raw.get("training_set") or {}, path),
+        )
+
+
+def _section(kind: type, values: dict[str, Any], path: Path) -> Any:
+    # A typo in a threshold name must not silently fall back to the default.
+    known = {f.name for f in fields(kind)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown {kind.__name__} keys {sorted(unknown)}; expected {sorted(known)}")
+    return kind(**values)
+
+
+def load_thresholds(path: Path | None = None) -> GateThresholds:
+    return GateThresholds.load(path)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class FailedCheck:
+    """One failed expectation (or structural problem) with a few offending entity ids."""
+
+    expectation: str  # GE expectation type, or snapshot_is_readable for structural problems
+    description: str
+    observed: str
+    entity_ids: list[Any] = field(default_factory=list)
+    column: str | None = None
+
+    def __str__(self) -> str:
+        where = f" [{self.column}]" if self.column else ""
+        ids = f"; offending ids: {', '.join(map(str, self.entity_ids))}" if self.entity_ids else ""
+        return f"{self.expectation}{where}: {self.description} -- observed {self.observed}{ids}"
+
+
+class ValidationFailed(ValueError):
+    """Raised by GateReport.raise_for_failure; the message lists every failure."""
+
+    def __init__(self, report: GateReport) -> None:
+        self.report = report
+        lines = [f"validation failed for {report.subject}: {report.summary}"]
+        lines += [f"  - {failure}" for failure in report.failures]
+        if report.data_docs_index is not None:
+            lines.append(f"  Data Docs: {report.data_docs_index}")
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class GateReport:
+    success: bool
+    failures: list[FailedCheck]
+    data_docs_index: Path | None
+    summary: str
+    subject: str = ""  # the snapshot path (or training-set description) that was validated
+    notes: list[str] = field(default_factory=list)  # non-failing remarks, e.g. drift checks skipped
+
+    def raise_for_failure(self) -> None:
+        if not self.success:
+            raise ValidationFailed(self)
+
+
+# --------------------------------------------------------------------------- GE project
+
+
+class _GXProject:
+    """One file-backed GE context per root folder and process: creating it costs seconds."""
+
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _contexts: ClassVar[dict[Path, Any]] = {}
+
+    @classmethod
+    def context(cls, root: Path) -> Any:
+        root = Path(root).resolve()
+        with cls._lock:
+            if root not in cls._contexts:
+                import great_expectations as gx
+                from great_expectations.data_context.types.base import ProgressBarsConfig
+
+                root.mkdir(parents=True, exist_ok=True)
+                context = gx.get_context(mode="file", project_root_dir=root)
+                # tqdm bars on stderr would drown the CLI's own report.
+                context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+                cls._contexts[root] = context
+            return cls._contexts[root]
+
+
+def _gx_root(docs_dir: Path | None) -> Path:
+    if docs_dir is not None:
+        return Path(docs_dir)
+    from pipeline.config import PlatformPaths
+
+    return PlatformPaths.from_env().validation_dir
+
+
+def _run_suite(context: Any, asset_name: str, suite: Any, frame: pd.DataFrame, id_columns: list[str]) -> Any:
+    """Validate ``frame`` against ``suite``; the result is stored for Data Docs."""
+    import great_expectations as gx
+
+    try:
+        source = context.data_sources.get(_DATASOURCE)
+    except KeyError:
+        source = context.data_sources.add_pandas(_DATASOURCE)
+    try:
+        asset = source.get_asset(asset_name)
+    except LookupError:
+        asset = source.add_dataframe_asset(asset_name)
+    try:
+        batch_definition = asset.get_batch_definition(suite.name)
+    except KeyError:
+        batch_definition = asset.add_batch_definition_whole_dataframe(suite.name)
+    suite = context.suites.add_or_update(suite)
+    definition = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite)
+    )
+    return definition.run(
+        batch_parameters={"dataframe": frame},
+        result_format={
+            "result_format": "SUMMARY",
+            "unexpected_index_column_names": id_columns,
+            "partial_unexpected_count": MAX_OFFENDING_IDS,
+        },
+    )
+
+
+def _build_data_docs(context: Any, results: list[Any]) -> Path | None:
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
+
+    identifiers = [
+        ValidationResultIdentifier(
+            expectation_suite_identifier=ExpectationSuiteIdentifier(name=result.suite_name),
+            run_id=result.meta["run_id"],
+            batch_identifier=result.batch_id,
+        )
+        for result in results
+        if result.batch_id
+    ]
+    # Incremental: re-rendering every stored result would slow down with each day of history.
+    sites = context.build_data_docs(resource_identifiers=identifiers or None)
+    url = sites.get("local_site")
+    if not url:
+        return None
+    return Path(url.removeprefix("file://"))
+
+
+def _failures_from(result: Any, id_columns: list[str]) -> list[FailedCheck]:
+    failures = []
+    for outcome in result.results:
+        if outcome.success:
+            continue
+        config = outcome.expectation_config
+        kwargs = config.kwargs
+        column = kwargs.get("column") or (", ".join(kwargs["column_list"]) if "column_list" in kwargs else None)
+        details = outcome.result or {}
+        if outcome.exception_info and outcome.exception_info.get("raised_exception"):
+            observed = f"error: {outcome.exception_info.get('exception_message')}"
+        elif "unexpected_count" in details and "observed_value" not in details:
+            observed = (
+                f"{details['unexpected_count']} of {details.get('element_count')} rows unexpected "
+                f"({details.get('unexpected_percent') or 0:.1f}%), e.g. {details.get('partial_unexpected_list', [])}"
+            )
+        else:
+            observed = str(_plain(details.get("observed_value")))
+        failures.append(
+            FailedCheck(
+                expectation=config.type,
+                description=config.description or _describe_kwargs(kwargs),
+                observed=observed,
+                entity_ids=_offending_ids(details.get("partial_unexpected_index_list") or [], id_columns),
+                column=column,
+            )
+        )
+    return failures
+
+
+def _describe_kwargs(kwargs: dict[str, Any]) -> str:
+    shown = {k: v for k, v in kwargs.items() if k not in ("batch_id", "result_format")}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def _offending_ids(rows: list[dict[str, Any]], id_columns: list[str]) -> list[Any]:
+    ids: list[Any] = []
+    for row in rows:
+        values = [_plain(row.get(column)) for column in id_columns]
+        pairs = zip(id_columns, values, strict=True)
+        entity = values[0] if len(values) == 1 else ", ".join(f"{c}={v}" for c, v in pairs)
+        if entity not in ids:
+            ids.append(entity)
+        if len(ids) == MAX_OFFENDING_IDS:
+            break
+    return ids
+
+
+def _plain(value: Any) -> Any:
+    # numpy scalars print as np.int64(3) in lists; entity ids should read as 3.
+    return value.item() if hasattr(value, "item") and not isinstance(value, list | tuple) else value
+
+
+def _count_expectations(results: list[Any]) -> tuple[int, int]:
+    passed = sum(outcome.success for result in results for outcome in result.results)
+    total = sum(len(result.results) for result in results)
+    return passed, total
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def previous_snapshot(snapshot_dir: Path) -> Path | None:
+    """The latest earlier-dated snapshot of the same family and model version, if any."""
+    snapshot_dir = Path(snapshot_dir)
+    version_dir = snapshot_dir.parent
+    family = version_dir.parent.name
+    if family not in FAMILIES:
+        return None
+    earlier = [
+        candidate
+        for candidate in list_snapshots(version_dir.parent.parent, family)
+        if candidate.parent.name == version_dir.name and candidate.name < snapshot_dir.name
+    ]
+    return earlier[-1] if earlier else None
+
+
+def _snapshot_label(snapshot_dir: Path, manifest: SnapshotManifest | None = None) -> str:
+    if manifest is not None:
+        return f"{manifest.family} {manifest.model_version} {manifest.snapshot_date.isoformat()}"
+    path = Path(snapshot_dir)
+    return f"{path.parent.parent.name} {path.parent.name} {path.name.removeprefix('date=')}"
+
+
+def _read_snapshot_structure(snapshot_dir: Path) -> tuple[SnapshotManifest | None, list[FailedCheck]]:
+    """Manifest plus structural problems that make the folder unreadable as a snapshot."""
+    import pyarrow.parquet as pq
+
+    def problem(description: str, column: str | None = None, observed: str = "unreadable") -> FailedCheck:
+        return FailedCheck(_STRUCTURE_CHECK, description, observed, column=column)
+
+    snapshot_dir = Path(snapshot_dir)
+    try:
+        manifest = read_manifest(snapshot_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        return None, [problem(str(exc))]
+    if manifest.family not in FAMILIES:
+        return manifest, [problem(f"{snapshot_dir}/manifest.json: unknown family {manifest.family!r}")]
+    data_path = snapshot_dir / manifest.data_file
+    if not data_path.exists():
+        return manifest, [problem(f"{data_path}: data file missing")]
+    try:
+        parquet = pq.ParquetFile(data_path)
+        schema = parquet.schema_arrow
+    except Exception as exc:  # any Arrow/IO error means the file is unusable
+        return manifest, [problem(f"{data_path}: not a readable Parquet file: {exc}")]
+
+    failures = []
+    for expected in snapshot_schema(manifest.family):
+        index = schema.get_field_index(expected.name)
+        if index < 0:
+            failures.append(problem(f"{data_path}: required column {expected.name} missing", expected.name, "absent"))
+        elif not schema.field(index).type.equals(expected.type):
+            actual = schema.field(index).type
+            failures.append(
+                problem(f"{data_path}: column {expected.name} must be {expected.type}", expected.name, str(actual))
+            )
+    if parquet.metadata.num_rows == 0:
+        failures.append(problem(f"{data_path}: snapshot is empty", observed="0 rows"))
+    if manifest.dim <= 0:
+        failures.append(problem(f"{snapshot_dir}/manifest.json: dim must be positive", observed=str(manifest.dim)))
+    if manifest.data_sha256 and not failures and file_sha256(data_path) != manifest.data_sha256:
+        failures.append(problem(f"{data_path}: content does not match the manifest's data_sha256", observed="mismatch"))
+    folder_claims = {"family": snapshot_dir.parent.parent.name, "model_version": snapshot_dir.parent.name}
+    for name, folder_value in folder_claims.items():
+        if folder_value != getattr(manifest, name) and snapshot_dir.name.startswith("date="):
+            failures.append(
+                problem(
+                    f"{snapshot_dir}/manifest.json: {name} disagrees with the folder layout",
+                    observed=f"{getattr(manifest, name)!r} vs folder {folder_value!r}",
+                )
+            )
+    return manifest, failures
+
+
+def _derive_snapshot_frames(
+    snapshot_dir: Path, manifest: SnapshotManifest, previous: tuple[Path, SnapshotManifest] | None
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Per-row scalar view of the vectors and, with a previous snapshot, per-dimension shift."""
+    import duckdb
+
+    from validation import suites
+
+    key = manifest.join_key
+    con = duckdb.connect()
+    try:
+        parameters = {"current": str(snapshot_dir / manifest.data_file)}
+        if previous is None:
+            previous_rows = f"SELECT NULL::BIGINT AS {key}, NULL::FLOAT[] AS embedding WHERE false"
+            cosine = ""
+        else:
+            parameters["previous"] = str(previous[0] / previous[1].data_file)
+            # One vector per entity even if the previous snapshot (wrongly) had duplicates.
+            previous_rows = (
+                f"SELECT {key}, any_value(embedding) AS embedding FROM read_parquet($previous) GROUP BY {key}"
+            )
+            # list_cosine_similarity rejects lists of unequal length; wrong dims fail their own check.
+            cosine = (
+                ", CASE WHEN len(c.embedding) = len(p.embedding) "
+                "THEN list_cosine_similarity(c.embedding::DOUBLE[], p.embedding::DOUBLE[]) END "
+                f"AS {suites.COSINE_TO_PREVIOUS}"
+            )
+        rows = con.execute(
+            f"""
+            WITH p AS ({previous_rows})
+            SELECT c.{key}, c.event_timestamp, c.model_version,
+                   len(c.embedding) AS {suites.EMBEDDING_DIM},
+                   sqrt(list_sum(list_transform(c.embedding, lambda x: x::DOUBLE * x::DOUBLE))) AS {suites.L2_NORM},
+                   coalesce(list_bool_and(list_transform(c.embedding, lambda x: isfinite(x))), false)
+                       AS {suites.ALL_VALUES_FINITE}
+                   {cosine}
+            FROM read_parquet($current) AS c LEFT JOIN p USING ({key})
+            """,
+            parameters,
+        ).df()
+        if previous is None:
+            return rows, None
+        # Only well-formed vectors say something about the distribution; broken ones fail above.
+        dimensions = con.execute(
+            f"""
+            WITH stats AS (
+                SELECT source, d AS {suites.DIMENSION}, avg(v) AS mean, stddev_pop(v) AS std
+                FROM (
+                    SELECT source, generate_subscripts(embedding, 1) AS d, unnest(embedding)::DOUBLE AS v
+                    FROM (
+                        SELECT 'current' AS source, embedding FROM read_parquet($current)
+                        UNION ALL
+                        SELECT 'previous' AS source, embedding FROM read_parquet($previous)
+                    )
+                    WHERE len(embedding) = $dim AND list_bool_and(list_transform(embedding, lambda x: isfinite(x)))
+                )
+                GROUP BY ALL
+            )
+            SELECT c.{suites.DIMENSION},
+                   abs(c.mean - p.mean) / nullif(p.std, 0) AS {suites.MEAN_SHIFT},
+                   c.std / nullif(p.std, 0) AS {suites.STD_RATIO}
+            FROM stats c JOIN stats p USING ({suites.DIMENSION})
+            WHERE c.source = 'current' AND p.source = 'previous'
+            ORDER BY c.{suites.DIMENSION}
+            """,
+            {**parameters, "dim": manifest.dim},
+        ).df()
+        return rows, dimensions
+    finally:
+        con.close()
+
+
+def validate_snapshot(
+    snapshot_dir: Path,
+    previous_dir: Path | None = None,
+    *,
+    thresholds: GateThresholds | None = None,
+    docs_dir: Path | None = None,
+    now: datetime | None = None,
+) -> GateReport:
+    """Validate one embedding snapshot before it is published.
+
+    ``previous_dir`` defaults to :func:`previous_snapshot` of ``snapshot_dir``, so that a caller
+    cannot skip the drift checks by accident; the first snapshot of a version has none.
+    """
+    snapshot_dir = Path(snapshot_dir)
+    thresholds = thresholds or GateThresholds.load()
+    now = now or datetime.now(UTC)
+    manifest, structural = _read_snapshot_structure(snapshot_dir)
+    label = _snapshot_label(snapshot_dir, manifest)
+    if structural or manifest is None:
+        return GateReport(
+            success=False,
+            failures=structural,
+            data_docs_index=None,
+            summary=f"{label}: unreadable as a snapshot ({len(structural)} structural problems)",
+            subject=str(snapshot_dir),
+        )
+
+    notes: list[str] = []
+    previous_dir = Path(previous_dir) if previous_dir is not None else previous_snapshot(snapshot_dir)
+    previous: tuple[Path, SnapshotManifest] | None = None
+    if previous_dir is not None:
+        previous_manifest, previous_problems = _read_snapshot_structure(previous_dir)
+        if previous_problems or previous_manifest is None:
+            # A broken earlier snapshot was never published; comparing against it says nothing.
+            notes.append(f"drift checks skipped: previous snapshot {previous_dir} is unreadable")
+        else:
+            previous = (previous_dir, previous_manifest)
+    else:
+        notes.append("drift checks skipped: no earlier snapshot of this family and version")
+
+    from validation import suites
+
+    rows, dimensions = _derive_snapshot_frames(snapshot_dir, manifest, previous)
+    previous_label = _snapshot_label(previous[0], previous[1]) if previous else None
+    suite_prefix = f"embedding_snapshot.{manifest.family}.{manifest.model_version}"
+    context = _GXProject.context(_gx_root(docs_dir))
+    results = [
+        _run_suite(
+            context,
+            "embedding_snapshot_rows",
+            suites.snapshot_rows_suite(
+                f"{suite_prefix}.rows",
+                manifest,
+                thresholds.snapshot,
+                now=now,
+                previous_row_count=previous[1].row_count if previous else None,
+                previous_label=previous_label,
+            ),
+            rows,
+            [manifest.join_key],
+        )
+    ]
+    failures = _failures_from(results[0], [manifest.join_key])
+    if dimensions is not None and previous_label is not None:
+        results.append(
+            _run_suite(
+                context,
+                "embedding_snapshot_dimensions",
+                suites.snapshot_dimensions_suite(f"{suite_prefix}.dimensions", thresholds.snapshot, previous_label),
+                dimensions,
+                [suites.DIMENSION],
+            )
+        )
+        failures += _failures_from(results[1], [suites.DIMENSION])
+    passed, total = _count_expectations(results)
+    return GateReport(
+        success=not failures,
+        failures=failures,
+        data_docs_index=_build_data_docs(context, results),
+        summary=f"{label}: {passed}/{total} expectations passed",
+        subject=str(snapshot_dir),
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------- training sets
+
+
+def validate_training_set(
+    df: pd.DataFrame,
+    *,
+    label: str,
+    embedding_columns: list[str],
+    required_columns: list[str],
+    window: tuple[datetime, datetime],
+    thresholds: GateThresholds | None = None,
+    docs_dir: Path | None = None,
+) -> GateReport:
+    """Validate a point-in-time-joined training set (embedding cells: list of float32, or null if missing)."""
+    import pandas as pd
+
+    from validation import suites
+
+    thresholds = thresholds or GateThresholds.load()
+    start, end = (_utc_timestamp(bound) for bound in window)
+    subject = f"training set ({len(df)} rows, {start:%Y-%m-%d %H:%M}..{end:%Y-%m-%d %H:%M})"
+    needed = list(dict.fromkeys(["event_timestamp", label, *embedding_columns, *required_columns]))
+    structural = [
+        FailedCheck(_TRAINING_STRUCTURE_CHECK, f"required column {column} missing", "absent", column=column)
+        for column in needed
+        if column not in df.columns
+    ]
+    if not structural and not (pd.api.types.is_numeric_dtype(df[label]) or pd.api.types.is_bool_dtype(df[label])):
+        structural.append(
+            FailedCheck(
+                _TRAINING_STRUCTURE_CHECK, f"label {label} must be numeric or bool", str(df[label].dtype), column=label
+            )
+        )
+    if not structural and df.empty:
+        structural.append(FailedCheck(_TRAINING_STRUCTURE_CHECK, "training set is empty", "0 rows"))
+    if structural:
+        return GateReport(False, structural, None, f"{subject}: unreadable ({len(structural)} problems)", subject)
+
+    id_columns = [c for c in required_columns if c not in {label, "event_timestamp", *embedding_columns}]
+    id_columns = id_columns or ["event_timestamp"]
+    frame = df[list(dict.fromkeys([*id_columns, *needed]))].copy()
+    timestamps = pd.to_datetime(frame["event_timestamp"])
+    frame["event_timestamp"] = timestamps.dt.tz_localize("UTC") if timestamps.dt.tz is None else timestamps
+    frame[label] = frame[label].astype("float64")
+    for column in embedding_columns:
+        # GE cannot reason about list cells; their length (null when missing) keeps the null semantics.
+        frame[column] = frame[column].map(_vector_length).astype("Float64")
+
+    suite = suites.training_set_suite(
+        "training_set",
+        label=label,
+        embedding_columns=embedding_columns,
+        required_columns=required_columns,
+        window=(start, end),
+        thresholds=thresholds.training_set,
+    )
+    context = _GXProject.context(_gx_root(docs_dir))
+    result = _run_suite(context, "training_set", suite, frame, id_columns)
+    failures = _failures_from(result, id_columns)
+    passed, total = _count_expectations([result])
+    return GateReport(
+        success=not failures,
+        failures=failures,
+        data_docs_index=_build_data_docs(context, [result]),
+        summary=f"{subject}: {passed}/{total} expectations passed",
+        subject=subject,
+    )
+
+
+def _vector_length(cell: Any) -> int | None:
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+        return None
+    return len(cell)
+
+
+def _utc_timestamp(value: datetime) -> Any:
+    import pandas as pd
+
+    stamp = pd.Timestamp(value)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
+__all__ = [
+    "FailedCheck",
+    "GateReport",
+    "GateThresholds",
+    "SnapshotThresholds",
+    "TrainingSetThresholds",
+    "ValidationFailed",
+    "load_thresholds",
+    "previous_snapshot",
+    "validate_snapshot",
+    "validate_training_set",
+]
