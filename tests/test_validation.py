@@ -367,3 +367,13 @@ def test_bad_training_set_is_rejected(corrupt, column: str, offending: str | Non
 def test_training_set_missing_column_is_a_failure(docs_dir: Path) -> None:
     report = _validate_training(training_set(np.random.default_rng(0)).drop(columns=["pin_id"]), docs_dir)
     assert not report.success and report.failures[0].column == "pin_id"
+
+
+def test_training_set_accepts_bool_labels_naive_utc_timestamps_and_nan_cells(docs_dir: Path) -> None:
+    df = training_set(np.random.default_rng(1))
+    df["clicked"] = df["clicked"].astype(bool)
+    df["event_timestamp"] = df["event_timestamp"].dt.tz_localize(None)
+    df.loc[3, "ctr_user_embedding"] = np.nan
+    report = _validate_training(df, docs_dir)
+    assert report.success, report.failures
+    assert report.summary.startswith("training set (200 rows")

@@ -15,6 +15,7 @@ Thresholds come from one YAML file, ``validation/thresholds.yaml``.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -178,9 +179,12 @@ def _gx_root(docs_dir: Path | None) -> Path:
     return PlatformPaths.from_env().validation_dir
 
 
-def _run_suite(context: Any, asset_name: str, suite: Any, frame: pd.DataFrame, id_columns: list[str]) -> Any:
-    """Validate ``frame`` against ``suite``; the result is stored for Data Docs."""
+def _run_suite(
+    context: Any, asset_name: str, suite: Any, frame: pd.DataFrame, id_columns: list[str], run_name: str
+) -> Any:
+    """Validate ``frame`` against ``suite``; the result is stored for Data Docs under ``run_name``."""
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
 
     try:
         source = context.data_sources.get(_DATASOURCE)
@@ -205,6 +209,8 @@ def _run_suite(context: Any, asset_name: str, suite: Any, frame: pd.DataFrame, i
             "unexpected_index_column_names": id_columns,
             "partial_unexpected_count": MAX_OFFENDING_IDS,
         },
+        # The run name becomes a Data Docs folder and URL: keep it to safe characters.
+        run_id=RunIdentifier(run_name=re.sub(r"[^\w.=-]+", "_", run_name).strip("_"), run_time=datetime.now(UTC)),
     )
 
 
@@ -245,8 +251,11 @@ def _failures_from(result: Any, id_columns: list[str]) -> list[FailedCheck]:
         elif "unexpected_count" in details and "observed_value" not in details:
             observed = (
                 f"{details['unexpected_count']} of {details.get('element_count')} rows unexpected "
-                f"({details.get('unexpected_percent') or 0:.1f}%), e.g. {details.get('partial_unexpected_list', [])}"
+                f"({details.get('unexpected_percent') or 0:.1f}%)"
             )
+            samples = [_plain(value) for value in details.get("partial_unexpected_list") or []]
+            if samples and not isinstance(samples[0], dict):  # compound keys repeat the offending ids
+                observed += f", e.g. {samples}"
         else:
             observed = str(_plain(details.get("observed_value")))
         failures.append(
@@ -498,6 +507,7 @@ def validate_snapshot(
             ),
             rows,
             [manifest.join_key],
+            label,
         )
     ]
     failures = _failures_from(results[0], [manifest.join_key])
@@ -509,6 +519,7 @@ def validate_snapshot(
                 suites.snapshot_dimensions_suite(f"{suite_prefix}.dimensions", thresholds.snapshot, previous_label),
                 dimensions,
                 [suites.DIMENSION],
+                label,
             )
         )
         failures += _failures_from(results[1], [suites.DIMENSION])
@@ -580,7 +591,7 @@ def validate_training_set(
         thresholds=thresholds.training_set,
     )
     context = _GXProject.context(_gx_root(docs_dir))
-    result = _run_suite(context, "training_set", suite, frame, id_columns)
+    result = _run_suite(context, "training_set", suite, frame, id_columns, subject)
     failures = _failures_from(result, id_columns)
     passed, total = _count_expectations([result])
     return GateReport(

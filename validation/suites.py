@@ -19,6 +19,8 @@ import great_expectations as gx
 import great_expectations.expectations as gxe
 
 if TYPE_CHECKING:
+    from great_expectations.expectations.expectation import Expectation
+
     from training.snapshot import SnapshotManifest
     from validation.gate import SnapshotThresholds, TrainingSetThresholds
 
@@ -32,6 +34,12 @@ MEAN_SHIFT = "mean_shift_in_previous_std"
 STD_RATIO = "std_ratio_to_previous"
 
 
+def _suite(name: str, expectations: list[Expectation]) -> gx.ExpectationSuite:
+    # Passing expectations to the constructor, unlike add_expectation, never reads or writes the
+    # store of GE's "current" context, which may be another project when several roots are in use.
+    return gx.ExpectationSuite(name=name, expectations=expectations)
+
+
 def snapshot_rows_suite(
     name: str,
     manifest: SnapshotManifest,
@@ -43,64 +51,69 @@ def snapshot_rows_suite(
 ) -> gx.ExpectationSuite:
     """Per-row checks of one snapshot; drift checks only when a previous snapshot exists."""
     key = manifest.join_key
-    suite = gx.ExpectationSuite(name=name)
-    for column in (key, "event_timestamp", EMBEDDING_DIM):
-        suite.add_expectation(
-            gxe.ExpectColumnValuesToNotBeNull(
-                column=column, description=f"Every row has a {column} (embedding_dim is null for a null embedding)"
-            )
+    expectations: list[Expectation] = []
+    for column, what in ((key, "an entity id"), ("event_timestamp", "an availability time")):
+        expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column, description=f"Every row has {what}"))
+    expectations.append(
+        gxe.ExpectColumnValuesToNotBeNull(
+            column=EMBEDDING_DIM, description="Every row has an embedding (embedding_dim is null for a null one)"
         )
-    suite.add_expectation(
+    )
+    expectations.append(
         gxe.ExpectColumnValuesToBeInSet(
             column=EMBEDDING_DIM,
             value_set=[manifest.dim],
             description=f"Every embedding has exactly dim={manifest.dim} values (manifest)",
         )
     )
-    suite.add_expectation(
+    expectations.append(
         gxe.ExpectColumnValuesToBeInSet(
             column=ALL_VALUES_FINITE, value_set=[True], description="No embedding contains NaN or +/-Inf"
         )
     )
-    suite.add_expectation(
+    expectations.append(
         gxe.ExpectColumnValuesToBeBetween(
             column=L2_NORM,
             min_value=thresholds.norm_min,
             max_value=thresholds.norm_max,
-            description="Embeddings are L2-normalised upstream; zero or unnormalised vectors are broken",
+            description=(
+                f"L2 norm of every embedding within [{thresholds.norm_min}, {thresholds.norm_max}]: "
+                "upstream normalises, so zero or unnormalised vectors are broken"
+            ),
         )
     )
-    suite.add_expectation(
+    expectations.append(
         gxe.ExpectCompoundColumnsToBeUnique(
             column_list=[key, "event_timestamp"], description=f"One embedding per ({key}, event_timestamp)"
         )
     )
-    suite.add_expectation(
+    expectations.append(
         gxe.ExpectColumnValuesToBeBetween(
             column="event_timestamp",
             min_value=manifest.data_window_end,
             max_value=now,
             description=(
-                "Availability time is not before the end of the manifest's data window "
-                "(point-in-time correctness) and not in the future"
+                f"event_timestamp between the manifest's data_window_end ({manifest.data_window_end.isoformat()}) "
+                f"and now ({now.isoformat(timespec='seconds')}): not before the data it was computed from, "
+                "not in the future"
             ),
         )
     )
-    suite.add_expectation(
+    expectations.append(
         gxe.ExpectColumnValuesToBeInSet(
             column="model_version",
             value_set=[manifest.model_version],
-            description="Rows carry the manifest's model version",
+            description=f"Rows carry the manifest's model version {manifest.model_version}",
         )
     )
-    suite.add_expectation(
+    expectations.append(
         gxe.ExpectTableRowCountToEqual(
-            value=manifest.row_count, description="Row count equals the manifest's row_count"
+            value=manifest.row_count, description=f"Row count equals the manifest's row_count ({manifest.row_count})"
         )
     )
     if previous_row_count is None:
-        return suite
-    suite.add_expectation(
+        return _suite(name, expectations)
+    expectations.append(
         gxe.ExpectTableRowCountToBeBetween(
             min_value=math.ceil(previous_row_count * (1 + thresholds.coverage_change_min)),
             max_value=math.floor(previous_row_count * (1 + thresholds.coverage_change_max)),
@@ -110,15 +123,18 @@ def snapshot_rows_suite(
             ),
         )
     )
-    suite.add_expectation(
+    expectations.append(
         gxe.ExpectColumnMedianToBeBetween(
             column=COSINE_TO_PREVIOUS,
             min_value=thresholds.min_median_cosine_to_previous,
             max_value=1.0 + 1e-6,  # float rounding of identical vectors
-            description=f"Median day-over-day cosine similarity per entity versus {previous_label}",
+            description=(
+                f"Median per-entity cosine similarity to {previous_label} at least "
+                f"{thresholds.min_median_cosine_to_previous}"
+            ),
         )
     )
-    suite.add_expectation(
+    expectations.append(
         gxe.ExpectColumnValuesToBeBetween(
             column=COSINE_TO_PREVIOUS,
             min_value=thresholds.low_cosine_to_previous,
@@ -129,28 +145,34 @@ def snapshot_rows_suite(
             ),
         )
     )
-    return suite
+    return _suite(name, expectations)
 
 
 def snapshot_dimensions_suite(name: str, thresholds: SnapshotThresholds, previous_label: str) -> gx.ExpectationSuite:
     """Per-dimension distribution shift versus the previous snapshot."""
-    suite = gx.ExpectationSuite(name=name)
-    suite.add_expectation(
+    expectations: list[Expectation] = []
+    expectations.append(
         gxe.ExpectColumnValuesToBeBetween(
             column=MEAN_SHIFT,
             max_value=thresholds.max_dimension_mean_shift,
-            description=f"|mean - previous mean| per dimension, in previous standard deviations ({previous_label})",
+            description=(
+                f"Per dimension, |mean - mean in {previous_label}| at most "
+                f"{thresholds.max_dimension_mean_shift} previous standard deviations"
+            ),
         )
     )
-    suite.add_expectation(
+    expectations.append(
         gxe.ExpectColumnValuesToBeBetween(
             column=STD_RATIO,
             min_value=thresholds.dimension_std_ratio_min,
             max_value=thresholds.dimension_std_ratio_max,
-            description=f"std / previous std per dimension ({previous_label})",
+            description=(
+                f"Per dimension, std / std in {previous_label} within "
+                f"[{thresholds.dimension_std_ratio_min}, {thresholds.dimension_std_ratio_max}]"
+            ),
         )
     )
-    return suite
+    return _suite(name, expectations)
 
 
 def training_set_suite(
@@ -163,37 +185,39 @@ def training_set_suite(
     thresholds: TrainingSetThresholds,
 ) -> gx.ExpectationSuite:
     """Checks of a point-in-time-joined training set (embedding columns hold their length, null if missing)."""
-    suite = gx.ExpectationSuite(name=name)
+    expectations: list[Expectation] = []
     for column in required_columns:
-        suite.add_expectation(
+        expectations.append(
             gxe.ExpectColumnValuesToNotBeNull(column=column, description=f"Required column {column} has no nulls")
         )
-    suite.add_expectation(
+    expectations.append(
         gxe.ExpectColumnValuesToBeBetween(
             column="event_timestamp",
             min_value=window[0],
             max_value=window[1],
-            description="Event timestamps lie within the requested window",
+            description=f"event_timestamp within the requested window [{window[0]}, {window[1]}]",
         )
     )
-    suite.add_expectation(
-        gxe.ExpectColumnValuesToBeInSet(column=label, value_set=[0, 1], description="Labels are binary")
+    expectations.append(
+        gxe.ExpectColumnValuesToBeInSet(column=label, value_set=[0, 1], description=f"Label {label} is 0 or 1")
     )
-    suite.add_expectation(
+    expectations.append(
         gxe.ExpectColumnMeanToBeBetween(
             column=label,
             min_value=thresholds.label_rate_min,
             max_value=thresholds.label_rate_max,
-            description="Label rate (fraction of positives) within bounds",
+            description=(
+                f"Label rate (fraction of positives) within [{thresholds.label_rate_min}, {thresholds.label_rate_max}]"
+            ),
         )
     )
     for column in embedding_columns:
         max_missing = thresholds.max_missing_rate_by_feature.get(column, thresholds.max_missing_embedding_rate)
-        suite.add_expectation(
+        expectations.append(
             gxe.ExpectColumnValuesToNotBeNull(
                 column=column,
                 mostly=1.0 - max_missing,
                 description=f"At most {max_missing:.0%} of rows miss the {column} embedding",
             )
         )
-    return suite
+    return _suite(name, expectations)
