@@ -377,3 +377,11 @@ def test_training_set_accepts_bool_labels_naive_utc_timestamps_and_nan_cells(doc
     report = _validate_training(df, docs_dir)
     assert report.success, report.failures
     assert report.summary.startswith("training set (200 rows")
+
+
+def test_remapped_entity_ids_are_rejected(history: tuple[Path, np.ndarray], docs_dir: Path) -> None:
+    root, previous = history
+    folder = write_snapshot(root, DAY, next_day(previous), ids=list(range(1000, 1000 + ENTITIES)))
+    report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
+    assert not report.success
+    assert any(f.expectation == "expect_column_values_to_not_be_null" for f in report.failures), report.failures

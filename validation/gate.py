@@ -53,6 +53,7 @@ class SnapshotThresholds:
     norm_max: float = 1.1
     coverage_change_min: float = -0.2
     coverage_change_max: float = 0.5
+    min_fraction_seen_in_previous: float = 0.5
     min_median_cosine_to_previous: float = 0.8
     low_cosine_to_previous: float = 0.5
     max_fraction_below_low_cosine: float = 0.05

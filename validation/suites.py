@@ -124,6 +124,16 @@ def snapshot_rows_suite(
         )
     )
     expectations.append(
+        gxe.ExpectColumnValuesToNotBeNull(
+            column=COSINE_TO_PREVIOUS,
+            mostly=thresholds.min_fraction_seen_in_previous,
+            description=(
+                f"At least {thresholds.min_fraction_seen_in_previous:.0%} of entities also in {previous_label} "
+                "(cosine_to_previous is null for new entities): guards against remapped ids"
+            ),
+        )
+    )
+    expectations.append(
         gxe.ExpectColumnMedianToBeBetween(
             column=COSINE_TO_PREVIOUS,
             min_value=thresholds.min_median_cosine_to_previous,
