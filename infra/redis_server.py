@@ -13,13 +13,17 @@ Example::
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 class RedisServerError(RuntimeError):
@@ -95,8 +99,10 @@ class LocalRedisServer:
             if self._process.poll() is not None:
                 raise RedisServerError(f"redis-server exited with code {self._process.returncode}: {self._log_tail()}")
             try:
-                client.ping()
-                return self
+                # Another server on the same port would answer PING too: only our own process counts.
+                if client.info("server")["process_id"] == self._process.pid:
+                    return self
+                self._process.wait(timeout=self.startup_timeout)
             except redis.ConnectionError:
                 # A busy server may still be loading its RDB file: keep waiting until the deadline.
                 if time.monotonic() > deadline:
@@ -121,7 +127,7 @@ class LocalRedisServer:
             return None
         port = int(state.read_text())
         try:
-            with redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1) as client:
+            with redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)) as client:
                 client.ping()
         except redis.ConnectionError:
             state.unlink(missing_ok=True)
@@ -134,27 +140,26 @@ class LocalRedisServer:
         self._process = None
 
     @classmethod
-    def shutdown_detached(cls, data_dir: Path) -> bool:
+    def shutdown_detached(cls, data_dir: Path, timeout: float = 30.0) -> bool:
         connection = cls.running(data_dir)
         if connection is None:
             return False
         port = int(connection.rsplit(":", 1)[1])
-        try:
-            with redis.Redis(host="127.0.0.1", port=port) as client:
-                client.shutdown(save=True)
-        except redis.ConnectionError:
-            pass
+        with redis.Redis(host="127.0.0.1", port=port) as client:
+            pid = client.info("server")["process_id"]
+        os.kill(pid, signal.SIGTERM)  # redis-server saves (if configured to) and exits on SIGTERM
+        deadline = time.monotonic() + timeout
+        while cls.running(data_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
         (Path(data_dir) / "server.port").unlink(missing_ok=True)
         return True
 
     def stop(self) -> None:
         if self._process is None or self._process.poll() is not None:
             return
-        try:
-            with self.client() as client:
-                client.shutdown(save=self.persist, nosave=not self.persist)
-        except redis.ConnectionError:
-            pass  # SHUTDOWN closes the connection; an already-dead server is fine too.
+        # SIGTERM is redis-server's graceful shutdown (RDB save when persisting); SHUTDOWN over the
+        # wire would make redis-py retry the dropped connection with back-off.
+        self._process.terminate()
         try:
             self._process.wait(timeout=30)
         except subprocess.TimeoutExpired:

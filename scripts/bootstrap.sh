@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Set up everything from a fresh clone, then run the pipeline or the tests.
+#
+#   scripts/bootstrap.sh run    the main job end to end on the local profile
+#   scripts/bootstrap.sh test   the test suite (what .ci/run calls)
+#
+# Idempotent: the virtual environment is reinstalled only when pyproject.toml changes.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+mode="${1:-}"
+case "$mode" in
+  run|test) ;;
+  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+esac
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo "$@"
+  else
+    echo "bootstrap: need root to run: $*" >&2
+    return 1
+  fi
+}
+
+apt_install() {
+  echo "bootstrap: installing Debian packages: $*" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "bootstrap: Python 3.11+ is required (found: $("$python" --version 2>&1))" >&2
+  exit 1
+fi
+
+if ! command -v redis-server >/dev/null; then
+  apt_install redis-server || {
+    echo "bootstrap: redis-server is missing; install it, or set DERM_PROFILE=production and" \
+      "DERM_REDIS_CONNECTION_STRING for an existing Redis" >&2
+    [ "${DERM_PROFILE:-local}" = production ] || exit 1
+  }
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  if ! "$python" -m venv .venv 2>/dev/null; then
+    rm -rf .venv
+    apt_install "python3-venv" || apt_install "python$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv"
+    "$python" -m venv .venv
+  fi
+fi
+
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  # --no-compile: byte-compiling Feast, GE and torch up front costs most of an hour on a slow disk.
+  .venv/bin/python -m pip install --no-compile -q -e ".[test]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+case "$mode" in
+  run) exec .venv/bin/derm run-all ;;
+  test) exec .venv/bin/python -m pytest ;;
+esac
