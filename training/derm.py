@@ -45,10 +45,10 @@ class DermConfig:
     dhen_modules: tuple[str, ...] = ("mlp", "attention")  # >= 2 of "mlp", "attention", "masknet"
     num_heads: int = 2  # self-attention heads (token_dim must divide by it)
     mlp_hidden: int = 128  # hidden width of the MLP / MaskNet modules
-    user_id_buckets: int = 1 << 17
-    pin_id_buckets: int = 1 << 16
-    category_buckets: int = 1 << 10
-    advertiser_buckets: int = 1 << 14
+    user_id_buckets: int = 1 << 15  # hashed; sized so a checkpoint (weights + Adam) stays ~30 MB
+    pin_id_buckets: int = 1 << 14
+    category_buckets: int = 1 << 8
+    advertiser_buckets: int = 1 << 12
     context_dim: int = 8  # surface and day-of-week embedding width
     interaction_hidden: tuple[int, ...] = (128, 64)
     dropout: float = 0.0

@@ -211,7 +211,9 @@ class _SortedSnapshotReader:
     def __init__(self, data_file: Path, key: str, dim: int, batch_rows: int = 65_536) -> None:
         self.dim = dim
         self.key = key
-        self._batches = pq.ParquetFile(data_file).iter_batches(batch_size=batch_rows, columns=[key, "embedding"])
+        # pre_buffer off: it would cache every row group read so far, growing with the file.
+        parquet = pq.ParquetFile(data_file, pre_buffer=False)
+        self._batches = parquet.iter_batches(batch_size=batch_rows, columns=[key, "embedding"])
         self._ids = np.empty(0, dtype=np.int64)
         self._emb = np.empty((0, dim), dtype=np.float32)
         self._exhausted = False
