@@ -382,3 +382,17 @@ def test_export_benchmark_smoke() -> None:
     result = run(entities=2_000, repeats=1, dim=16, batch_rows=512)
     assert result["entities"] == 2_000
     assert result["user_embeddings_per_s"] > 0 and result["pin_embeddings_per_s"] > 0
+
+
+def test_day_without_events_keeps_weights_and_still_exports(tmp_path: Path) -> None:
+    """A calendar day missing from the log is refreshed (no training), so later days have no gap."""
+    import shutil
+
+    paths = _events(tmp_path, dataclasses.replace(TINY, n_days=3))
+    shutil.rmtree(paths.events_dir / f"date={TINY.days[1]}")
+    out = refresh(paths, ("ctr",), SMALL)
+    assert [m.snapshot_date for m in out["ctr"]] == [d for d in TINY.days[:3] for _ in range(2)]
+    quiet = out["ctr"][2]
+    assert quiet.row_count > 0 and quiet.data_window_end < datetime(2026, 1, 2, tzinfo=UTC)
+    first, second = (torch.load(checkpoint_path(paths.models_dir, "ctr", "v1", d)) for d in TINY.days[:2])
+    assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])

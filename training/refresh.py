@@ -500,7 +500,8 @@ def refresh_day(
     if window is None:
         raise ValueError(f"{model_name} {version}: no events in the window ending {day}; nothing to embed")
     available_at = snapshot_available_at(day, cfg.refresh.publish_delay)
-    assert available_at >= window[1], "a snapshot cannot be available before its newest event"
+    if available_at < window[1]:  # unreachable with day-bounded reads; guards point-in-time correctness
+        raise RuntimeError(f"{model_name} {version}: snapshot of {day} would be available before its newest event")
 
     manifests = []
     for entity, family in families.items():
