@@ -53,3 +53,16 @@ def feast_env(platform_paths: PlatformPaths, redis_server: LocalRedisServer) -> 
 
     export_feast_environment(platform_paths, redis_server.connection_string)
     return feast_environment(platform_paths, redis_server.connection_string)
+
+
+@pytest.fixture(scope="session")
+def counting_features(tiny_event_log: Path, platform_paths: PlatformPaths) -> Path:
+    from materialization.counting_features import build_counting_features
+
+    build_counting_features(tiny_event_log, platform_paths.stats_dir)
+    return platform_paths.stats_dir
+
+
+def redis_contents(client) -> dict[bytes, dict[bytes, bytes]]:
+    """Every key and hash field of a Redis database, for before/after comparisons."""
+    return {key: client.hgetall(key) for key in client.scan_iter(count=1000)}

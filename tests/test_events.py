@@ -87,7 +87,7 @@ def _first_file(events_dir: Path) -> Path:
             "column 'surface' has",
         ),
         (
-            lambda t: t.set_column(2, "user_id", pa.array([None] + t["user_id"].to_pylist()[1:], pa.int64())),
+            lambda t: t.set_column(2, "user_id", pa.array([None, *t["user_id"].to_pylist()[1:]], pa.int64())),
             "column 'user_id' has 1 null values",
         ),
     ],

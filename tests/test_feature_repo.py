@@ -13,15 +13,9 @@ import pandas as pd
 import pytest
 
 from materialization.counting_features import build_counting_features
-from pipeline.config import FEATURE_REPO_DIR, PlatformPaths
+from pipeline.config import FEATURE_REPO_DIR
 
 STATS_COLUMNS = ["impressions_1d", "clicks_1d", "conversions_1d", "impressions_7d", "clicks_7d", "ctr_7d"]
-
-
-@pytest.fixture(scope="session")
-def counting_features(tiny_event_log: Path, platform_paths: PlatformPaths) -> Path:
-    build_counting_features(tiny_event_log, platform_paths.stats_dir)
-    return platform_paths.stats_dir
 
 
 def _pandas_oracle(events_dir: Path, entity: str) -> pd.DataFrame:

@@ -1,0 +1,147 @@
+"""What is published: the single source of truth the Feast definitions are generated from.
+
+Published embeddings live in the offline store, one folder per (family, version, day)::
+
+    <offline_dir>/embeddings/<family>/<version>/date=YYYY-MM-DD/
+        data.parquet    <join_key>, event_timestamp, <family>_emb list<float32>, model_version
+        manifest.json   the snapshot's manifest, as validated
+    <offline_dir>/embeddings/catalog.json
+        {"promoted": {family: version}, "history": {family: [earlier promoted versions]},
+         "retired": {family: [versions]}, "online": {family: {version: newest day fully in Redis}}}
+
+A day folder appears only by an atomic rename, so every folder here is complete.
+``feature_repo/embedding_views.py`` turns this catalog into one Feast feature view
+per live (family, version) and into the feature services, which is why
+``feast apply`` always matches the stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+
+from training.snapshot import FAMILIES, MANIFEST_FILE, SnapshotManifest, read_manifest
+
+EMBEDDING_TTL = timedelta(days=3)  # a missed refresh day or two is tolerated; older vectors are "missing"
+OFFLINE_DATA_FILE = "data.parquet"
+CATALOG_FILE = "catalog.json"
+
+# The downstream rankers read every family at its promoted version, plus the counting features.
+RANKER_SERVICES = ("ctr_ranker", "cvr_ranker")
+COUNTING_VIEWS = ("user_daily_stats", "pin_daily_stats")
+
+
+def feature_view_name(family: str, version: str) -> str:
+    return f"{family}_emb_{version}"
+
+
+def model_of(family: str) -> str:
+    """The upstream model a family comes from: ``ctr_user`` -> ``ctr``."""
+    return family.split("_", 1)[0]
+
+
+def feature_name(family: str) -> str:
+    return f"{family}_emb"
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    family: str
+    version: str
+    dim: int
+    days: tuple[date, ...]
+    path: Path  # folder the Feast FileSource reads
+
+    @property
+    def feature_view(self) -> str:
+        return feature_view_name(self.family, self.version)
+
+
+@dataclass
+class CatalogState:
+    promoted: dict[str, str] = field(default_factory=dict)
+    history: dict[str, list[str]] = field(default_factory=dict)
+    retired: dict[str, list[str]] = field(default_factory=dict)
+    online: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+class Catalog:
+    """Read and update what is published under ``<offline_dir>/embeddings``."""
+
+    def __init__(self, embeddings_dir: Path):
+        self.root = Path(embeddings_dir)
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / CATALOG_FILE
+
+    def partition_dir(self, family: str, version: str, day: date) -> Path:
+        return self.root / family / version / f"date={day.isoformat()}"
+
+    def staging_dir(self, family: str, version: str, day: date) -> Path:
+        # Outside the family folders, so a Feast source never reads a half-written day.
+        return self.root / ".staging" / f"{family}-{version}-{day.isoformat()}-{os.getpid()}"
+
+    def read_state(self) -> CatalogState:
+        if not self.state_path.exists():
+            return CatalogState()
+        return CatalogState(**json.loads(self.state_path.read_text()))
+
+    def write_state(self, state: CatalogState) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(f".{CATALOG_FILE}.{os.getpid()}")
+        tmp.write_text(json.dumps(state.__dict__, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.state_path)  # readers see the old or the new catalog, never half of one
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialize publishers: two concurrent promotes must not interleave their catalog updates."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as lock:  # "a": taking the lock must not touch the file
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def manifests(self, family: str | None = None, version: str | None = None) -> list[SnapshotManifest]:
+        pattern = f"{family or '*'}/{version or '*'}/date=*/{MANIFEST_FILE}"
+        return [read_manifest(p.parent) for p in sorted(self.root.glob(pattern))]
+
+    def published(self, family: str, version: str, day: date) -> SnapshotManifest | None:
+        directory = self.partition_dir(family, version, day)
+        return read_manifest(directory) if (directory / MANIFEST_FILE).exists() else None
+
+    def versions(self, include_retired: bool = False) -> list[PublishedVersion]:
+        """Every published (family, version), oldest version first, retired ones left out by default."""
+        state = self.read_state()
+        grouped: dict[tuple[str, str], list[SnapshotManifest]] = {}
+        for manifest in self.manifests():
+            grouped.setdefault((manifest.family, manifest.model_version), []).append(manifest)
+        result = []
+        for (family, version), manifests in sorted(grouped.items(), key=lambda kv: (kv[0][0], _version_key(kv[0][1]))):
+            if family not in FAMILIES:
+                continue
+            if not include_retired and version in state.retired.get(family, []):
+                continue
+            result.append(
+                PublishedVersion(
+                    family=family,
+                    version=version,
+                    dim=manifests[-1].dim,
+                    days=tuple(m.snapshot_date for m in manifests),
+                    path=self.root / family / version,
+                )
+            )
+        return result
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    digits = version.lstrip("v")
+    return (int(digits), version) if digits.isdigit() else (1 << 30, version)

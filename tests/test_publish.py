@@ -1,0 +1,266 @@
+"""Publishing snapshots into Feast: offline Parquet, registry, real Redis; promote, rollback, retire, crash safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from materialization.catalog import Catalog, feature_view_name
+from pipeline.config import PlatformPaths
+from tests.conftest import redis_contents
+from training.refresh import resolve_version, snapshot_available_at, write_snapshot
+from training.snapshot import SnapshotManifest, read_manifest, snapshot_dir
+
+DIM = 8
+USERS = 40
+DAY1 = date(2026, 1, 2)
+NOW = datetime(2026, 1, 6, 12, tzinfo=UTC)
+
+
+def _unit_rows(seed: int, n: int = USERS) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def make_snapshot(
+    paths: PlatformPaths, day: date, vectors: np.ndarray, *, version_seed: str = "a", family: str = "ctr_user"
+) -> Path:
+    """A snapshot written by the upstream refresh's own writer, under a registered model version."""
+    config_hash = version_seed * 64
+    version = resolve_version(paths.snapshots_dir, family.split("_")[0], config_hash)
+    ts = snapshot_available_at(day, timedelta(hours=1))
+    manifest = SnapshotManifest(
+        family=family,
+        model_version=version,
+        config_hash=config_hash,
+        weights_sha256="0" * 64,
+        dim=DIM,
+        snapshot_date=day,
+        event_timestamp=ts,
+        data_window_start=ts - timedelta(days=30),
+        data_window_end=ts - timedelta(hours=1, microseconds=1),
+        row_count=0,
+        aggregation="ema",
+        ema_weight=0.8,
+        created_at=ts,
+    )
+    directory = snapshot_dir(paths.snapshots_dir, family, version, day)
+    write_snapshot(directory, [(np.arange(len(vectors), dtype=np.int64), vectors)], manifest)
+    return directory
+
+
+def drifted(previous: np.ndarray, seed: int) -> np.ndarray:
+    """Next day's vectors: a small step from the previous ones, as the EMA refresh produces."""
+    step = previous + 0.1 * _unit_rows(seed, len(previous))
+    return (step / np.linalg.norm(step, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def published(platform_paths: PlatformPaths, counting_features: Path, feast_env: dict[str, str]):
+    """ctr_user v1 published for two days (auto-promoted: the family had no version yet)."""
+    from materialization.publish import publish_snapshot
+
+    day1 = _unit_rows(1)
+    day2 = drifted(day1, 2)
+    results = [
+        publish_snapshot(make_snapshot(platform_paths, DAY1 + timedelta(days=i), v), platform_paths, now=NOW)
+        for i, v in enumerate([day1, day2])
+    ]
+    return {"day1": day1, "day2": day2, "results": results}
+
+
+def _online(user_ids: list[int], view: str = "ctr_user_emb_v1") -> np.ndarray:
+    from pipeline.feast_repo import feature_store
+
+    result = (
+        feature_store()
+        .get_online_features(features=[f"{view}:ctr_user_emb"], entity_rows=[{"user_id": u} for u in user_ids])
+        .to_dict()
+    )
+    return result["ctr_user_emb"]
+
+
+def test_publish_writes_offline_registers_view_and_serves_online(published, platform_paths: PlatformPaths) -> None:
+    from pipeline.feast_repo import feature_store
+
+    first, second = published["results"]
+    assert first.promoted and not second.promoted and first.offline_written and second.online_rows == USERS
+    catalog = Catalog(platform_paths.embeddings_offline_dir)
+    assert [p.days for p in catalog.versions()] == [(DAY1, DAY1 + timedelta(days=1))]
+
+    store = feature_store()
+    view = store.get_feature_view("ctr_user_emb_v1")
+    assert view.tags == {"family": "ctr_user", "model_version": "v1", "dim": str(DIM)}
+    assert [f.name for f in view.features] == ["ctr_user_emb"]
+    ranker = store.get_feature_service("ctr_ranker")
+    assert {p.name for p in ranker.feature_view_projections} == {
+        "user_daily_stats",
+        "pin_daily_stats",
+        "ctr_user_emb_v1",
+    }
+    assert store.get_feature_service("ctr_embeddings_v1")
+
+    online = np.asarray(_online(list(range(USERS))), dtype=np.float32)
+    np.testing.assert_array_equal(online, published["day2"])
+    assert _online([USERS + 5]) == [None]
+
+    # Offline, point in time: an event between the two snapshots sees day 1, one after sees day 2.
+    import pandas as pd
+
+    day2_ts = snapshot_available_at(DAY1 + timedelta(days=1), timedelta(hours=1))
+    entity_df = pd.DataFrame(
+        {"user_id": [3, 3], "event_timestamp": [day2_ts - timedelta(minutes=1), day2_ts + timedelta(minutes=1)]}
+    )
+    hist = store.get_historical_features(entity_df=entity_df, features=["ctr_user_emb_v1:ctr_user_emb"]).to_df()
+    hist = hist.sort_values("event_timestamp")
+    np.testing.assert_array_equal(np.asarray(hist["ctr_user_emb"].iloc[0], np.float32), published["day1"][3])
+    np.testing.assert_array_equal(np.asarray(hist["ctr_user_emb"].iloc[1], np.float32), published["day2"][3])
+
+
+def _store_state(paths: PlatformPaths, redis_server) -> tuple:
+    files = sorted((p, p.stat().st_mtime_ns) for p in paths.embeddings_offline_dir.rglob("*") if p.is_file())
+    return files, redis_contents(redis_server.client()), paths.registry_path.read_bytes()
+
+
+def test_republishing_the_same_day_is_a_no_op(published, platform_paths: PlatformPaths) -> None:
+    from materialization.publish import publish_snapshot
+
+    source = snapshot_dir(platform_paths.snapshots_dir, "ctr_user", "v1", DAY1 + timedelta(days=1))
+    again = publish_snapshot(source, platform_paths, now=NOW)
+    assert not again.offline_written and not again.promoted
+
+
+def _refused(platform_paths, redis_server, source: Path, error: type[Exception], match: str) -> None:
+    from materialization.publish import publish_snapshot
+
+    before = _store_state(platform_paths, redis_server)
+    with pytest.raises(error, match=match):
+        publish_snapshot(source, platform_paths, now=NOW)
+    assert _store_state(platform_paths, redis_server) == before, "a refused snapshot must not touch any store"
+
+
+def test_different_content_for_a_published_day_is_refused(published, platform_paths, redis_server, tmp_path) -> None:
+    from materialization.publish import PublishError
+
+    other = PlatformPaths(tmp_path)
+    (other.snapshots_dir).mkdir(parents=True)
+    (other.snapshots_dir / "versions.json").write_text((platform_paths.snapshots_dir / "versions.json").read_text())
+    source = make_snapshot(other, DAY1, _unit_rows(99))
+    _refused(platform_paths, redis_server, source, PublishError, "already published with different content")
+
+
+def test_snapshot_failing_the_gate_is_refused(published, platform_paths, redis_server) -> None:
+    from validation.gate import ValidationFailed
+
+    vectors = drifted(published["day2"], 3)
+    vectors[7] = np.nan
+    source = make_snapshot(platform_paths, DAY1 + timedelta(days=2), vectors)
+    try:
+        _refused(platform_paths, redis_server, source, ValidationFailed, "(?s)finite.*7")
+    finally:
+        import shutil
+
+        shutil.rmtree(source)
+
+
+def test_unknown_version_and_family_are_refused(published, platform_paths, redis_server, tmp_path) -> None:
+    from materialization.publish import PublishError
+
+    # Registered as v1 in another registry: same name, config the platform has never seen.
+    source = make_snapshot(
+        PlatformPaths(tmp_path), DAY1 + timedelta(days=2), drifted(published["day2"], 4), version_seed="z"
+    )
+    _refused(platform_paths, redis_server, source, PublishError, "unknown model version 'v1'")
+
+    manifest = read_manifest(source).to_json().replace('"family": "ctr_user"', '"family": "ctr_board"')
+    (source / "manifest.json").write_text(manifest)
+    _refused(platform_paths, redis_server, source, PublishError, "unknown family 'ctr_board'")
+
+
+def test_promote_rollback_retire(published, platform_paths: PlatformPaths, redis_server) -> None:
+    from materialization.publish import PublishError, promote, publish_snapshot, retire, rollback
+    from pipeline.feast_repo import feature_store
+
+    v2_vectors = _unit_rows(20)
+    result = publish_snapshot(
+        make_snapshot(platform_paths, DAY1, v2_vectors, version_seed="b"), platform_paths, now=NOW
+    )
+    assert result.version == "v2" and not result.promoted, "a new version is never promoted implicitly"
+
+    def ranker_views() -> set[str]:
+        return {p.name for p in feature_store().get_feature_service("ctr_ranker").feature_view_projections}
+
+    assert "ctr_user_emb_v1" in ranker_views()
+    np.testing.assert_array_equal(np.asarray(_online([0, 1], "ctr_user_emb_v2"), np.float32), v2_vectors[:2])
+
+    promote(platform_paths, "ctr_user", "v2")
+    assert "ctr_user_emb_v2" in ranker_views() and "ctr_user_emb_v1" not in ranker_views()
+    with pytest.raises(PublishError, match="is promoted"):
+        retire(platform_paths, "ctr_user", "v2")
+
+    assert rollback(platform_paths, "ctr_user") == {"ctr_user": "v1"}
+    assert "ctr_user_emb_v1" in ranker_views()
+
+    offline_v2 = sorted((platform_paths.embeddings_offline_dir / "ctr_user" / "v2").rglob("*.parquet"))
+    retire(platform_paths, "ctr_user", "v2")
+    assert "ctr_user_emb_v2" not in {v.name for v in feature_store().list_feature_views()}
+    from feast.infra.online_stores.helpers import _mmh3
+
+    field = _mmh3(f"{feature_view_name('ctr_user', 'v2')}:ctr_user_emb")
+    assert not any(field in fields for fields in redis_contents(redis_server.client()).values())
+    assert sorted((platform_paths.embeddings_offline_dir / "ctr_user" / "v2").rglob("*.parquet")) == offline_v2
+    np.testing.assert_array_equal(np.asarray(_online([0]), np.float32), published["day2"][:1])
+    with pytest.raises(PublishError, match="not published"):
+        promote(platform_paths, "ctr_user", "v2")
+
+
+def test_freshness_reports_age_and_missing_days(published, platform_paths: PlatformPaths) -> None:
+    from materialization.publish import freshness
+
+    report = {f.family: f for f in freshness(platform_paths, now=NOW)}
+    ctr_user = report["ctr_user"]
+    assert ctr_user.version == "v1" and ctr_user.newest_day == DAY1 + timedelta(days=1)
+    assert ctr_user.age == NOW - snapshot_available_at(DAY1 + timedelta(days=1), timedelta(hours=1))
+    assert ctr_user.missing_days == (date(2026, 1, 4), date(2026, 1, 5)), "days up to yesterday must be flagged"
+    assert report["cvr_pin"].version is None and not report["cvr_pin"].ok
+
+
+def test_publish_killed_mid_way_keeps_promoted_version_served_and_completes_on_rerun(
+    published, platform_paths: PlatformPaths, redis_server, feast_env: dict[str, str]
+) -> None:
+    from materialization.publish import CRASH_AFTER_ENV, publish_snapshot
+    from pipeline.feast_repo import feature_store
+
+    day3 = DAY1 + timedelta(days=2)
+    vectors = drifted(published["day2"], 5)
+    source = make_snapshot(platform_paths, day3, vectors)
+    script = (
+        "import sys; from datetime import datetime; from pathlib import Path;"
+        "from materialization.publish import publish_snapshot; from pipeline.config import PlatformPaths;"
+        "publish_snapshot(Path(sys.argv[1]), PlatformPaths.from_env(), now=datetime.fromisoformat(sys.argv[2]))"
+    )
+    env = {**os.environ, **feast_env, CRASH_AFTER_ENV: "apply"}
+    proc = subprocess.run([sys.executable, "-c", script, str(source), NOW.isoformat()], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+
+    # The promoted version is still whole: every entity serves the last completed day, and the catalog
+    # does not claim the new day is online.
+    np.testing.assert_array_equal(np.asarray(_online(list(range(USERS))), np.float32), published["day2"])
+    catalog = Catalog(platform_paths.embeddings_offline_dir)
+    assert catalog.read_state().online["ctr_user"]["v1"] == (DAY1 + timedelta(days=1)).isoformat()
+    assert catalog.published("ctr_user", "v1", day3) is not None, "the offline day was renamed in whole"
+    assert not list((platform_paths.embeddings_offline_dir / ".staging").glob("*"))
+
+    rerun = publish_snapshot(source, platform_paths, now=NOW)
+    assert not rerun.offline_written and rerun.online_rows == USERS
+    np.testing.assert_array_equal(np.asarray(_online(list(range(USERS))), np.float32), vectors)
+    assert catalog.read_state().online["ctr_user"]["v1"] == day3.isoformat()
+    views = {v.name for v in feature_store().list_feature_views()}
+    assert views == {"user_daily_stats", "pin_daily_stats"} | {p.feature_view for p in catalog.versions()}
