@@ -11,50 +11,23 @@ commands so ``derm --help`` answers at once.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import click
 from rich.console import Console
 
-from pipeline.config import REDIS_CONNECTION_ENV, PlatformPaths, active_profile
+from materialization.commands import freshness_command, promote_command, publish, retire_command, rollback_command
+from pipeline.config import REDIS_CONNECTION_ENV, PlatformPaths
+from pipeline.feast_repo import online_store, resolve_redis
+from training.commands import train_upstream
+from validation.commands import validate
 
 console = Console(stderr=True)
 
 
 def _paths() -> PlatformPaths:
     return PlatformPaths.from_env()
-
-
-def resolve_redis(paths: PlatformPaths) -> str | None:
-    """The Redis the Feast online store should use, or None when the local one must be started."""
-    if os.environ.get(REDIS_CONNECTION_ENV):
-        return os.environ[REDIS_CONNECTION_ENV]
-    if active_profile() == "production":
-        raise click.ClickException(f"profile production: set {REDIS_CONNECTION_ENV} to your Redis connection string")
-    from infra.redis_server import LocalRedisServer
-
-    return LocalRedisServer.running(paths.redis_dir)
-
-
-@contextlib.contextmanager
-def online_store(paths: PlatformPaths) -> Iterator[str]:
-    """Export the Feast environment for the configured Redis, starting the local one if needed."""
-    from infra.redis_server import LocalRedisServer
-    from pipeline.feast_repo import export_feast_environment
-
-    connection = resolve_redis(paths)
-    if connection is not None:
-        export_feast_environment(paths, connection)
-        yield connection
-        return
-    with LocalRedisServer(paths.redis_dir) as server:
-        console.print(f"started local redis-server at {server.connection_string} (data in {paths.redis_dir})")
-        export_feast_environment(paths, server.connection_string)
-        yield server.connection_string
 
 
 @click.group()
@@ -197,19 +170,35 @@ def run_all(ctx: click.Context, preset: str) -> None:
     from pipeline.feast_repo import apply_repo, materialize_incremental
 
     paths = _paths()
-    console.rule("1/5 generate event log")
+    console.rule("1/7 generate event log")
     ctx.invoke(generate, preset=preset)
-    console.rule("2/5 counting features")
+    console.rule("2/7 counting features")
     ctx.invoke(stats)
+    console.rule("3/7 upstream DERM-CTR and DERM-CVR, daily refresh")
+    ctx.invoke(train_upstream)
     with online_store(paths):
-        console.rule("3/5 feast apply")
+        console.rule("4/7 validate and publish embedding snapshots")
+        ctx.invoke(publish, publish_all=True)
+        console.rule("5/7 feast apply")
         apply_repo()
-        console.rule("4/5 feast materialize-incremental")
+        console.rule("6/7 feast materialize-incremental")
         materialize_incremental(datetime.now(UTC))
-        console.rule("5/5 sample online lookup")
+        console.rule("7/7 sample online lookup")
         sample_lookup(user_id=0, pin_ids=[0, 1, 2])
     console.print(f"done: data in {paths.data_dir}")
 
 
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(cli())
+
+
+for _command in (
+    train_upstream,
+    validate,
+    publish,
+    promote_command,
+    rollback_command,
+    retire_command,
+    freshness_command,
+):
+    cli.add_command(_command)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pipeline.config import (
     REDIS_CONNECTION_ENV,
     REDIS_TYPE_ENV,
     PlatformPaths,
+    active_profile,
 )
 
 
@@ -84,3 +86,31 @@ def apply_repo(repo_dir: Path = FEATURE_REPO_DIR) -> None:
 def materialize_incremental(end: datetime, repo_dir: Path = FEATURE_REPO_DIR, views: list[str] | None = None) -> None:
     """``feast materialize-incremental END``: copy everything newer than the last run into Redis."""
     feature_store(repo_dir).materialize_incremental(end_date=end, feature_views=views)
+
+
+def resolve_redis(paths: PlatformPaths) -> str | None:
+    """The Redis the Feast online store should use, or None when the local one must be started."""
+    if os.environ.get(REDIS_CONNECTION_ENV):
+        return os.environ[REDIS_CONNECTION_ENV]
+    if active_profile() == "production":
+        raise RuntimeError(f"profile production: set {REDIS_CONNECTION_ENV} to your Redis connection string")
+    from infra.redis_server import LocalRedisServer
+
+    return LocalRedisServer.running(paths.redis_dir)
+
+
+@contextlib.contextmanager
+def online_store(paths: PlatformPaths) -> Iterator[str]:
+    """Export the Feast environment for the configured Redis, starting the local one if needed."""
+    from infra.redis_server import LocalRedisServer
+    from pipeline.feast_repo import export_feast_environment
+
+    connection = resolve_redis(paths)
+    if connection is not None:
+        export_feast_environment(paths, connection)
+        yield connection
+        return
+    with LocalRedisServer(paths.redis_dir) as server:
+        print(f"started local redis-server at {server.connection_string} (data in {paths.redis_dir})", file=sys.stderr)
+        export_feast_environment(paths, server.connection_string)
+        yield server.connection_string

@@ -271,10 +271,10 @@ def test_previous_snapshot_is_latest_earlier_day_of_same_version(tmp_path: Path)
 
 def test_thresholds_file_is_loaded_and_overridable(tmp_path: Path) -> None:
     defaults = GateThresholds.load()
-    assert (defaults.snapshot.norm_min, defaults.snapshot.norm_max) == (0.9, 1.1)
+    assert (defaults.snapshot.norm_min, defaults.snapshot.norm_max) == (0.5, 1.001)
     override = tmp_path / "thresholds.yaml"
-    override.write_text("snapshot:\n  norm_min: 0.5\n")
-    assert GateThresholds.load(override).snapshot.norm_min == 0.5
+    override.write_text("snapshot:\n  norm_min: 0.7\n")
+    assert GateThresholds.load(override).snapshot.norm_min == 0.7
     override.write_text("snapshot:\n  norm_minimum: 0.5\n")
     with pytest.raises(ValueError, match="norm_minimum"):
         GateThresholds.load(override)
