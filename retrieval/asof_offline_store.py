@@ -276,20 +276,20 @@ class AsofRetrievalJob(RetrievalJob):
     def _connect(self) -> duckdb.DuckDBPyConnection:
         connection = duckdb.connect()
         # Feast's ibis backend runs DuckDB in UTC: naive timestamps compare as UTC and TTL days are 24 hours.
-        connection.execute("SET TimeZone = 'UTC'")
+        connection.execute("SET TimeZone = 'UTC'").fetchall()
         threads = getattr(self._config, "threads", None)
         memory_limit = getattr(self._config, "memory_limit", None)
         if threads:
-            connection.execute(f"SET threads = {int(threads)}")
+            connection.execute(f"SET threads = {int(threads)}").fetchall()
         if memory_limit:
-            connection.execute(f"SET memory_limit = {_literal(memory_limit)}")
+            connection.execute(f"SET memory_limit = {_literal(memory_limit)}").fetchall()
         return connection
 
     def _bound_query(self, connection: duckdb.DuckDBPyConnection) -> str:
         ts_min, ts_max = connection.execute(
             f"SELECT CAST(min(ts) AS VARCHAR), CAST(max(ts) AS VARCHAR) FROM "
             f"(SELECT CAST({_ident(self._event_timestamp_column)} AS TIMESTAMPTZ) AS ts FROM {_ENTITY_RELATION})"
-        ).fetchone()
+        ).fetchall()[0]
 
         def literal(value: str | None) -> str:
             return "NULL::TIMESTAMPTZ" if value is None else f"{_literal(value)}::TIMESTAMPTZ"
