@@ -580,7 +580,7 @@ class _SocketWriter:
     def _round_trip(self, payload: bytes, replies: int, keep: bool) -> list[Any]:
         connection = self.connection
         try:
-            connection.send_packed_command(payload, check_health=False)
+            connection.send_packed_command([payload], check_health=False)
             reader = hiredis.Reader()
             sock = connection._sock
             received: list[Any] = []
