@@ -38,6 +38,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from feast import FeatureView, RepoConfig
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3
@@ -275,7 +276,7 @@ def _encode_float_list(column: pa.Array, element: str, field: str) -> RaggedByte
     return concat_rows([lookup(prefixes, codes), raw]).spread(valid)
 
 
-def _encode_natively(column: pa.Array, value_type: ValueType) -> RaggedBytes | None:
+def _encode_natively(column: pa.Array, value_type: ValueType, empty_bytes_are_null: bool | None) -> RaggedBytes | None:
     """Vectorized Value bytes for the common type pairs; None when Feast's own converter must run."""
     arrow_type = column.type
     if value_type == ValueType.FLOAT_LIST:
@@ -316,15 +317,27 @@ def _encode_natively(column: pa.Array, value_type: ValueType) -> RaggedBytes | N
             return None
         field = "string_val" if value_type == ValueType.STRING else "bytes_val"
         payload = _binary_rows(column).take(np.flatnonzero(valid))
+        if value_type == ValueType.BYTES and (
+            not payload.lengths.any() if empty_bytes_are_null is None else empty_bytes_are_null
+        ):
+            return RaggedBytes.from_lengths(np.empty(0, np.uint8), np.zeros(len(column), dtype=np.int64))
         return _scalar_value(_tag(field, _LENGTH_DELIMITED), concat_rows([varints(payload.lengths), payload]), valid)
     return None
 
 
-def encode_values(column: pa.Array | pa.ChunkedArray, value_type: ValueType) -> RaggedBytes:
-    """Serialized ``feast.types.Value`` of every row, exactly as stock materialization writes it."""
+def encode_values(
+    column: pa.Array | pa.ChunkedArray, value_type: ValueType, empty_bytes_are_null: bool | None = None
+) -> RaggedBytes:
+    """Serialized ``feast.types.Value`` of every row, exactly as stock materialization writes it.
+
+    ``empty_bytes_are_null`` reproduces a quirk of Feast's converter for Bytes columns: when
+    no value of the whole batch it converts is a non-empty ``bytes`` (b"" counts as empty
+    there, "" does not), it writes every row as null. None decides from this column alone;
+    callers that encode one stock batch in several chunks decide once for the batch.
+    """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    encoded = _encode_natively(column, value_type)
+    encoded = _encode_natively(column, value_type, empty_bytes_are_null)
     if encoded is not None:
         return encoded
     protos = python_values_to_proto_values(column.to_numpy(zero_copy_only=False), value_type)
@@ -470,6 +483,7 @@ def encode_rows(
     batch: pa.RecordBatch | pa.Table,
     *,
     with_commands: bool = False,
+    empty_bytes_features: frozenset[str] | None = None,
 ) -> EncodedRows:
     """Encode a batch of (renamed, i.e. feature-view-named) offline rows the way stock materialization does.
 
@@ -478,6 +492,8 @@ def encode_rows(
         feature_view: the view the rows belong to; its features and entity columns pick the columns.
         batch: rows with the join keys, every feature and the batch source's timestamp column.
         with_commands: also build the RESP HSET/HMGET commands for the raw-socket writer.
+        empty_bytes_features: when this batch is a chunk of a larger one, the Bytes features
+            with no non-empty value in the larger batch (see :func:`encode_values`).
     """
     if isinstance(batch, pa.Table):
         batch = (
@@ -498,7 +514,12 @@ def encode_rows(
     micros = event_time_micros(batch.column(feature_view.batch_source.timestamp_field))
     fields = [f"_ts:{view_name}".encode()] + [_mmh3(f"{view_name}:{field.name}") for field in feature_view.features]
     values = [encode_timestamps(micros)] + [
-        encode_values(batch.column(field.name), field.dtype.to_value_type()) for field in feature_view.features
+        encode_values(
+            batch.column(field.name),
+            field.dtype.to_value_type(),
+            None if empty_bytes_features is None else field.name in empty_bytes_features,
+        )
+        for field in feature_view.features
     ]
     encoded = EncodedRows(keys, fields, values, micros * 1000, _has_duplicates(keys))
     if with_commands:
@@ -704,12 +725,27 @@ def run_pipelined(items: Iterable[T], consume: Callable[[T], None], max_pending:
         raise failures[0]
 
 
-def _row_chunks(batches: Iterable[pa.RecordBatch | pa.Table], rows: int) -> Iterator[pa.RecordBatch]:
+def _empty_bytes_features(feature_view: FeatureView, batch: pa.RecordBatch | pa.Table) -> frozenset[str]:
+    names = set()
+    for field in feature_view.features:
+        if field.dtype.to_value_type() == ValueType.BYTES and field.name in batch.schema.names:
+            column = batch.column(field.name)
+            if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+                if not pc.max(pc.binary_length(column)).as_py():
+                    names.add(field.name)
+    return frozenset(names)
+
+
+def _row_chunks(
+    feature_view: FeatureView, batches: Iterable[pa.RecordBatch | pa.Table], rows: int
+) -> Iterator[tuple[pa.RecordBatch, frozenset[str]]]:
+    """Chunks of at most ``rows`` rows, each with the Bytes features that are empty in its whole batch."""
     for batch in batches:
+        empty_bytes = _empty_bytes_features(feature_view, batch)
         parts = batch.to_batches(max_chunksize=rows) if isinstance(batch, pa.Table) else [batch]
         for part in parts:
             for start in range(0, part.num_rows, rows):
-                yield part.slice(start, rows)
+                yield part.slice(start, rows), empty_bytes
 
 
 class FastRedisOnlineStore(RedisOnlineStore):
@@ -752,7 +788,8 @@ class FastRedisOnlineStore(RedisOnlineStore):
                 progress(len(encoded))
 
         encoded_chunks = (
-            encode_rows(config, table, chunk, with_commands=raw_socket) for chunk in _row_chunks(batches, chunk_rows)
+            encode_rows(config, table, chunk, with_commands=raw_socket, empty_bytes_features=empty_bytes)
+            for chunk, empty_bytes in _row_chunks(table, batches, chunk_rows)
         )
         try:
             run_pipelined(encoded_chunks, write, max_pending)

@@ -1,0 +1,412 @@
+"""The fast materialization path writes exactly what stock Feast writes.
+
+Every comparison is against stock Feast itself on a real redis-server: the local
+engine + ``redis`` online store into db 0, the vector engine + fast store into
+db 1 (or per-row ``_convert_arrow_to_proto`` + ``online_write_batch`` against
+``FastRedisOnlineStore.write_arrow`` for the many random cases).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from infra.redis_server import LocalRedisServer
+
+feast = pytest.importorskip("feast")
+
+from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType  # noqa: E402
+from feast.infra.online_stores.helpers import _mmh3, _redis_key  # noqa: E402
+from feast.infra.online_stores.redis import RedisOnlineStore  # noqa: E402
+from feast.types import Array, Bool, Bytes, Float32, Float64, Int32, Int64, String  # noqa: E402
+from feast.utils import _convert_arrow_to_proto, make_tzaware  # noqa: E402
+from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
+
+from materialization.fast_redis import FastRedisOnlineStore, encode_rows  # noqa: E402
+
+PROJECT = "fastmat"
+DIM = 16
+WINDOW_START = datetime(2026, 1, 1, tzinfo=UTC)
+WINDOW_END = datetime(2026, 1, 3, tzinfo=UTC)
+FAST_STORE = "materialization.fast_redis.FastRedisOnlineStore"
+VECTOR_ENGINE = "materialization.vector_engine.VectorMaterializationEngine"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _dump(client: redis.Redis) -> dict[bytes, dict[bytes, bytes]]:
+    return {key: client.hgetall(key) for key in client.scan_iter(count=1000)}
+
+
+def _client(server: LocalRedisServer, db: int) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=server.port, db=db)
+
+
+def _embedding_view(path: Path) -> tuple[Entity, FeatureView]:
+    user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
+    source = FileSource(
+        name="emb_source",
+        path=str(path),
+        timestamp_field="event_timestamp",
+        created_timestamp_column="created",
+    )
+    view = FeatureView(
+        name="user_emb",
+        entities=[user],
+        ttl=timedelta(days=30),
+        schema=[
+            Field(name="user_id", dtype=Int64),
+            Field(name="embedding", dtype=Array(Float32)),
+            Field(name="clicks", dtype=Int64),
+            Field(name="score", dtype=Float64),
+            Field(name="label", dtype=String),
+        ],
+        source=source,
+        online=True,
+    )
+    return user, view
+
+
+def _offline_rows(seed: int, entities: int) -> pa.Table:
+    """Several rows per entity: shared timestamps (ties across entities), same event time with
+    different created times, rows before and after the window, nulls in every feature."""
+    rng = np.random.default_rng(seed)
+    in_window = [WINDOW_START + timedelta(hours=12 * i) for i in range(5)]  # start and end are inclusive
+    outside = [WINDOW_START - timedelta(days=2), WINDOW_END + timedelta(hours=1)]
+    records = []
+    for user_id in range(1, entities + 1):
+        times = list(rng.choice(in_window, size=int(rng.integers(1, 5))))
+        if user_id % 5 == 0:
+            times.append(times[0])  # same event time twice: created time decides
+        if user_id % 7 == 0:
+            times = []  # only rows outside the window: never written
+        times += list(rng.choice(outside, size=int(rng.integers(0, 3))))
+        for event_time in times:
+            records.append((user_id, event_time))
+    rows = len(records)
+    vectors = rng.standard_normal((rows, DIM)).astype(np.float32)
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM).cast(pa.list_(pa.float32()))
+    embedding_mask = rng.random(rows) < 0.1
+    clicks = rng.integers(-5, 1 << 40, size=rows)
+    score = rng.standard_normal(rows)
+    score[rng.random(rows) < 0.05] = np.nan
+    labels = [f"label-{i}-é" if i % 3 else "" for i in range(rows)]
+    return pa.table(
+        {
+            "user_id": pa.array([r[0] for r in records], pa.int64()),
+            "embedding": pa.array(
+                [None if m else v for v, m in zip(embedding.to_pylist(), embedding_mask, strict=True)],
+                pa.list_(pa.float32()),
+            ),
+            "clicks": pa.array(clicks, mask=rng.random(rows) < 0.2),
+            "score": pa.array(score, mask=rng.random(rows) < 0.2),
+            "label": pa.array(labels, mask=rng.random(rows) < 0.2),
+            "event_timestamp": pa.array([r[1] for r in records], pa.timestamp("us", tz="UTC")),
+            # Unique created times, shuffled so they do not follow the row order.
+            "created": pa.array(
+                [datetime(2026, 2, 1, tzinfo=UTC) + timedelta(seconds=int(s)) for s in rng.permutation(rows)],
+                pa.timestamp("us", tz="UTC"),
+            ),
+        }
+    )
+
+
+def _feature_store(tmp_path: Path, name: str, online_store: dict, batch_engine: dict | str) -> FeatureStore:
+    config = RepoConfig(
+        project=PROJECT,
+        provider="local",
+        registry=str(tmp_path / f"{name}-registry.db"),
+        offline_store={"type": "duckdb"},
+        online_store=online_store,
+        batch_engine=batch_engine,
+        entity_key_serialization_version=3,
+        repo_path=str(tmp_path),
+    )
+    return FeatureStore(config=config)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory, redis_server: LocalRedisServer):
+    """The same repository twice: stock Feast into db 0, the fast path into db 1."""
+    tmp_path = tmp_path_factory.mktemp("fastmat")
+    data = tmp_path / "embeddings.parquet"
+    pq.write_table(_offline_rows(seed=7, entities=60), data)
+    user, view = _embedding_view(data)
+    stock = _feature_store(
+        tmp_path, "stock", {"type": "redis", "connection_string": f"{redis_server.connection_string},db=0"}, "local"
+    )
+    fast = _feature_store(
+        tmp_path,
+        "fast",
+        # Small batches so chunking, the queue and the streaming reader are all exercised.
+        {"type": FAST_STORE, "connection_string": f"{redis_server.connection_string},db=1", "write_batch_rows": 7},
+        {"type": VECTOR_ENGINE, "read_batch_rows": 11},
+    )
+    for store in (stock, fast):
+        store.apply([user, view])
+    for db in (0, 1):
+        _client(redis_server, db).flushdb()
+    return stock, fast, view, data
+
+
+# --------------------------------------------------------------------------------------------
+# full materialization, stock vs fast
+# --------------------------------------------------------------------------------------------
+
+
+def test_materialize_writes_byte_identical_hashes(stores, redis_server: LocalRedisServer) -> None:
+    stock, fast, _, data = stores
+    assert type(fast._get_provider().batch_engine).__name__ == "VectorMaterializationEngine"
+    assert isinstance(fast._get_provider().online_store, FastRedisOnlineStore)
+    stock.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
+    fast.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
+
+    expected, got = _dump(_client(redis_server, 0)), _dump(_client(redis_server, 1))
+    in_window_users = {
+        row["user_id"]
+        for row in pq.read_table(data).to_pylist()
+        if WINDOW_START <= row["event_timestamp"] <= WINDOW_END
+    }
+    assert len(expected) == len(in_window_users) > 40
+    assert got == expected
+    # Null scalars are written as an empty Value (the field exists, zero bytes), as stock does.
+    assert any(b"" in fields.values() for fields in got.values())
+
+
+def test_online_reads_from_fast_store_match_stock(stores) -> None:
+    stock, fast, _, _ = stores
+    features = ["user_emb:embedding", "user_emb:clicks", "user_emb:score", "user_emb:label"]
+    rows = [{"user_id": user_id} for user_id in range(1, 62)]  # 61 never exists
+    expected = stock.get_online_features(features=features, entity_rows=rows).to_dict()
+    got = fast.get_online_features(features=features, entity_rows=rows).to_dict()
+    assert got == expected
+    assert got["embedding"][-1] is None
+    assert sum(vector is not None for vector in got["embedding"]) > 30
+
+
+def test_older_window_does_not_overwrite_newer_values(stores, redis_server: LocalRedisServer) -> None:
+    """A second run over an older, overlapping window: rows not newer than the stored _ts are skipped."""
+    stock, fast, _, _ = stores
+    before = _dump(_client(redis_server, 1))
+    older_start, older_end = WINDOW_START - timedelta(days=3), WINDOW_START + timedelta(hours=12)
+    stock.materialize(start_date=older_start, end_date=older_end)
+    fast.materialize(start_date=older_start, end_date=older_end)
+
+    after = _dump(_client(redis_server, 1))
+    assert after == _dump(_client(redis_server, 0))
+    assert len(after) > len(before), "entities seen only in the older window are added"
+    assert all(after[key] == fields for key, fields in before.items()), "newer values are kept"
+
+
+def test_fast_path_errors_propagate_like_stock(stores, tmp_path: Path) -> None:
+    _, _, view, _ = stores
+    user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
+    broken = _feature_store(
+        tmp_path,
+        "broken",
+        {"type": FAST_STORE, "connection_string": "127.0.0.1:1,socket_connect_timeout=1"},
+        {"type": VECTOR_ENGINE},
+    )
+    broken.apply([user, view])
+    with pytest.raises(redis.ConnectionError):
+        broken.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
+
+
+# --------------------------------------------------------------------------------------------
+# many random tables: encoder and writer against Feast's per-row functions
+# --------------------------------------------------------------------------------------------
+
+_ALL_TYPES_SOURCE = FileSource(name="all_types", path="unused.parquet", timestamp_field="ts")
+_USER = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
+_COUNTRY = Entity(name="country", join_keys=["country"], value_type=ValueType.STRING)
+_ALL_TYPES_VIEW = FeatureView(
+    name="all_types",
+    entities=[_USER, _COUNTRY],
+    ttl=timedelta(days=1),
+    schema=[
+        Field(name="user_id", dtype=Int64),
+        Field(name="country", dtype=String),
+        Field(name="vec", dtype=Array(Float32)),
+        Field(name="dvec", dtype=Array(Float64)),
+        Field(name="i64", dtype=Int64),
+        Field(name="i32", dtype=Int32),
+        Field(name="f64", dtype=Float64),
+        Field(name="f32", dtype=Float32),
+        Field(name="flag", dtype=Bool),
+        Field(name="text", dtype=String),
+        Field(name="blob", dtype=Bytes),
+        Field(name="tags", dtype=Array(String)),  # not vectorized: Feast's own converter
+    ],
+    source=_ALL_TYPES_SOURCE,
+)
+
+
+@st.composite
+def random_tables(draw: st.DrawFn, max_rows: int = 12) -> pa.Table:
+    rows = draw(st.integers(0, max_rows))
+    maybe = lambda strategy: st.one_of(st.none(), strategy)  # noqa: E731
+    floats32 = st.floats(width=32, allow_nan=False)
+    dim = draw(st.integers(0, 4))
+
+    def column(strategy):
+        return draw(st.lists(strategy, min_size=rows, max_size=rows))
+
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    return pa.table(
+        {
+            "user_id": pa.array(column(st.integers(-3, 3)), pa.int64()),
+            "country": pa.array(column(st.sampled_from(["", "fr", "日本"])), pa.string()),
+            "vec": pa.array(
+                column(maybe(st.lists(maybe(floats32), min_size=dim, max_size=dim))), pa.list_(pa.float32())
+            ),
+            "dvec": pa.array(column(maybe(st.lists(st.floats(allow_nan=False), max_size=3))), pa.list_(pa.float64())),
+            # Int64 with nulls goes through float64 in stock Feast: keep within 2**53 (see fast_redis docstring).
+            "i64": pa.array(column(maybe(st.integers(-(2**53), 2**53))), pa.int64()),
+            "i32": pa.array(column(maybe(st.integers(-(2**31), 2**31 - 1))), pa.int32()),
+            "f64": pa.array(column(maybe(st.floats())), pa.float64()),
+            "f32": pa.array(column(maybe(st.floats(width=32))), pa.float32()),
+            "flag": pa.array(column(maybe(st.booleans())), pa.bool_()),
+            "text": pa.array(column(maybe(st.text(max_size=5))), pa.string()),
+            "blob": pa.array(column(maybe(st.binary(max_size=5))), pa.binary()),
+            "tags": pa.array(column(maybe(st.lists(st.text(max_size=3), max_size=2))), pa.list_(pa.string())),
+            "ts": pa.array(
+                [base + timedelta(microseconds=m) for m in column(st.sampled_from([0, 1, 999_999, 86_400_000_001]))],
+                pa.timestamp("us", tz="UTC"),
+            ),
+        }
+    )
+
+
+def _config(online_store: dict, project: str = PROJECT) -> RepoConfig:
+    return RepoConfig(
+        project=project,
+        provider="local",
+        registry="unused-registry.db",
+        online_store=online_store,
+        entity_key_serialization_version=3,
+    )
+
+
+def _stock_rows(table: pa.Table, view: FeatureView) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """What stock online_write_batch would HSET for each row (without dedup)."""
+    join_keys = {column.name: column.dtype.to_value_type() for column in view.entity_columns}
+    rows = []
+    for entity_key, values, event_time, _ in _convert_arrow_to_proto(table, view, join_keys):
+        ts = Timestamp()
+        ts.FromDatetime(make_tzaware(event_time))
+        fields = {f"_ts:{view.name}".encode(): ts.SerializeToString()}
+        fields.update({_mmh3(f"{view.name}:{name}"): value.SerializeToString() for name, value in values.items()})
+        rows.append((_redis_key(PROJECT, entity_key, 3), fields))
+    return rows
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(table=random_tables())
+def test_encoder_matches_feast_per_row_conversion(table: pa.Table) -> None:
+    if table.num_rows == 0:
+        return
+    encoded = encode_rows(_config({"type": FAST_STORE}), _ALL_TYPES_VIEW, table, with_commands=True)
+    assert encoded.rows() == _stock_rows(table, _ALL_TYPES_VIEW)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    first=random_tables(),
+    second=random_tables(),
+    skip_dedup=st.booleans(),
+    ttl=st.sampled_from([None, 3600]),
+    chunk_rows=st.sampled_from([1, 3, 5000]),
+)
+def test_writer_matches_stock_online_write_batch(
+    redis_server: LocalRedisServer,
+    first: pa.Table,
+    second: pa.Table,
+    skip_dedup: bool,
+    ttl: int | None,
+    chunk_rows: int,
+) -> None:
+    """Two writes in a row (the second one over stored values), duplicates and ties included."""
+    connection = redis_server.connection_string
+    common = {"skip_dedup": skip_dedup, "key_ttl_seconds": ttl}
+    stock_config = _config({"type": "redis", "connection_string": f"{connection},db=2", **common})
+    fast_config = _config(
+        {"type": FAST_STORE, "connection_string": f"{connection},db=3", "write_batch_rows": chunk_rows, **common}
+    )
+    stock_client, fast_client = _client(redis_server, 2), _client(redis_server, 3)
+    stock_client.flushdb()
+    fast_client.flushdb()
+    stock, fast = RedisOnlineStore(), FastRedisOnlineStore()
+    join_keys = {column.name: column.dtype.to_value_type() for column in _ALL_TYPES_VIEW.entity_columns}
+    for table in (first, second):
+        if table.num_rows:
+            rows = _convert_arrow_to_proto(table, _ALL_TYPES_VIEW, join_keys)
+            stock.online_write_batch(stock_config, _ALL_TYPES_VIEW, rows, progress=None)
+        fast.write_arrow(fast_config, _ALL_TYPES_VIEW, table)
+    assert _dump(fast_client) == _dump(stock_client)
+    if ttl:
+        assert all(0 < fast_client.ttl(key) <= ttl for key in fast_client.scan_iter())
+
+
+def test_versioned_view_names_are_respected(redis_server: LocalRedisServer) -> None:
+    """With online versioning on, fields and _ts use the versioned name, as stock does."""
+    view = _ALL_TYPES_VIEW.__copy__()
+    view.current_version_number = 3
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    table = pa.table(
+        {
+            "user_id": pa.array([1, 2], pa.int64()),
+            "country": ["fr", "fr"],
+            "vec": pa.array([[1.0], [2.0]], pa.list_(pa.float32())),
+            "dvec": pa.array([[1.0], None], pa.list_(pa.float64())),
+            "i64": [1, 2],
+            "i32": pa.array([1, 2], pa.int32()),
+            "f64": [1.0, 2.0],
+            "f32": pa.array([1.0, 2.0], pa.float32()),
+            "flag": [True, False],
+            "text": ["a", "b"],
+            "blob": [b"a", b"b"],
+            "tags": [["x"], []],
+            "ts": pa.array([base, base], pa.timestamp("us", tz="UTC")),
+        }
+    )
+    registry = {"path": "unused-registry.db", "enable_online_feature_view_versioning": True}
+    stock_config = RepoConfig(
+        project=PROJECT, provider="local", registry=registry, entity_key_serialization_version=3,
+        online_store={"type": "redis", "connection_string": f"{redis_server.connection_string},db=4"},
+    )  # fmt: skip
+    fast_config = RepoConfig(
+        project=PROJECT, provider="local", registry=registry, entity_key_serialization_version=3,
+        online_store={"type": FAST_STORE, "connection_string": f"{redis_server.connection_string},db=5"},
+    )  # fmt: skip
+    for db in (4, 5):
+        _client(redis_server, db).flushdb()
+    join_keys = {column.name: column.dtype.to_value_type() for column in view.entity_columns}
+    RedisOnlineStore().online_write_batch(stock_config, view, _convert_arrow_to_proto(table, view, join_keys), None)
+    FastRedisOnlineStore().write_arrow(fast_config, view, table)
+    written = _dump(_client(redis_server, 5))
+    assert written == _dump(_client(redis_server, 4))
+    assert all(b"_ts:all_types_v3" in fields for fields in written.values())
+
+
+# --------------------------------------------------------------------------------------------
+# benchmark smoke test
+# --------------------------------------------------------------------------------------------
+
+
+def test_benchmark_runs_on_a_tiny_table() -> None:
+    from bench.materialize_redis import run
+
+    result = run(rows=2000, stock_rows=500, repeats=1)
+    for name in ("fast_rows_per_s", "raw_rows_per_s", "stock_rows_per_s", "fast_over_raw", "fast_over_stock"):
+        assert result[name] > 0, name
