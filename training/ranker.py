@@ -130,7 +130,7 @@ class RankerSpec:
         return len(self.counting_features) + len(COUNTING_VIEWS)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=str)
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str)  # key order is meaningful
 
     @classmethod
     def from_json(cls, text: str) -> RankerSpec:
