@@ -1,0 +1,312 @@
+"""Candidate retrieval: approximate nearest neighbours over the promoted Pin embedding version.
+
+The index is a faiss HNSW graph on inner product (DERM embeddings are
+L2-normalised, and the upstream model scores a (user, Pin) pair by their dot
+product). It is built from the offline partition of the newest day of the
+promoted version that is fully online (``catalog.json``: ``promoted`` and
+``online``), i.e. exactly the vectors Redis serves. :class:`PinIndexManager`
+watches the catalog and rebuilds in the background when ``derm promote`` /
+``derm rollback`` or a new publish changes that (version, day); requests keep
+using the previous index until the new one is swapped in.
+
+Every build reports recall@k against exact search (``IndexFlatIP``) on a sample
+of queries: the user embeddings of the same model version and day when they are
+published (the real query distribution), otherwise Pin vectors themselves.
+
+Example::
+
+    manager = PinIndexManager(Catalog(paths.embeddings_offline_dir), family="ctr_pin")
+    index = manager.current()            # builds on first use
+    pin_ids, scores = index.search(user_vectors, k=50)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import date
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+
+from materialization.catalog import OFFLINE_DATA_FILE, Catalog, feature_name, model_of
+from training.snapshot import FAMILIES, join_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AnnSettings:
+    hnsw_neighbors: int = 32  # M: graph degree; memory and build time grow with it
+    ef_construction: int = 80
+    ef_search: int = 128  # candidates explored per query: the recall / latency knob
+    recall_k: int = 10
+    recall_queries: int = 200
+    # Below this many Pins a graph buys nothing: exact search is as fast and has recall 1.
+    exact_below: int = 0
+    threads: int = 1  # the web server already runs requests in parallel; don't oversubscribe cores
+
+
+@dataclass
+class PinIndex:
+    """One built index: the Pins of (family, version, day) and how good its neighbours are."""
+
+    family: str
+    version: str
+    day: date
+    pin_ids: np.ndarray  # int64, row i of the index
+    index: faiss.Index
+    kind: str
+    dim: int
+    recall_at_k: float
+    recall_k: int
+    recall_queries: str  # what the recall was measured on
+    build_seconds: float
+    centroid: np.ndarray  # normalised mean Pin vector: the query of a user without an embedding
+
+    def __len__(self) -> int:
+        return len(self.pin_ids)
+
+    @property
+    def query_family(self) -> str:
+        """The user family in the same embedding space (same upstream model and version)."""
+        return f"{model_of(self.family)}_user"
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` Pins per query row: (pin ids, inner-product scores), best first; k is capped at the size."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        k = min(k, len(self.pin_ids))
+        scores, rows = self.index.search(queries, k)
+        valid = rows >= 0
+        ids = np.where(valid, self.pin_ids[np.clip(rows, 0, None)], -1)
+        return ids, scores
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "family": self.family,
+            "version": self.version,
+            "day": self.day.isoformat(),
+            "pins": len(self.pin_ids),
+            "dim": self.dim,
+            "index": self.kind,
+            f"recall_at_{self.recall_k}": round(self.recall_at_k, 4),
+            "recall_measured_on": self.recall_queries,
+            "build_seconds": round(self.build_seconds, 3),
+        }
+
+
+def read_partition(catalog: Catalog, family: str, version: str, day: date) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, (n, D) float32 vectors) of one published day, straight from its Parquet file."""
+    path = catalog.partition_dir(family, version, day) / OFFLINE_DATA_FILE
+    table = pq.read_table(path, columns=[join_key(family), feature_name(family)])
+    ids = table.column(0).to_numpy()
+    vectors = table.column(1).combine_chunks()
+    flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    dim = len(flat) // max(len(ids), 1)
+    return np.asarray(ids, dtype=np.int64), flat.reshape(len(ids), dim)
+
+
+def recall_at_k(approximate: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of each query's exact top-k found in its approximate top-k."""
+    k = exact.shape[1]
+    hits = [len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approximate, exact, strict=True)]
+    return float(np.mean(hits) / k) if hits else 1.0
+
+
+def build_pin_index(
+    catalog: Catalog, family: str, version: str, day: date, settings: AnnSettings | None = None
+) -> PinIndex:
+    """Build the index of one published Pin day and measure its recall@k against exact search."""
+    settings = settings or AnnSettings()
+    started = time.perf_counter()
+    faiss.omp_set_num_threads(settings.threads)
+    pin_ids, vectors = read_partition(catalog, family, version, day)
+    if len(pin_ids) == 0:
+        raise ValueError(f"{family} {version} {day}: the partition has no Pins")
+    dim = vectors.shape[1]
+    if len(pin_ids) < settings.exact_below:
+        index: faiss.Index = faiss.IndexFlatIP(dim)
+        kind = "flat-ip (exact)"
+    else:
+        index = faiss.IndexHNSWFlat(dim, settings.hnsw_neighbors, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = settings.ef_construction
+        index.hnsw.efSearch = settings.ef_search
+        kind = f"hnsw-ip M={settings.hnsw_neighbors} efSearch={settings.ef_search}"
+    index.add(vectors)
+
+    queries, measured_on = _recall_queries(catalog, family, version, day, vectors, settings)
+    k = min(settings.recall_k, len(pin_ids))
+    exact = faiss.IndexFlatIP(dim)
+    exact.add(vectors)
+    _, exact_rows = exact.search(queries, k)
+    _, approximate_rows = index.search(queries, k)
+    recall = recall_at_k(approximate_rows, exact_rows)
+
+    centroid = vectors.mean(axis=0)
+    centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
+    built = PinIndex(
+        family=family,
+        version=version,
+        day=day,
+        pin_ids=pin_ids,
+        index=index,
+        kind=kind,
+        dim=dim,
+        recall_at_k=recall,
+        recall_k=k,
+        recall_queries=measured_on,
+        build_seconds=time.perf_counter() - started,
+        centroid=centroid.astype(np.float32),
+    )
+    log.info("built Pin index %s", built.describe())
+    return built
+
+
+def _recall_queries(
+    catalog: Catalog, family: str, version: str, day: date, pins: np.ndarray, settings: AnnSettings
+) -> tuple[np.ndarray, str]:
+    rng = np.random.default_rng(0)
+    user_family = f"{model_of(family)}_user"
+    user_partition = catalog.partition_dir(user_family, version, day) / OFFLINE_DATA_FILE
+    if user_family in FAMILIES and user_partition.exists():
+        _, users = read_partition(catalog, user_family, version, day)
+        if len(users) and users.shape[1] == pins.shape[1]:
+            chosen = rng.choice(len(users), size=min(settings.recall_queries, len(users)), replace=False)
+            return np.ascontiguousarray(users[chosen]), f"{len(chosen)} {user_family} {version} vectors"
+    chosen = rng.choice(len(pins), size=min(settings.recall_queries, len(pins)), replace=False)
+    return np.ascontiguousarray(pins[chosen]), f"{len(chosen)} {family} vectors"
+
+
+def promoted_source(catalog: Catalog, family: str) -> tuple[str, date] | None:
+    """(promoted version, its newest day fully online) of a Pin family, or None when nothing is promoted."""
+    state = catalog.read_state()
+    version = state.promoted.get(family)
+    if version is None:
+        return None
+    online_day = state.online.get(family, {}).get(version)
+    if online_day is None:
+        return None
+    return version, date.fromisoformat(online_day)
+
+
+class PinIndexManager:
+    """Keeps the index of the promoted version of ``family`` current.
+
+    ``current()`` looks at the catalog at most every ``check_interval`` seconds (a
+    ``stat`` of ``catalog.json``; the file is read only when it changed). A change of
+    promoted version or newest online day starts a rebuild on a background thread;
+    until it finishes, requests are answered from the previous index.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        family: str = "ctr_pin",
+        settings: AnnSettings | None = None,
+        check_interval: float = 1.0,
+    ):
+        if FAMILIES.get(family) != "pin":
+            raise ValueError(f"{family!r} is not a Pin embedding family")
+        self.catalog = catalog
+        self.family = family
+        self.settings = settings or AnnSettings()
+        self.check_interval = check_interval
+        self._index: PinIndex | None = None
+        self._lock = threading.Lock()
+        self._builder: threading.Thread | None = None
+        self._checked_at = 0.0
+        self._catalog_stamp: tuple[int, int] | None = None
+        self._wanted: tuple[str, date] | None = None
+        self.last_error: str | None = None
+        self.rebuilds = 0
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self.catalog.state_path)
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def _poll(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked_at < self.check_interval:
+            return
+        self._checked_at = now
+        stamp = self._stamp()
+        if not force and stamp == self._catalog_stamp and self._wanted is not None:
+            return
+        self._catalog_stamp = stamp
+        self._wanted = promoted_source(self.catalog, self.family)
+
+    def _needs_build(self) -> bool:
+        index = self._index
+        return self._wanted is not None and (index is None or (index.version, index.day) != self._wanted)
+
+    def refresh(self, wait: bool = True) -> PinIndex | None:
+        """Re-read the catalog now and rebuild if the promoted (version, day) changed."""
+        with self._lock:
+            self._poll(force=True)
+            self._start_build_if_needed()
+            builder = self._builder
+        if wait and builder is not None:
+            builder.join()
+        return self._index
+
+    def current(self) -> PinIndex | None:
+        """The index to answer with now; None only before the first build finished (or nothing is promoted)."""
+        with self._lock:
+            self._poll()
+            self._start_build_if_needed()
+            builder = self._builder
+        if self._index is None and builder is not None:
+            builder.join()  # first request: nothing to serve yet, so wait for the build
+        return self._index
+
+    def _start_build_if_needed(self) -> None:
+        if not self._needs_build() or (self._builder is not None and self._builder.is_alive()):
+            return
+        assert self._wanted is not None
+        version, day = self._wanted
+        self._builder = threading.Thread(target=self._build, args=(version, day), name="pin-index-build", daemon=True)
+        self._builder.start()
+
+    def _build(self, version: str, day: date) -> None:
+        try:
+            built = build_pin_index(self.catalog, self.family, version, day, self.settings)
+        except Exception as error:  # keep serving the previous index; /health reports the failure
+            log.exception("building the %s %s %s index failed", self.family, version, day)
+            self.last_error = f"{self.family} {version} {day}: {type(error).__name__}: {error}"
+            return
+        with self._lock:
+            self._index = built
+            self.last_error = None
+            self.rebuilds += 1
+            # A promote may have happened while building: build again on the next request.
+            self._checked_at = 0.0
+
+    def describe(self) -> dict[str, object]:
+        index = self._index
+        wanted = self._wanted
+        return {
+            "family": self.family,
+            "index": index.describe() if index else None,
+            "promoted": {"version": wanted[0], "day": wanted[1].isoformat()} if wanted else None,
+            "rebuilding": bool(self._builder and self._builder.is_alive()),
+            "rebuilds": self.rebuilds,
+            "last_error": self.last_error,
+        }
+
+
+__all__ = [
+    "AnnSettings",
+    "PinIndex",
+    "PinIndexManager",
+    "build_pin_index",
+    "promoted_source",
+    "read_partition",
+    "recall_at_k",
+]
