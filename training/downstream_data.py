@@ -194,6 +194,24 @@ def service_families(store: Any, service: Any) -> list[tuple[str, str]]:
     return result
 
 
+def _retrievable(store: Any, service: Any) -> Any:
+    """The service itself when registered; else its exact feature refs.
+
+    Feast resolves a ``FeatureService`` argument through the registry by name, so a
+    service built in code (an ablation variant) is passed as the refs of its projections,
+    which selects exactly the same views and columns without touching the shared registry.
+    """
+    from feast.errors import FeatureServiceNotFoundException
+
+    try:
+        registered = store.get_feature_service(service.name)
+    except FeatureServiceNotFoundException:
+        return service_feature_refs(service)
+    return (
+        service if service_feature_refs(registered) == service_feature_refs(service) else service_feature_refs(service)
+    )
+
+
 def service_feature_refs(service: Any) -> list[str]:
     return [f"{p.name_to_use()}:{f.name}" for p in service.feature_view_projections for f in p.features]
 
@@ -228,7 +246,7 @@ def build_training_set(
         entity_df = labelled_events(paths.events_dir, task, *window)
     families = service_families(store, service)
     dims = {f: int(store.get_feature_view(feature_view_name(f, v)).tags.get("dim", 0)) for f, v in families}
-    table = store.get_historical_features(entity_df=entity_df, features=service).to_arrow()
+    table = store.get_historical_features(entity_df=entity_df, features=_retrievable(store, service)).to_arrow()
     # The stock offline store returns rows in no particular order; the ASOF store keeps the entity order.
     order = pc.sort_indices(table, [("event_timestamp", "ascending"), ("event_id", "ascending")])
     table = table.take(order)
