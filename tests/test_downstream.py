@@ -1,0 +1,328 @@
+"""Downstream rankers: Feast training sets vs a pandas oracle, training/evaluation, the saved-ranker contract,
+the leakage audit, bootstrap CIs and the DataLoader.
+
+The module runs on its own tiny platform (own data directory, same session Redis) so the
+embeddings it publishes never meet the other modules' catalogs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zlib
+from datetime import date, timedelta
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from materialization.catalog import EMBEDDING_TTL, OFFLINE_DATA_FILE, Catalog, CatalogState, feature_name
+from pipeline.config import DATA_DIR_ENV, PlatformPaths
+from training.refresh import resolve_version, snapshot_available_at, write_snapshot
+from training.snapshot import FAMILIES, JOIN_KEYS, MANIFEST_FILE, SnapshotManifest, snapshot_dir
+
+START = date(2026, 1, 1)
+DAYS = 6
+DIM = 8
+USERS, PINS = 200, 80
+# family -> days with a snapshot; ctr_pin has a gap longer than the TTL, cvr_user's day 2 covers even users only.
+SNAPSHOT_DAYS = {"ctr_user": range(DAYS), "ctr_pin": (0, 4), "cvr_user": range(DAYS), "cvr_pin": range(DAYS)}
+
+
+def _vectors(family: str, day: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(zlib.crc32(f"{family}/{day}".encode()))
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _publish_offline(paths: PlatformPaths, family: str, day: date, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """A snapshot written by the refresh's writer, laid out in the offline store as publish does."""
+    model = family.split("_")[0]
+    version = resolve_version(paths.snapshots_dir, model, model * 32)
+    ts = snapshot_available_at(day, timedelta(hours=1))
+    manifest = SnapshotManifest(
+        family=family,
+        model_version=version,
+        config_hash=model * 32,
+        weights_sha256="0" * 64,
+        dim=DIM,
+        snapshot_date=day,
+        event_timestamp=ts,
+        data_window_start=ts - timedelta(days=30),
+        data_window_end=ts - timedelta(hours=1, microseconds=1),
+        row_count=0,
+        aggregation="ema",
+        ema_weight=0.8,
+        created_at=ts,
+    )
+    source = snapshot_dir(paths.snapshots_dir, family, version, day)
+    write_snapshot(source, [(ids, vectors)], manifest)
+    target = Catalog(paths.embeddings_offline_dir).partition_dir(family, version, day)
+    target.mkdir(parents=True)
+    key = JOIN_KEYS[FAMILIES[family]]
+    duckdb.execute(
+        f"COPY (SELECT {key}, event_timestamp, embedding AS {feature_name(family)}, model_version "
+        f"FROM read_parquet('{source}/embeddings.parquet')) TO '{target / OFFLINE_DATA_FILE}' (FORMAT parquet)"
+    )
+    shutil.copy(source / MANIFEST_FILE, target / MANIFEST_FILE)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory, redis_server, feast_env):
+    """Tiny event log, counting features and four embedding families (v1, promoted), applied to Feast."""
+    from events.synthetic import SyntheticConfig, generate_event_log
+    from materialization.counting_features import build_counting_features
+    from pipeline.feast_repo import apply_repo, export_feast_environment
+
+    paths = PlatformPaths(tmp_path_factory.mktemp("downstream"))
+    previous = os.environ.get(DATA_DIR_ENV)
+    export_feast_environment(paths, redis_server.connection_string)
+    generate_event_log(SyntheticConfig.preset("tiny", start_date=START, n_days=DAYS), paths.events_dir)
+    build_counting_features(paths.events_dir, paths.stats_dir)
+    for family, days in SNAPSHOT_DAYS.items():
+        n = USERS if FAMILIES[family] == "user" else PINS
+        for day in days:
+            ids = np.arange(n, dtype=np.int64)
+            if family == "cvr_user" and day == 2:
+                ids = ids[::2]
+            _publish_offline(paths, family, START + timedelta(days=day), ids, _vectors(family, day, len(ids)))
+    Catalog(paths.embeddings_offline_dir).write_state(CatalogState(promoted=dict.fromkeys(FAMILIES, "v1")))
+    apply_repo()
+    yield paths
+    if previous is not None:
+        os.environ[DATA_DIR_ENV] = previous
+
+
+@pytest.fixture(scope="module")
+def ctr_set(platform: PlatformPaths):
+    """The CTR training set of the registered ctr_ranker service."""
+    from pipeline.feast_repo import feature_store
+    from training.downstream_data import build_training_set, default_window, ranker_service, service_families
+
+    store = feature_store()
+    service = ranker_service(store, "ctr")
+    window = default_window(platform, service_families(store, service))
+    path = platform.data_dir / "training_sets" / "ctr" / "pit.parquet"
+    info = build_training_set(store, platform, "ctr", service, window, path)
+    return path, info, window
+
+
+def _oracle(events: pd.DataFrame, source: pd.DataFrame, key: str, columns: list[str], ttl: timedelta) -> pd.DataFrame:
+    source = source.sort_values("event_timestamp")
+    left = events[["event_id", "event_timestamp", key]].sort_values("event_timestamp")
+    joined = pd.merge_asof(
+        left, source[[key, "event_timestamp", *columns]], on="event_timestamp", by=key, tolerance=ttl
+    )
+    return joined.set_index("event_id").sort_index()
+
+
+def test_training_set_equals_merge_asof_oracle(platform: PlatformPaths, ctr_set) -> None:
+    from training.downstream_data import labelled_events, read_training_set
+    from training.ranker import COUNTING_FEATURES
+
+    path, info, window = ctr_set
+    table, stored = read_training_set(path)
+    assert stored == info and info.feature_service == "ctr_ranker"
+    assert info.embedding_versions == dict.fromkeys(["ctr_pin", "ctr_user", "cvr_pin", "cvr_user"], "v1")
+    got = table.to_pandas().set_index("event_id").sort_index()
+    events = labelled_events(platform.events_dir, "ctr", *window)
+    assert len(got) == len(events) and got["label"].to_numpy().sum() == events["label"].sum()
+
+    views = [
+        (
+            f"stats/{name}/*/*.parquet",
+            f"{prefix}_id",
+            [c for c in COUNTING_FEATURES if c.startswith(prefix)],
+            timedelta(days=7),
+        )
+        for name, prefix in (("user_daily_stats", "user"), ("pin_daily_stats", "pin"))
+    ]
+    views += [
+        (
+            f"embeddings/{family}/v1/date=*/{OFFLINE_DATA_FILE}",
+            JOIN_KEYS[FAMILIES[family]],
+            [feature_name(family)],
+            EMBEDDING_TTL,
+        )
+        for family in FAMILIES
+    ]
+    for pattern, key, columns, ttl in views:
+        source = duckdb.sql(f"SELECT * FROM read_parquet('{platform.offline_dir / pattern}')").df()
+        expected = _oracle(events, source, key, columns, ttl)
+        for column in columns:
+            exp, found = expected[column], got[column]
+            assert (exp.isna() == found.isna()).all(), f"{column}: different missing rows"
+            present = exp.notna()
+            if column.endswith("_emb"):
+                np.testing.assert_array_equal(np.stack(found[present]), np.stack(exp[present]), err_msg=column)
+            else:
+                np.testing.assert_allclose(found[present].astype(float), exp[present].astype(float), err_msg=column)
+    # The fixture's traps were exercised: a TTL gap, and an entity missing from the newest snapshot.
+    assert got["ctr_pin_emb"].isna().sum() > 100
+    gap = (got.event_timestamp >= pd.Timestamp("2026-01-05 01:00", tz="UTC")) & (
+        got.event_timestamp < pd.Timestamp("2026-01-06 01:00", tz="UTC")
+    )
+    assert got.loc[gap, "ctr_pin_emb"].isna().all() and got.loc[~gap, "ctr_pin_emb"].notna().all()
+    odd_day3 = (got.user_id % 2 == 1) & (got.event_timestamp.dt.day == 4) & (got.event_timestamp.dt.hour >= 1)
+    day1_vectors = _vectors("cvr_user", 1, USERS)
+    np.testing.assert_array_equal(
+        np.stack(got.loc[odd_day3, "cvr_user_emb"]), day1_vectors[got.loc[odd_day3, "user_id"].to_numpy()]
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(platform: PlatformPaths):
+    from training.downstream import DownstreamConfig, run_downstream
+
+    cfg = DownstreamConfig(epochs=2, eval_days=2, batch_size=512, bootstrap=200)
+    ctr = run_downstream(platform, "ctr", cfg, families=["ctr_user", "cvr_user"], run="test-ctr")  # gated
+    cvr = run_downstream(platform, "cvr", DownstreamConfig(epochs=2, bootstrap=200, gate=False), run="test-cvr")
+    return ctr, cvr
+
+
+def test_ctr_and_cvr_rankers_train_evaluate_and_save(platform: PlatformPaths, trained) -> None:
+    from training.ranker import load_ranker
+
+    ctr, cvr = trained
+    assert "expectations passed" in ctr.gate_summary
+    for result in (ctr, cvr):
+        assert result.rows_train > 0 and result.rows_eval > 0
+        for name, metric in result.metrics.items():
+            assert np.isfinite([metric.value, metric.lo, metric.hi]).all(), name
+            assert metric.lo <= metric.value <= metric.hi, name
+        assert 0.0 < result.metrics["roc_auc"].value < 1.0
+        ranker_dir = platform.models_dir / "downstream" / result.task / result.run
+        assert result.ranker_dir == ranker_dir and (ranker_dir / "model.pt").exists()
+    ranker = load_ranker(ctr.ranker_dir)
+    assert ranker.embedding_versions == {"ctr_user": "v1", "cvr_user": "v1"}
+    assert "ctr_user_emb_v1:ctr_user_emb" in ranker.feature_refs
+    assert "user_daily_stats:user_ctr_7d" in ranker.feature_refs
+    assert not any(ref.startswith("ctr_pin") for ref in ranker.feature_refs)
+    assert load_ranker(cvr.ranker_dir).spec.feature_service == "cvr_ranker"
+
+
+def test_ranker_scores_online_shaped_dict_like_training_frame(trained) -> None:
+    from training.downstream_data import read_training_set
+    from training.ranker import load_ranker
+
+    ctr, _ = trained
+    ranker = load_ranker(ctr.ranker_dir)
+    table, _ = read_training_set(ctr.training_set)
+    frame = table.to_pandas().set_index("event_id").loc[ctr.eval_event_ids[:300]].reset_index()
+    # What get_online_features(...).to_dict() returns (lists, None for missing) plus request context;
+    # day of week derived from the timestamp here, as a server may do.
+    online = {
+        column: [None if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in frame[column]]
+        for column in ranker.input_columns
+        if column != "day_of_week"
+    }
+    online["ctr_user_emb"] = [None if v is None else [float(x) for x in v] for v in frame["ctr_user_emb"]]
+    online["event_timestamp"] = frame["event_timestamp"].tolist()
+    np.testing.assert_allclose(ranker.score(online), ctr.eval_scores[:300], rtol=1e-5, atol=1e-6)
+    # (B, D) arrays with NaN rows for missing are accepted too, and mean the same.
+    matrix = np.stack([np.full(8, np.nan, np.float32) if v is None else v for v in frame["cvr_user_emb"]])
+    np.testing.assert_allclose(ranker.score({**online, "cvr_user_emb": matrix}), ctr.eval_scores[:300], rtol=1e-5)
+    missing = {**online, "ctr_user_emb": [None] * 300}
+    zeros = {**online, "ctr_user_emb": np.zeros((300, 8), np.float32)}
+    assert not np.allclose(ranker.score(missing), ranker.score(zeros)), "the missing flag must reach the model"
+
+
+def test_leakage_audit_passes_point_in_time_and_flags_leaky(platform: PlatformPaths, ctr_set, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from validation.leakage import audit_training_set, build_leaky_training_set
+    from validation.leakage_commands import audit_leakage
+
+    path, _, _ = ctr_set
+    report = audit_training_set(path, platform)
+    assert report.ok, report.describe()
+    assert set(report.checked) == {feature_name(f) for f in FAMILIES}
+
+    leaky = build_leaky_training_set(path, tmp_path / "leaky.parquet", platform)
+    report = audit_training_set(leaky, platform)
+    assert not report.ok and report.violation_counts["ctr_user_emb"] > 0
+    first = report.violations[0]
+    assert first.kind == "future" and first.found_snapshot > first.event_timestamp
+
+    runner = CliRunner()
+    assert runner.invoke(audit_leakage, [str(path)]).exit_code == 0
+    result = runner.invoke(audit_leakage, [str(leaky), "--show", "3"])
+    assert result.exit_code == 1 and "row 0 " in result.output and "future" in result.output
+
+    # One tampered row is named precisely: the vector of a snapshot published after the event.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    column = table.column("cvr_pin_emb").to_pylist()
+    row = len(column) // 2
+    pin = table.column("pin_id")[row].as_py()
+    column[row] = _vectors("cvr_pin", DAYS - 1, PINS)[pin].tolist()
+    tampered = tmp_path / "tampered.parquet"
+    index = table.schema.get_field_index("cvr_pin_emb")
+    pq.write_table(table.set_column(index, "cvr_pin_emb", pa.array(column, table.schema.field(index).type)), tampered)
+    report = audit_training_set(tampered, platform)
+    assert report.violation_counts == {"ctr_user_emb": 0, "ctr_pin_emb": 0, "cvr_user_emb": 0, "cvr_pin_emb": 1}
+    assert report.violations[0].row == row and report.violations[0].kind == "future"
+
+
+def test_bootstrap_ci_math_on_known_cases() -> None:
+    from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
+
+    from training.downstream import bootstrap_metrics, weighted_metrics
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    labels = (rng.random(n) < 0.3).astype(float)
+    scores = np.round(np.clip(0.3 + 0.2 * (labels - 0.3) + rng.normal(0, 0.2, n), 0.01, 0.99), 2)  # many ties
+    point = {k: v[0] for k, v in weighted_metrics(labels, scores, np.ones((1, n))).items()}
+    assert point["roc_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert point["pr_auc"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+    assert point["log_loss"] == pytest.approx(log_loss(labels, scores), abs=1e-12)
+
+    # Log loss is a mean of per-row losses: its bootstrap CI is the normal one, mean +- 1.96 sd / sqrt(n).
+    estimates, deltas = bootstrap_metrics(labels, {"a": scores, "b": scores}, resamples=2000, seed=1, baseline="a")
+    rows = -(labels * np.log(scores) + (1 - labels) * np.log(1 - scores))
+    half = 1.96 * rows.std() / np.sqrt(n)
+    ll = estimates["a"]["log_loss"]
+    assert ll.lo == pytest.approx(rows.mean() - half, abs=0.1 * half)
+    assert ll.hi == pytest.approx(rows.mean() + half, abs=0.1 * half)
+    # Paired: a model compared with itself differs by exactly 0 on every resample.
+    assert (deltas["b"]["roc_auc"].lo, deltas["b"]["roc_auc"].hi) == (0.0, 0.0)
+    # Perfect separation stays perfect on every resample.
+    perfect, _ = bootstrap_metrics(labels, {"m": labels * 0.5 + 0.25}, resamples=200)
+    assert (perfect["m"]["roc_auc"].lo, perfect["m"]["roc_auc"].hi) == (1.0, 1.0)
+
+
+def test_dataloader_yields_the_same_tensors_as_in_memory(ctr_set) -> None:
+    import torch
+
+    from training.downstream_data import RankerDataset, read_training_set
+    from training.ranker import FeatureTransform, RankerSpec
+
+    path, info, _ = ctr_set
+    table, _ = read_training_set(path)
+    spec = RankerSpec("ctr", info.feature_service, info.feature_refs, info.embedding_versions, info.embedding_dims)
+    spec = spec.with_counting_stats({name: table.column(name) for name in table.column_names})
+    data = RankerDataset(table, FeatureTransform(spec))
+    direct = FeatureTransform(spec)(table.to_pandas(), label="label")  # the same transform from pandas columns
+    for key in direct:
+        torch.testing.assert_close(data.tensors[key], direct[key])
+
+    batches = list(data.loader(batch_size=700, shuffle=False))
+    assert [len(b["label"]) for b in batches[:-1]] == [700] * (len(batches) - 1)
+    for key, tensor in data.tensors.items():
+        torch.testing.assert_close(torch.cat([b[key] for b in batches]), tensor)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(3))
+    shuffled = list(data.loader(batch_size=700, shuffle=True, seed=3))
+    for key, tensor in data.tensors.items():
+        torch.testing.assert_close(torch.cat([b[key] for b in shuffled]), tensor[order])
+
+
+def test_dataloader_benchmark_smoke() -> None:
+    from bench.dataloader import run
+
+    result = run(rows=3000, repeats=1, batch_size=512)
+    assert result["rows"] == 3000
+    assert result["loader_samples_per_s"] > 0 and result["in_memory_samples_per_s"] > 0 and result["ratio"] > 0
