@@ -5,6 +5,8 @@ Heavy imports (torch, Feast, DuckDB) happen inside the commands, so ``derm --hel
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
 
@@ -77,7 +79,9 @@ def train_downstream(
     with online_store(paths):
         for name in ("ctr", "cvr") if task == "both" else (task,):
             try:
-                result = run_downstream(paths, name, cfg, run=run_name, log=console.print)
+                result = run_downstream(
+                    paths, name, cfg, run=run_name, log=partial(console.print, markup=False, highlight=False)
+                )
             except ValidationFailed as exc:
                 raise click.ClickException(str(exc)) from exc
             click.echo(result.describe())
@@ -128,14 +132,14 @@ def ablation(
     )
     with online_store(paths):
         console.rule("embedding families")
-        comparisons = embedding_ablation(paths, cfg, log=console.print)
+        comparisons = embedding_ablation(paths, cfg, log=partial(console.print, markup=False, highlight=False))
         report = write_report(paths, "ablation_embeddings", "Downstream ablation: DERM embedding families", comparisons)
         for comparison in comparisons:
             click.echo(comparison_markdown(comparison))
         click.echo(f"wrote {report} and {report.with_suffix('.png')}")
         if not skip_aggregation:
             console.rule("moving average vs overwrite")
-            comparison = aggregation_ablation(paths, cfg, log=console.print)
+            comparison = aggregation_ablation(paths, cfg, log=partial(console.print, markup=False, highlight=False))
             report = write_report(
                 paths, "ablation_aggregation", "Downstream ablation: embedding aggregation", [comparison]
             )

@@ -6,6 +6,7 @@ Heavy imports happen inside the commands, so ``derm --help`` answers at once.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import click
@@ -66,7 +67,10 @@ def leakage_experiment_command(task: str, epochs: int, eval_days: int, bootstrap
     paths = PlatformPaths.from_env()
     with online_store(paths):
         experiment = leakage_experiment(
-            paths, DownstreamConfig(epochs=epochs, eval_days=eval_days, bootstrap=bootstrap), task, log=console.print
+            paths,
+            DownstreamConfig(epochs=epochs, eval_days=eval_days, bootstrap=bootstrap),
+            task,
+            log=partial(console.print, markup=False, highlight=False),
         )
     audits = (
         "## Leakage audit\n\n"
