@@ -140,6 +140,18 @@ def _write_offline(catalog: Catalog, manifest: SnapshotManifest, source: Path) -
     os.rename(staging, target)  # the day appears whole or not at all
 
 
+def _ensure_registered(view: str) -> None:
+    """``feast apply`` when the catalog gained a view; a new day of a known view changes no definition."""
+    from feast.errors import FeatureViewNotFoundException
+
+    from pipeline.feast_repo import apply_repo, feature_store
+
+    try:
+        feature_store().get_feature_view(view)
+    except FeatureViewNotFoundException:
+        apply_repo()
+
+
 def _materialize_day(manifest: SnapshotManifest) -> int:
     from pipeline.feast_repo import feature_store
 
@@ -202,7 +214,7 @@ def publish_snapshot(
             report.raise_for_failure()
             _write_offline(catalog, manifest, source)
         _crash_point("offline")
-        apply_repo()
+        _ensure_registered(feature_view_name(manifest.family, manifest.model_version))
         _crash_point("apply")
         online_rows = _materialize_day(manifest)
         _crash_point("online")
