@@ -322,7 +322,7 @@ def build_case(kit: FeastKit, case: dict) -> tuple[list, list[str], pd.DataFrame
 
 
 @settings(
-    max_examples=30,
+    max_examples=300,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -595,10 +595,14 @@ def test_feature_store_uses_the_store_from_its_config(kit: FeastKit, tmp_path: P
 
 
 def test_benchmark_smoke(tmp_path: Path) -> None:
-    from bench.historical_retrieval import run
+    """The benchmark's measurements on tiny data, in process (a subprocess per measurement costs an import of
+    Feast each), plus one real subprocess measurement."""
+    from bench.historical_retrieval import _agree, _measure_in_subprocess, measure, write_dataset
 
-    result = run(events=300, entities=20, days=3, repeats=1, workdir=tmp_path)
-    for method in ("asof_store", "stock_store", "handwritten_asof"):
-        assert result[method]["seconds"] > 0
-        assert result[method]["peak_rss_mb"] > 0
-    assert result["results_match"]
+    write_dataset(tmp_path, events=300, entities=20, days=3)
+    results = {method: measure(tmp_path, method, 300) for method in ("asof_store", "stock_store", "handwritten_asof")}
+    for result in results.values():
+        assert result["seconds"] > 0 and result["peak_rss_mb"] > 0 and result["rows"] == 300
+    assert _agree(results["asof_store"], results["stock_store"])
+    assert _agree(results["asof_store"], results["handwritten_asof"])
+    assert _agree(_measure_in_subprocess(tmp_path, "handwritten_asof", 300), results["handwritten_asof"])
