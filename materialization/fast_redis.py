@@ -242,6 +242,18 @@ def _scalar_value(tag: bytes, payload: RaggedBytes, valid: np.ndarray) -> Ragged
     return concat_rows([RaggedBytes.constant(tag, len(payload)), payload]).spread(valid)
 
 
+def _list_offsets(lists: pa.Array) -> np.ndarray:
+    """Element offsets (into ``lists.values``) of every row of a list, large list or fixed-size list array."""
+    rows = len(lists)
+    if pa.types.is_fixed_size_list(lists.type):
+        return (np.arange(rows + 1, dtype=np.int64) + lists.offset) * lists.type.list_size
+    if rows == 0:
+        return np.zeros(1, dtype=np.int64)
+    width = np.int64 if pa.types.is_large_list(lists.type) else np.int32
+    raw = np.frombuffer(lists.buffers()[1], dtype=width)[lists.offset : lists.offset + rows + 1]
+    return raw.astype(np.int64)
+
+
 def _encode_float_list(column: pa.Array, element: str, field: str) -> RaggedBytes | None:
     if not (
         pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type)
@@ -252,11 +264,11 @@ def _encode_float_list(column: pa.Array, element: str, field: str) -> RaggedByte
         return None
     valid = _valid_mask(column)
     lists = column.filter(pa.array(valid)) if not valid.all() else column
-    lists = lists.cast(pa.large_list(pa.from_numpy_dtype(item)))
-    offsets = np.frombuffer(lists.buffers()[1], dtype=np.int64)[lists.offset : lists.offset + len(lists) + 1]
-    # A null element inside a vector is NaN in stock Feast (Arrow -> NumPy turns it into NaN).
-    flat = lists.values.slice(offsets[0], offsets[-1] - offsets[0]).fill_null(np.nan)
-    items = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=item).astype(f"<{np.dtype(item).str[1:]}")
+    offsets = _list_offsets(lists)
+    flat = lists.values.slice(offsets[0], offsets[-1] - offsets[0])
+    if flat.null_count:
+        flat = flat.fill_null(np.nan)  # a null element inside a vector is NaN in stock Feast (via NumPy)
+    items = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=f"<{np.dtype(item).str[1:]}")
     counts = np.diff(offsets)
     item_size = np.dtype(item).itemsize
     # Value{<field>: List{val: [packed]}}: the prefix only depends on the element count.
@@ -440,6 +452,26 @@ def _bulk_constant(value: bytes, rows: int) -> RaggedBytes:
     return RaggedBytes.constant(b"$%d\r\n%s\r\n" % (len(value), value), rows)
 
 
+# Reads every key's stored _ts in one command: one reply to parse instead of one per row.
+_READ_TIMESTAMPS_SCRIPT = (
+    b"local stored = {} for i, key in ipairs(KEYS) do stored[i] = redis.call('HGET', key, ARGV[1]) end return stored"
+)
+
+
+def _read_timestamps_command(keys: RaggedBytes, ts_field: bytes) -> bytes:
+    """RESP of ``EVAL <script> n key_1 .. key_n _ts:<view>`` (an HGET per key, run server side)."""
+    rows = len(keys)
+    head = b"*%d\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$%d\r\n%d\r\n" % (
+        rows + 4,
+        len(_READ_TIMESTAMPS_SCRIPT),
+        _READ_TIMESTAMPS_SCRIPT,
+        len(str(rows)),
+        rows,
+    )
+    keys_part = concat_rows(_bulk(keys)).data.tobytes() if rows else b""
+    return head + keys_part + b"$%d\r\n%s\r\n" % (len(ts_field), ts_field)
+
+
 @dataclass
 class EncodedRows:
     """One chunk of a feature view's rows in Feast's Redis format, ready to write.
@@ -454,7 +486,7 @@ class EncodedRows:
     event_nanos: np.ndarray
     has_duplicate_keys: bool
     hset_commands: RaggedBytes | None = None  # HSET (+ EXPIRE) per row, when writing over a raw socket
-    hmget_commands: bytes | None = None  # HMGET key _ts per row, when dedup needs the stored times
+    read_timestamps_command: bytes | None = None  # one EVAL reading every row's _ts, when dedup needs them
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -536,12 +568,7 @@ def encode_rows(
             ]
         encoded.hset_commands = concat_rows(hset)
         if not store_config.skip_dedup:
-            hmget = [
-                RaggedBytes.constant(b"*3\r\n$5\r\nHMGET\r\n", rows),
-                *_bulk(keys),
-                _bulk_constant(fields[0], rows),
-            ]
-            encoded.hmget_commands = concat_rows(hmget).data.tobytes()
+            encoded.read_timestamps_command = _read_timestamps_command(keys, fields[0])
     return encoded
 
 
@@ -551,8 +578,10 @@ def encode_rows(
 
 
 def _stored_nanos(stored: Sequence[bytes | None]) -> np.ndarray:
-    cache: dict[bytes, int] = {}
     out = np.zeros(len(stored), dtype=np.int64)
+    if not any(stored):
+        return out  # nothing stored yet (a first load): no per-row work
+    cache: dict[bytes, int] = {}
     for i, value in enumerate(stored):
         if not value:
             continue
@@ -591,59 +620,81 @@ def rows_to_write(encoded: EncodedRows, stored: Sequence[bytes | None]) -> np.nd
 
 
 class _SocketWriter:
-    """Sends whole chunks of prebuilt RESP over one pooled connection and parses replies with hiredis."""
+    """Sends whole chunks of prebuilt RESP over one pooled connection and parses replies with hiredis.
+
+    The HSET replies of a chunk are only read once the next chunk's commands are on their
+    way, so Redis always has queued work instead of idling while Python encodes and parses.
+    Commands on one connection run in order, so the next chunk's _ts read still sees this
+    chunk's writes.
+    """
 
     def __init__(self, client: Redis, store_config: RedisOnlineStoreConfig):
         self.pool = client.connection_pool
         self.store_config = store_config
         self.connection = self.pool.get_connection()
+        self.reader = hiredis.Reader()
+        self.unread_replies = 0  # replies of commands already sent, not read yet
+        self.error: Exception | None = None
 
-    def _round_trip(self, payload: bytes, replies: int, keep: bool) -> list[Any]:
-        connection = self.connection
-        try:
-            connection.send_packed_command([payload], check_health=False)
-            reader = hiredis.Reader()
-            sock = connection._sock
-            received: list[Any] = []
-            error: Exception | None = None
-            count = 0
-            while count < replies:
-                reply = reader.gets()
-                if reply is False:
-                    data = sock.recv(1 << 20)
-                    if not data:
-                        raise RedisConnectionError("Connection closed by server.")
-                    reader.feed(data)
-                    continue
-                count += 1
-                if isinstance(reply, hiredis.ReplyError) and error is None:
-                    error = ResponseError(str(reply))
-                if keep:
-                    received.append(reply)
-        except BaseException:
-            # Replies may be left unread: never hand this connection back in that state.
-            connection.disconnect()
-            raise
-        if error is not None:
-            raise error
+    def _send(self, payload: bytes, replies: int) -> None:
+        self.connection.send_packed_command([payload], check_health=False)
+        self.unread_replies += replies
+
+    def _read(self, replies: int) -> list[Any]:
+        """Read the next ``replies`` replies; error replies are kept and raised once all are read."""
+        sock = self.connection._sock
+        received: list[Any] = []
+        while len(received) < replies:
+            reply = self.reader.gets()
+            if reply is False:
+                data = sock.recv(1 << 20)
+                if not data:
+                    raise RedisConnectionError("Connection closed by server.")
+                self.reader.feed(data)
+                continue
+            self.unread_replies -= 1
+            if isinstance(reply, hiredis.ReplyError) and self.error is None:
+                self.error = ResponseError(str(reply))
+            received.append(reply)
         return received
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
     def write(self, encoded: EncodedRows) -> int:
         assert encoded.hset_commands is not None
         commands = encoded.hset_commands
-        if not self.store_config.skip_dedup:
-            assert encoded.hmget_commands is not None
-            stored = [reply[0] for reply in self._round_trip(encoded.hmget_commands, len(encoded), keep=True)]
-            selected = rows_to_write(encoded, stored)
-            if len(selected) < len(encoded):
-                commands = commands.take(selected)
-        written = len(commands)
-        if written:
-            per_row = 2 if self.store_config.key_ttl_seconds else 1
-            self._round_trip(commands.data.tobytes(), written * per_row, keep=False)
-        return written
+        if self.store_config.skip_dedup:
+            self._send(commands.data.tobytes(), len(commands) * self._replies_per_row())
+            # Previous chunk's HSET replies, read while Redis works on this chunk (all but this chunk's).
+            self._read(self.unread_replies - len(commands) * self._replies_per_row())
+            self._raise_error()
+            return len(commands)
+        assert encoded.read_timestamps_command is not None
+        self._send(encoded.read_timestamps_command, 1)
+        stored = self._read(self.unread_replies)[-1]  # previous chunk's HSET replies come first
+        self._raise_error()
+        selected = rows_to_write(encoded, stored)
+        if len(selected) < len(encoded):
+            commands = commands.take(selected)
+        if len(commands):
+            self._send(commands.data.tobytes(), len(commands) * self._replies_per_row())
+        return len(commands)
+
+    def _replies_per_row(self) -> int:
+        return 2 if self.store_config.key_ttl_seconds else 1
+
+    def finish(self) -> None:
+        """Read the replies still outstanding and raise the first error reply, if any."""
+        self._read(self.unread_replies)
+        self._raise_error()
 
     def close(self) -> None:
+        if self.unread_replies:
+            # Replies left unread (an error on the way): never hand this connection back in that state.
+            self.connection.disconnect()
         self.pool.release(self.connection)
 
 
@@ -672,6 +723,9 @@ class _PipelineWriter:
                     pipe.expire(name=key, time=self.store_config.key_ttl_seconds)
             pipe.execute()
         return len(selected)
+
+    def finish(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -793,6 +847,7 @@ class FastRedisOnlineStore(RedisOnlineStore):
         )
         try:
             run_pipelined(encoded_chunks, write, max_pending)
+            writer.finish()
         finally:
             writer.close()
         return written
