@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -190,6 +190,7 @@ class RankingService:
         pin_attributes: context features of the Pins.
         settings: limits, TTL policy, retrieval family, Redis timeouts.
         redis_reader: the transport (default: the store's online store, with the settings' timeouts).
+        clock: "now" for TTL checks and the day-of-week context (default: the UTC wall clock).
     """
 
     def __init__(
@@ -201,10 +202,12 @@ class RankingService:
         pin_attributes: PinAttributes | None = None,
         settings: ServingSettings | None = None,
         redis_reader: RedisHashReader | None = None,
+        clock: Callable[[], datetime] | None = None,
     ):
         if not rankers:
             raise ValueError("no ranker to serve: train one with the downstream stage or pass --model")
         self.store = store
+        self.clock = clock or (lambda: datetime.now(UTC))  # TTL checks and day_of_week; tests pin it
         self.rankers = dict(rankers)
         self.settings = settings or ServingSettings()
         self.redis = redis_reader or redis_reader_for(store, self.settings.redis_timeouts)
@@ -250,15 +253,15 @@ class RankingService:
             frame[name] = column
         return frame
 
-    def score(
+    def model_inputs(
         self,
         user_id: int,
         pin_ids: Sequence[int] | np.ndarray,
         surface: str | None = None,
         now: datetime | None = None,
-    ) -> Scored:
-        """Scores of every ranker for (user, each Pin); Pins keep their request order."""
-        now = now or datetime.now(UTC)
+    ) -> tuple[dict[str, dict[str, Any]], OnlineFeatures]:
+        """Per ranker, the frame its ``score`` gets for (user, each Pin); and the features read from Redis."""
+        now = now or self.clock()
         pins = np.asarray(pin_ids, dtype=np.int64)
         features = self.reader.read({"user_id": np.array([user_id], dtype=np.int64), "pin_id": pins}, now=now)
         advertisers, categories = self.pin_attributes.lookup(pins)
@@ -268,9 +271,20 @@ class RankingService:
             "surface": np.full(len(pins), surface or self.settings.default_surface, dtype=object),
             "day_of_week": np.full(len(pins), now.weekday(), dtype=np.int64),
         }
-        scores = {}
-        for task, ranker in self.rankers.items():
-            scores[task] = np.asarray(ranker.score(self._frame(ranker, features, user_id, pins, context)), np.float64)
+        frames = {task: self._frame(ranker, features, user_id, pins, context) for task, ranker in self.rankers.items()}
+        return frames, features
+
+    def score(
+        self,
+        user_id: int,
+        pin_ids: Sequence[int] | np.ndarray,
+        surface: str | None = None,
+        now: datetime | None = None,
+    ) -> Scored:
+        """Scores of every ranker for (user, each Pin); Pins keep their request order."""
+        pins = np.asarray(pin_ids, dtype=np.int64)
+        frames, features = self.model_inputs(user_id, pins, surface, now)
+        scores = {task: np.asarray(ranker.score(frames[task]), np.float64) for task, ranker in self.rankers.items()}
         pin_found = np.ones(len(pins), dtype=bool)
         user_missing = []
         for ref, found in features.found.items():
@@ -329,7 +343,7 @@ class RankingService:
     def retrieve(self, user_id: int, k: int, now: datetime | None = None) -> Retrieved:
         index = self._index()
         reader = self._query_reader(index)
-        features = reader.read({"user_id": np.array([user_id], dtype=np.int64)}, now=now)
+        features = reader.read({"user_id": np.array([user_id], dtype=np.int64)}, now=now or self.clock())
         ref = next(iter(features.columns))
         user_found = bool(features.found[ref][0])
         query = features.columns[ref][0] if user_found else index.centroid
