@@ -109,7 +109,9 @@ def ctr_set(platform: PlatformPaths):
 
 
 def _oracle(events: pd.DataFrame, source: pd.DataFrame, key: str, columns: list[str], ttl: timedelta) -> pd.DataFrame:
-    source = source.sort_values("event_timestamp")
+    source = source.assign(event_timestamp=source["event_timestamp"].dt.tz_convert("UTC")).sort_values(
+        "event_timestamp"
+    )
     left = events[["event_id", "event_timestamp", key]].sort_values("event_timestamp")
     joined = pd.merge_asof(
         left, source[[key, "event_timestamp", *columns]], on="event_timestamp", by=key, tolerance=ttl
