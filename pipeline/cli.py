@@ -20,8 +20,11 @@ from rich.console import Console
 from materialization.commands import freshness_command, promote_command, publish, retire_command, rollback_command
 from pipeline.config import REDIS_CONNECTION_ENV, PlatformPaths
 from pipeline.feast_repo import online_store, resolve_redis
+from serving.commands import serve
 from training.commands import train_upstream
+from training.downstream_commands import ablation, train_downstream
 from validation.commands import validate
+from validation.leakage_commands import audit_leakage, leakage_experiment_command
 
 console = Console(stderr=True)
 
@@ -170,20 +173,22 @@ def run_all(ctx: click.Context, preset: str) -> None:
     from pipeline.feast_repo import apply_repo, materialize_incremental
 
     paths = _paths()
-    console.rule("1/7 generate event log")
+    console.rule("1/8 generate event log")
     ctx.invoke(generate, preset=preset)
-    console.rule("2/7 counting features")
+    console.rule("2/8 counting features")
     ctx.invoke(stats)
-    console.rule("3/7 upstream DERM-CTR and DERM-CVR, daily refresh")
+    console.rule("3/8 upstream DERM-CTR and DERM-CVR, daily refresh")
     ctx.invoke(train_upstream)
     with online_store(paths):
-        console.rule("4/7 validate and publish embedding snapshots")
+        console.rule("4/8 validate and publish embedding snapshots")
         ctx.invoke(publish, publish_all=True)
-        console.rule("5/7 feast apply")
+        console.rule("5/8 feast apply")
         apply_repo()
-        console.rule("6/7 feast materialize-incremental")
+        console.rule("6/8 feast materialize-incremental")
         materialize_incremental(datetime.now(UTC))
-        console.rule("7/7 sample online lookup")
+        console.rule("7/8 downstream CTR and CVR rankers on point-in-time training sets")
+        ctx.invoke(train_downstream, task="both")
+        console.rule("8/8 sample online lookup")
         sample_lookup(user_id=0, pin_ids=[0, 1, 2])
     console.print(f"done: data in {paths.data_dir}")
 
@@ -200,5 +205,10 @@ for _command in (
     rollback_command,
     retire_command,
     freshness_command,
+    train_downstream,
+    ablation,
+    audit_leakage,
+    leakage_experiment_command,
+    serve,
 ):
     cli.add_command(_command)
