@@ -20,9 +20,16 @@ Reads, ``update`` and ``teardown`` are inherited unchanged, so everything
 stock Feast can read, it reads from here. Format notes (checked against Feast
 0.67): a null or NaN scalar is written as an empty ``Value`` (zero bytes), the
 field is still set; an empty vector is ``float_list_val`` with no elements; a
-null element inside a vector becomes NaN. Known deliberate difference: an Int64
-column that contains nulls goes through float64 in stock Feast, so integers
-beyond 2**53 lose precision there; here they are written exactly.
+null element inside a vector becomes NaN; when no value of a Bytes column in
+the batch Feast converts is a non-empty ``bytes``, every row of it is written as
+null (Feast's type inference finds no sample). The stored ``_ts`` has microsecond
+precision (Feast goes through ``datetime``). Dedup is stock ``online_write_batch``'s:
+a row is skipped when its event time is not newer than the stored ``_ts``.
+
+Known differences: an Int64 column that contains nulls goes through float64 in
+stock Feast, so integers beyond 2**53 lose precision there; here they are written
+exactly. Feast applies the Bytes rule above per write batch (the whole window, or
+``online_write_batch_size`` rows); a streamed write applies it per record batch.
 """
 
 from __future__ import annotations

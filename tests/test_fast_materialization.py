@@ -8,6 +8,7 @@ db 1 (or per-row ``_convert_arrow_to_proto`` + ``online_write_batch`` against
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,11 +27,21 @@ feast = pytest.importorskip("feast")
 from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType  # noqa: E402
 from feast.infra.online_stores.helpers import _mmh3, _redis_key  # noqa: E402
 from feast.infra.online_stores.redis import RedisOnlineStore  # noqa: E402
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto  # noqa: E402
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto  # noqa: E402
 from feast.types import Array, Bool, Bytes, Float32, Float64, Int32, Int64, String  # noqa: E402
 from feast.utils import _convert_arrow_to_proto, make_tzaware  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
-from materialization.fast_redis import FastRedisOnlineStore, encode_rows  # noqa: E402
+from materialization.fast_redis import FastRedisOnlineStore, _PipelineWriter, encode_rows  # noqa: E402
+
+
+class _PipelineFastRedisOnlineStore(FastRedisOnlineStore):
+    """The writer used for Redis Cluster (redis-py pipelines), forced on a plain Redis."""
+
+    def _writer(self, config: RepoConfig) -> _PipelineWriter:
+        return _PipelineWriter(self._get_client(config.online_store), config.online_store)
+
 
 PROJECT = "fastmat"
 DIM = 16
@@ -47,6 +58,10 @@ VECTOR_ENGINE = "materialization.vector_engine.VectorMaterializationEngine"
 
 def _dump(client: redis.Redis) -> dict[bytes, dict[bytes, bytes]]:
     return {key: client.hgetall(key) for key in client.scan_iter(count=1000)}
+
+
+def _entity_key(user_id: int) -> EntityKeyProto:
+    return EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user_id)])
 
 
 def _client(server: LocalRedisServer, db: int) -> redis.Redis:
@@ -209,18 +224,24 @@ def test_older_window_does_not_overwrite_newer_values(stores, redis_server: Loca
     assert all(after[key] == fields for key, fields in before.items()), "newer values are kept"
 
 
-def test_fast_path_errors_propagate_like_stock(stores, tmp_path: Path) -> None:
+def test_fast_path_errors_propagate_like_stock(stores, tmp_path: Path, redis_server: LocalRedisServer) -> None:
+    """A Redis error on the writer thread fails FeatureStore.materialize, as an error does in stock Feast."""
     _, _, view, _ = stores
     user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
     broken = _feature_store(
         tmp_path,
         "broken",
-        {"type": FAST_STORE, "connection_string": "127.0.0.1:1,socket_connect_timeout=1"},
+        {"type": FAST_STORE, "connection_string": f"{redis_server.connection_string},db=6"},
         {"type": VECTOR_ENGINE},
     )
     broken.apply([user, view])
-    with pytest.raises(redis.ConnectionError):
+    client = _client(redis_server, 6)
+    client.flushdb()
+    # A plain string where user 1's hash should be: Redis answers WRONGTYPE.
+    client.set(_redis_key(PROJECT, _entity_key(1), 3), b"not a hash")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         broken.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
+    assert not [thread for thread in threading.enumerate() if thread.name == "fast-redis-writer"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,13 +341,14 @@ def test_encoder_matches_feast_per_row_conversion(table: pa.Table) -> None:
     assert encoded.rows() == _stock_rows(table, _ALL_TYPES_VIEW)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     first=random_tables(),
     second=random_tables(),
     skip_dedup=st.booleans(),
     ttl=st.sampled_from([None, 3600]),
     chunk_rows=st.sampled_from([1, 3, 5000]),
+    redis_py_pipelines=st.booleans(),
 )
 def test_writer_matches_stock_online_write_batch(
     redis_server: LocalRedisServer,
@@ -335,6 +357,7 @@ def test_writer_matches_stock_online_write_batch(
     skip_dedup: bool,
     ttl: int | None,
     chunk_rows: int,
+    redis_py_pipelines: bool,
 ) -> None:
     """Two writes in a row (the second one over stored values), duplicates and ties included."""
     connection = redis_server.connection_string
@@ -346,7 +369,8 @@ def test_writer_matches_stock_online_write_batch(
     stock_client, fast_client = _client(redis_server, 2), _client(redis_server, 3)
     stock_client.flushdb()
     fast_client.flushdb()
-    stock, fast = RedisOnlineStore(), FastRedisOnlineStore()
+    stock = RedisOnlineStore()
+    fast = _PipelineFastRedisOnlineStore() if redis_py_pipelines else FastRedisOnlineStore()
     join_keys = {column.name: column.dtype.to_value_type() for column in _ALL_TYPES_VIEW.entity_columns}
     for table in (first, second):
         if table.num_rows:
