@@ -35,6 +35,7 @@ from typing import Literal
 
 import duckdb
 import ibis
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from feast.data_format import ParquetFormat
@@ -176,11 +177,11 @@ def _view_cte(view: _ViewJoin, entity_ts_min: str, entity_ts_max: str) -> str:
         # whole source first.
         created = f"COALESCE(CAST({_ident(view.created_column)} AS TIMESTAMPTZ), '-infinity'::TIMESTAMPTZ)"
         asof_key = f"{{'ts': {timestamp}, 'created': {created}}}"
-    else:
-        asof_key = timestamp
     columns = [f"{_ident(column)} AS {_ident(f'__asof_key_{i}')}" for i, column in enumerate(view.key_columns)]
     columns += [f"{_ident(column)} AS {_ident(output)}" for output, column in view.feature_columns.items()]
-    columns += [f"{timestamp} AS {_FEATURE_TS}", f"{asof_key} AS {_ASOF_KEY}"]
+    columns.append(f"{timestamp} AS {_FEATURE_TS}")
+    if view.created_column:
+        columns.append(f"{asof_key} AS {_ASOF_KEY}")  # otherwise the ASOF JOIN is on the timestamp alone
     # Rows newer than every entity row, or expired before the oldest one, can never be picked; dropping them
     # in the scan (row-group statistics permitting) keeps them out of the join's sort.
     window = [f"{timestamp} <= {entity_ts_max}"]
@@ -199,7 +200,7 @@ def _asof_query(entity_columns: list[str], event_timestamp_column: str, views: l
     entity_ts = f"CAST({_ident(event_timestamp_column)} AS TIMESTAMPTZ)"
     ctes = [f"entity AS (\n  SELECT *, {entity_ts} AS {_ENTITY_TS} FROM {_ENTITY_RELATION}\n)"]
     ctes += [_view_cte(view, _ENTITY_TS_MIN, _ENTITY_TS_MAX) for view in views]
-    select = [f"e.{_ident(column)}" for column in entity_columns]
+    select = [f"e.{_ident(column)}" for column in [*entity_columns, _ROW_ORDER]]
     joins = []
     for alias_index, view in enumerate(views):
         alias = f"v{alias_index}"
@@ -216,7 +217,7 @@ def _asof_query(entity_columns: list[str], event_timestamp_column: str, views: l
             )
         else:
             entity_key = f"e.{_ENTITY_TS}"
-        conditions.append(f"{entity_key} >= {alias}.{_ASOF_KEY}")
+        conditions.append(f"{entity_key} >= {alias}.{_ASOF_KEY if view.created_column else _FEATURE_TS}")
         joins.append(f"ASOF LEFT JOIN {view.relation} AS {alias} ON {' AND '.join(conditions)}")
         # The ASOF JOIN found the newest row at or before the entity time; it is the one Feast picks unless it
         # is older than the TTL, in which case every row is, and Feast returns NULL.
@@ -232,7 +233,6 @@ def _asof_query(entity_columns: list[str], event_timestamp_column: str, views: l
         + ",\n  ".join(select)
         + "\nFROM entity AS e\n"
         + "\n".join(joins)
-        + f"\nORDER BY e.{_ROW_ORDER}"
     )
 
 
@@ -305,6 +305,12 @@ class AsofRetrievalJob(RetrievalJob):
             result = connection.sql(self._bound_query(connection)).to_arrow_table()
         finally:
             connection.close()
+        # Back to the entity dataframe's row order: the row numbers are a permutation, so invert it in O(n) and
+        # gather once, which is cheaper than an ORDER BY that sorts the wide embedding payload.
+        positions = result.column(_ROW_ORDER).to_numpy()
+        order = np.empty_like(positions)
+        order[positions] = np.arange(len(positions), dtype=positions.dtype)
+        result = result.drop_columns([_ROW_ORDER]).take(pa.array(order))
         # Entity columns keep the types they came in with (e.g. the time zone of the event timestamp), as
         # ibis casts them back in the stock store; DuckDB would return TIMESTAMPTZ in UTC.
         entity_types = {field.name: field.type for field in self._entity_table.schema}

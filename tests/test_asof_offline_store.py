@@ -365,7 +365,7 @@ def merge_asof_oracle(
 
 
 @settings(
-    max_examples=25,
+    max_examples=60,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
