@@ -523,6 +523,7 @@ def encode_rows(
     *,
     with_commands: bool = False,
     empty_bytes_features: frozenset[str] | None = None,
+    keys_are_unique: bool = False,
 ) -> EncodedRows:
     """Encode a batch of (renamed, i.e. feature-view-named) offline rows the way stock materialization does.
 
@@ -533,6 +534,7 @@ def encode_rows(
         with_commands: also build the RESP HSET/HMGET commands for the raw-socket writer.
         empty_bytes_features: when this batch is a chunk of a larger one, the Bytes features
             with no non-empty value in the larger batch (see :func:`encode_values`).
+        keys_are_unique: the caller guarantees one row per entity (skips the duplicate check).
     """
     if isinstance(batch, pa.Table):
         batch = (
@@ -560,7 +562,7 @@ def encode_rows(
         )
         for field in feature_view.features
     ]
-    encoded = EncodedRows(keys, fields, values, micros * 1000, _has_duplicates(keys))
+    encoded = EncodedRows(keys, fields, values, micros * 1000, not keys_are_unique and _has_duplicates(keys))
     if with_commands:
         store_config = config.online_store
         rows = len(keys)
@@ -824,6 +826,7 @@ class FastRedisOnlineStore(RedisOnlineStore):
         table: FeatureView,
         data: pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch | pa.Table],
         progress: Callable[[int], Any] | None = None,
+        unique_keys: bool = False,
     ) -> int:
         """Write rows of ``table`` (columns named as in the feature view) to Redis; returns rows written.
 
@@ -832,6 +835,8 @@ class FastRedisOnlineStore(RedisOnlineStore):
         unless ``skip_dedup``, the latest of a key's rows kept, EXPIRE when ``key_ttl_seconds``.
         An iterable of record batches is streamed: encoding of the next chunk overlaps the
         write of the current one and at most ``max_pending_batches`` chunks wait in memory.
+        ``unique_keys`` promises at most one row per entity (e.g. the output of
+        ``pull_latest_from_table_or_query``), which skips the duplicate-key check.
         """
         store_config = config.online_store
         assert isinstance(store_config, RedisOnlineStoreConfig)
@@ -849,7 +854,14 @@ class FastRedisOnlineStore(RedisOnlineStore):
                 progress(len(encoded))
 
         encoded_chunks = (
-            encode_rows(config, table, chunk, with_commands=raw_socket, empty_bytes_features=empty_bytes)
+            encode_rows(
+                config,
+                table,
+                chunk,
+                with_commands=raw_socket,
+                empty_bytes_features=empty_bytes,
+                keys_are_unique=unique_keys,
+            )
             for chunk, empty_bytes in _row_chunks(table, batches, chunk_rows)
         )
         try:

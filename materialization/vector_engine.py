@@ -54,7 +54,7 @@ def _duckdb_batches(expression: Any, rows: int) -> pa.RecordBatchReader | None:
 
     Ibis' own ``to_pyarrow_batches`` calls a DuckDB method that DuckDB 2 removed, so this
     runs the compiled query on the backend's connection the way Ibis does and reads it with
-    ``to_arrow_reader``: DuckDB produces the next batches while the current one is written.
+    a relation's ``to_arrow_reader``: DuckDB produces the next batches while the current one is written.
     """
     try:
         backend = expression._find_backend()
@@ -63,8 +63,7 @@ def _duckdb_batches(expression: Any, rows: int) -> pa.RecordBatchReader | None:
     if getattr(backend, "name", None) != "duckdb":
         return None
     backend._run_pre_execute_hooks(expression)
-    cursor = backend.raw_sql(backend.compile(expression.as_table()))
-    return cursor.to_arrow_reader(rows)
+    return backend.con.sql(backend.compile(expression.as_table())).to_arrow_reader(rows)
 
 
 def record_batches(job: RetrievalJob, rows: int) -> Iterator[pa.RecordBatch]:
@@ -153,4 +152,5 @@ class VectorMaterializationEngine(LocalComputeEngine):
                 for batch in batches
             )
         assert isinstance(self.online_store, FastRedisOnlineStore)
-        return self.online_store.write_arrow(self.repo_config, view, batches)
+        # One row per entity by construction (the pull deduplicates on the join keys).
+        return self.online_store.write_arrow(self.repo_config, view, batches, unique_keys=True)
