@@ -39,6 +39,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import struct
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -49,8 +51,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import redis
+from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3
 from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -298,9 +302,9 @@ class RedisHashReader:
 # ---------------------------------------------------------------------------------------------
 
 
-def _as_bytes_list(values: Sequence[bytes | None]) -> tuple[list[bytes], np.ndarray]:
-    raw = [value or b"" for value in values]
-    return raw, np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+def _as_bytes_list(values: Sequence[bytes | None]) -> tuple[Sequence[bytes], np.ndarray]:
+    raw = values if None not in values else [value or b"" for value in values]  # the scan runs in C
+    return raw, np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))  # type: ignore[arg-type]
 
 
 def _fixed_width_rows(raw: list[bytes], lengths: np.ndarray, prefix: bytes, payload: int) -> tuple[np.ndarray, Any]:
@@ -332,6 +336,7 @@ class DecodeStats:
     unusable: int = 0
 
 
+@functools.lru_cache(maxsize=256)
 def vector_prefix(value_type: ValueType, dim: int) -> bytes:
     """The bytes every stored ``Value`` of a ``dim``-long vector starts with (tag, lengths, packed tag)."""
     kind, dtype = _LIST_ELEMENT[value_type]
@@ -439,20 +444,28 @@ class _TimestampCache:
         self._limit = limit
 
     def seconds(self, values: Sequence[bytes | None]) -> np.ndarray:
-        out = np.full(len(values), np.nan)
         cache = self._seconds
-        for i, value in enumerate(values):
-            if not value:
-                continue
-            seconds = cache.get(value)
-            if seconds is None:
-                parsed = Timestamp.FromString(value)
-                seconds = parsed.seconds + parsed.nanos / 1e9
-                if len(cache) >= self._limit:
-                    cache.clear()
-                cache[value] = seconds
-            out[i] = seconds
-        return out
+        local = {}
+        for value in set(values):
+            if value:
+                seconds = cache.get(value)
+                if seconds is None:
+                    parsed = Timestamp.FromString(value)
+                    seconds = parsed.seconds + parsed.nanos / 1e9
+                local[value] = seconds
+        if len(cache) + len(local) > self._limit:
+            cache.clear()  # bounded memory; entries are cheap to parse again
+        cache.update(local)
+        out = np.full(len(values), np.nan)
+        if len(local) <= 16:
+            # Usually one distinct event time per view: compare in C instead of a lookup per row.
+            as_objects = np.array(values, dtype=object)
+            for value, seconds in local.items():
+                out[as_objects == value] = seconds
+            return out
+        lookup = local.get
+        nan = float("nan")
+        return np.array([lookup(value, nan) if value else nan for value in values], dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,6 +553,11 @@ class EmbeddingReader:
                 fields=fields,
                 fields_resp=b"".join(map(_bulk, fields)),
             )
+        self._key_templates = {
+            join_key: self._int64_key_template(join_key)
+            for join_key, plan in self.plans.items()
+            if plan.join_key_type == ValueType.INT64
+        }
 
     @classmethod
     def for_features(
@@ -567,11 +585,46 @@ class EmbeddingReader:
         return list(self.plans)
 
     def redis_keys(self, join_key: str, ids: np.ndarray | Sequence[Any]) -> RaggedBytes:
-        """Feast's Redis keys of these entity ids (vectorized for int64 ids, Feast's own code otherwise)."""
+        """Feast's Redis keys of these entity ids.
+
+        An int64 key is ``<constant head> + <8 little-endian bytes> + <project>``; the head and
+        tail are cut once from a key the online store's encoder built (``_int64_key_template``,
+        checked against Feast's ``serialize_entity_key``), then every request fills in ids
+        with one NumPy assignment. Other key types go through the online store's encoder.
+        """
         plan = self.plans[join_key]
-        arrow_type = pa.int64() if plan.join_key_type == ValueType.INT64 else None
-        batch = pa.record_batch({join_key: pa.array(ids, type=arrow_type)})
-        return encode_entity_keys(batch, {join_key: plan.join_key_type}, self.project, self.serialization_version)
+        template = self._key_templates.get(join_key) if plan.join_key_type == ValueType.INT64 else None
+        if template is None:
+            arrow_type = pa.int64() if plan.join_key_type == ValueType.INT64 else None
+            batch = pa.record_batch({join_key: pa.array(ids, type=arrow_type)})
+            return encode_entity_keys(batch, {join_key: plan.join_key_type}, self.project, self.serialization_version)
+        head, tail = template
+        values = np.asarray(ids, dtype="<i8")
+        keys = np.empty((len(values), len(head) + 8 + len(tail)), dtype=np.uint8)
+        keys[:, : len(head)] = np.frombuffer(head, np.uint8)
+        keys[:, len(head) : len(head) + 8] = values.view(np.uint8).reshape(-1, 8)
+        keys[:, len(head) + 8 :] = np.frombuffer(tail, np.uint8)
+        return RaggedBytes.fixed(keys)
+
+    def _int64_key_template(self, join_key: str) -> tuple[bytes, bytes] | None:
+        """(head, tail) around the 8 id bytes of an int64 entity key, or None if the layout is not that."""
+        probes = np.array([0, -2, 2**62 + 12345], dtype=np.int64)
+        batch = pa.record_batch({join_key: pa.array(probes, type=pa.int64())})
+        encoded = encode_entity_keys(batch, {join_key: ValueType.INT64}, self.project, self.serialization_version)
+        keys = encoded.to_list()
+        head_length = len(keys[0]) - 8 - len(self.project.encode())
+        head, tail = keys[0][:head_length], keys[0][head_length + 8 :]
+        for value, key in zip(probes.tolist(), keys, strict=True):
+            feast_key = (
+                serialize_entity_key(
+                    EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=value)]),
+                    entity_key_serialization_version=self.serialization_version,
+                )
+                + self.project.encode()
+            )
+            if key != feast_key or key != head + struct.pack("<q", value) + tail:
+                return None
+        return head, tail
 
     def hmget_payload(self, join_key: str, keys: RaggedBytes) -> bytes:
         """RESP for ``HMGET <key> <fields...>`` of every key, built with NumPy in one piece."""
