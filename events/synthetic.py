@@ -39,8 +39,8 @@ class SyntheticConfig:
     n_pins: int = 600
     n_advertisers: int = 60
     n_categories: int = 12
-    n_days: int = 14
-    events_per_day: int = 30_000
+    n_days: int = 10
+    events_per_day: int = 20_000
     start_date: date = date(2026, 1, 1)
     latent_dim: int = 8  # planted factor size; first half shared by clicks and conversions
     drift: float = 0.05  # per-day innovation of the latent random walk (0 = static)

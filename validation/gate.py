@@ -57,7 +57,7 @@ class SnapshotThresholds:
     min_median_cosine_to_previous: float = 0.8
     low_cosine_to_previous: float = 0.5
     max_fraction_below_low_cosine: float = 0.05
-    max_dimension_mean_shift: float = 0.5
+    max_dimension_mean_shift: float = 1.0
     dimension_std_ratio_min: float = 0.5
     dimension_std_ratio_max: float = 2.0
 
