@@ -160,6 +160,14 @@ def test_vector_decoder_falls_back_to_protobuf_for_other_encodings() -> None:
     assert not matrix[[1, 2, 3, 4]].any()
     assert stats.fallback == 3 and stats.unusable == 2
 
+    # no missing rows: the one-join fast path, and its exit to the row-by-row path on any odd row
+    matrix, found = decode_vectors([good, good], ValueType.FLOAT_LIST, 3)
+    assert found.all() and matrix.dtype == np.float32 and matrix.flags.c_contiguous
+    np.testing.assert_array_equal(matrix, [[1.5, -2.0, 3.25]] * 2)
+    matrix, found = decode_vectors([good, with_unknown_field, short], ValueType.FLOAT_LIST, 3)
+    assert found.tolist() == [True, True, False]
+    np.testing.assert_array_equal(matrix[:2], [[1.5, -2.0, 3.25]] * 2)
+
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), max_size=30))
