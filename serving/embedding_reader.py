@@ -455,6 +455,10 @@ class _TimestampCache:
         self._limit = limit
 
     def seconds(self, values: Sequence[bytes | None]) -> np.ndarray:
+        if values and values[0] and values.count(values[0]) == len(values):  # one snapshot's time: C-level scan
+            first = self._seconds.get(values[0])
+            if first is not None:
+                return np.full(len(values), first)
         cache = self._seconds
         local = {}
         for value in set(values):
@@ -644,13 +648,18 @@ class EmbeddingReader:
         if rows == 0:
             return b""
         head = b"*%d\r\n$5\r\nHMGET\r\n" % (2 + len(plan.fields))
-        lengths = keys.lengths
+        tail = b"\r\n" + plan.fields_resp
         if keys.width is not None:
-            key_head = RaggedBytes.constant(head + b"$%d\r\n" % keys.width, rows)
-        else:
-            key_head = RaggedBytes.from_list([head + b"$%d\r\n" % n for n in lengths.tolist()])
-        tail = RaggedBytes.constant(b"\r\n" + plan.fields_resp, rows)
-        return concat_rows([key_head, keys, tail]).data.tobytes()
+            # Every command is the same bytes around its key: fill one (rows, width) array.
+            key_head = head + b"$%d\r\n" % keys.width
+            start, end = len(key_head), len(key_head) + keys.width
+            commands = np.empty((rows, end + len(tail)), dtype=np.uint8)
+            commands[:, :start] = np.frombuffer(key_head, np.uint8)
+            commands[:, start:end] = keys.matrix()
+            commands[:, end:] = np.frombuffer(tail, np.uint8)
+            return commands.tobytes()
+        key_heads = RaggedBytes.from_list([head + b"$%d\r\n" % n for n in keys.lengths.tolist()])
+        return concat_rows([key_heads, keys, RaggedBytes.constant(tail, rows)]).data.tobytes()
 
     def read(
         self,
