@@ -126,9 +126,13 @@ def run(
             users=users,
             pin_pool=pin_pool,
         )
+    import torch
+
     from bench.online_read import bench_platform, serve_in_thread, untrained_rankers
     from pipeline.feast_repo import feature_store
     from serving.app import RankingService, create_app
+
+    torch.set_num_threads(1)  # as `derm serve` does: requests run in parallel, one intra-op thread each
 
     with bench_platform(pins=pin_pool, users=users) as platform:
         store = feature_store()
