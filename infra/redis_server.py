@@ -127,7 +127,9 @@ class LocalRedisServer:
             return None
         port = int(state.read_text())
         try:
-            with redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)) as client:
+            with redis.Redis(
+                host="127.0.0.1", port=port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+            ) as client:
                 client.ping()
         except redis.ConnectionError:
             state.unlink(missing_ok=True)

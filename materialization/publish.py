@@ -124,7 +124,8 @@ def _previous_source(paths: PlatformPaths, catalog: Catalog, manifest: SnapshotM
     return previous if previous.exists() else None
 
 
-def _write_offline(catalog: Catalog, manifest: SnapshotManifest, source: Path) -> None:
+def write_offline_partition(catalog: Catalog, manifest: SnapshotManifest, source: Path) -> None:
+    """Land one snapshot day in the offline store: staging folder, then one atomic rename."""
     staging = catalog.staging_dir(manifest.family, manifest.model_version, manifest.snapshot_date)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -212,7 +213,7 @@ def publish_snapshot(
                 now=now,
             )
             report.raise_for_failure()
-            _write_offline(catalog, manifest, source)
+            write_offline_partition(catalog, manifest, source)
         _crash_point("offline")
         _ensure_registered(feature_view_name(manifest.family, manifest.model_version))
         _crash_point("apply")

@@ -8,7 +8,6 @@ embeddings it publishes never meet the other modules' catalogs.
 from __future__ import annotations
 
 import os
-import shutil
 import zlib
 from datetime import date, timedelta
 
@@ -18,9 +17,10 @@ import pandas as pd
 import pytest
 
 from materialization.catalog import EMBEDDING_TTL, OFFLINE_DATA_FILE, Catalog, CatalogState, feature_name
+from materialization.publish import write_offline_partition
 from pipeline.config import DATA_DIR_ENV, PlatformPaths
-from training.refresh import resolve_version, snapshot_available_at, write_snapshot
-from training.snapshot import FAMILIES, JOIN_KEYS, MANIFEST_FILE, SnapshotManifest, snapshot_dir
+from tests.snapshots import write_test_snapshot
+from training.snapshot import FAMILIES, JOIN_KEYS, read_manifest
 
 START = date(2026, 1, 1)
 DAYS = 6
@@ -37,35 +37,10 @@ def _vectors(family: str, day: int, n: int) -> np.ndarray:
 
 
 def _publish_offline(paths: PlatformPaths, family: str, day: date, ids: np.ndarray, vectors: np.ndarray) -> None:
-    """A snapshot written by the refresh's writer, laid out in the offline store as publish does."""
+    """A snapshot written by the refresh's writer, landed in the offline store by the publisher's own writer."""
     model = family.split("_")[0]
-    version = resolve_version(paths.snapshots_dir, model, model * 32)
-    ts = snapshot_available_at(day, timedelta(hours=1))
-    manifest = SnapshotManifest(
-        family=family,
-        model_version=version,
-        config_hash=model * 32,
-        weights_sha256="0" * 64,
-        dim=DIM,
-        snapshot_date=day,
-        event_timestamp=ts,
-        data_window_start=ts - timedelta(days=30),
-        data_window_end=ts - timedelta(hours=1, microseconds=1),
-        row_count=0,
-        aggregation="ema",
-        ema_weight=0.8,
-        created_at=ts,
-    )
-    source = snapshot_dir(paths.snapshots_dir, family, version, day)
-    write_snapshot(source, [(ids, vectors)], manifest)
-    target = Catalog(paths.embeddings_offline_dir).partition_dir(family, version, day)
-    target.mkdir(parents=True)
-    key = JOIN_KEYS[FAMILIES[family]]
-    duckdb.execute(
-        f"COPY (SELECT {key}, event_timestamp, embedding AS {feature_name(family)}, model_version "
-        f"FROM read_parquet('{source}/embeddings.parquet')) TO '{target / OFFLINE_DATA_FILE}' (FORMAT parquet)"
-    )
-    shutil.copy(source / MANIFEST_FILE, target / MANIFEST_FILE)
+    source = write_test_snapshot(paths, family, day, ids, vectors, config_hash=model * 32)
+    write_offline_partition(Catalog(paths.embeddings_offline_dir), read_manifest(source), source)
 
 
 @pytest.fixture(scope="module")

@@ -105,9 +105,11 @@ def test_online_features_come_back_from_real_redis(applied_repo, redis_server, t
 def test_feast_cli_apply_and_materialize_incremental(applied_repo, feast_env: dict[str, str]) -> None:
     """The README's hand-run commands work on the repository as shipped."""
     env = {**os.environ, **feast_env}
-    feast = [sys.executable, "-m", "feast.cli.cli"] if not Path(sys.executable).with_name("feast").exists() else [
-        str(Path(sys.executable).with_name("feast"))
-    ]
+    feast = (
+        [sys.executable, "-m", "feast.cli.cli"]
+        if not Path(sys.executable).with_name("feast").exists()
+        else [str(Path(sys.executable).with_name("feast"))]
+    )
     applied = subprocess.run([*feast, "apply"], cwd=FEATURE_REPO_DIR, env=env, capture_output=True, text=True)
     assert applied.returncode == 0, applied.stderr
     listed = subprocess.run(

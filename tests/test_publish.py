@@ -15,8 +15,9 @@ import pytest
 from materialization.catalog import Catalog, feature_view_name
 from pipeline.config import PlatformPaths
 from tests.conftest import redis_contents
-from training.refresh import resolve_version, snapshot_available_at, write_snapshot
-from training.snapshot import SnapshotManifest, read_manifest, snapshot_dir
+from tests.snapshots import write_test_snapshot
+from training.refresh import snapshot_available_at
+from training.snapshot import read_manifest, snapshot_dir
 
 DIM = 8
 USERS = 40
@@ -32,28 +33,7 @@ def _unit_rows(seed: int, n: int = USERS) -> np.ndarray:
 def make_snapshot(
     paths: PlatformPaths, day: date, vectors: np.ndarray, *, version_seed: str = "a", family: str = "ctr_user"
 ) -> Path:
-    """A snapshot written by the upstream refresh's own writer, under a registered model version."""
-    config_hash = version_seed * 64
-    version = resolve_version(paths.snapshots_dir, family.split("_")[0], config_hash)
-    ts = snapshot_available_at(day, timedelta(hours=1))
-    manifest = SnapshotManifest(
-        family=family,
-        model_version=version,
-        config_hash=config_hash,
-        weights_sha256="0" * 64,
-        dim=DIM,
-        snapshot_date=day,
-        event_timestamp=ts,
-        data_window_start=ts - timedelta(days=30),
-        data_window_end=ts - timedelta(hours=1, microseconds=1),
-        row_count=0,
-        aggregation="ema",
-        ema_weight=0.8,
-        created_at=ts,
-    )
-    directory = snapshot_dir(paths.snapshots_dir, family, version, day)
-    write_snapshot(directory, [(np.arange(len(vectors), dtype=np.int64), vectors)], manifest)
-    return directory
+    return write_test_snapshot(paths, family, day, np.arange(len(vectors)), vectors, config_hash=version_seed * 64)
 
 
 def drifted(previous: np.ndarray, seed: int) -> np.ndarray:
