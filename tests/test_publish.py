@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from materialization.catalog import Catalog, feature_view_name
@@ -17,7 +21,7 @@ from pipeline.config import PlatformPaths
 from tests.conftest import redis_contents
 from tests.snapshots import write_test_snapshot
 from training.refresh import snapshot_available_at
-from training.snapshot import read_manifest, snapshot_dir
+from training.snapshot import file_sha256, read_manifest, snapshot_dir
 
 DIM = 8
 USERS = 40
@@ -136,17 +140,42 @@ def test_different_content_for_a_published_day_is_refused(published, platform_pa
     _refused(platform_paths, redis_server, source, PublishError, "already published with different content")
 
 
-def test_snapshot_failing_the_gate_is_refused(published, platform_paths, redis_server) -> None:
+def _set_row(table: pa.Table, column: str, row: int, value: object) -> pa.Table:
+    values = table[column].to_pylist()
+    values[row] = value
+    return table.set_column(table.schema.get_field_index(column), column, pa.array(values, table[column].type))
+
+
+BAD_SNAPSHOTS = {  # bad-input class -> corruption of a good snapshot's table
+    "wrong_dim": lambda t: _set_row(t, "embedding", 7, [0.5] * (DIM - 1)),
+    "nan": lambda t: _set_row(t, "embedding", 7, [float("nan")] * DIM),
+    "inf": lambda t: _set_row(t, "embedding", 7, [float("inf")] + [0.0] * (DIM - 1)),
+    "zero_vector": lambda t: _set_row(t, "embedding", 7, [0.0] * DIM),
+    "duplicate_keys": lambda t: _set_row(t, "user_id", 7, 8),
+    "future_timestamps": lambda t: _set_row(t, "event_timestamp", 7, NOW + timedelta(days=30)),
+    "missing_column": lambda t: t.drop_columns(["model_version"]),
+    "wrong_dtype": lambda t: t.set_column(2, "embedding", t["embedding"].cast(pa.list_(pa.float64()))),
+    "empty": lambda t: t.slice(0, 0),
+    "sudden_drift": lambda t: t.set_column(2, "embedding", pa.array(list(_unit_rows(77)), pa.list_(pa.float32()))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SNAPSHOTS))
+def test_snapshot_failing_the_gate_is_refused_and_no_store_is_touched(
+    case: str, published, platform_paths, redis_server
+) -> None:
     from validation.gate import ValidationFailed
 
-    vectors = drifted(published["day2"], 3)
-    vectors[7] = np.nan
-    source = make_snapshot(platform_paths, DAY1 + timedelta(days=2), vectors)
+    source = make_snapshot(platform_paths, DAY1 + timedelta(days=3), drifted(published["day2"], 3))
+    data = source / "embeddings.parquet"
+    table = BAD_SNAPSHOTS[case](pq.read_table(data))
+    pq.write_table(table, data)
+    # The manifest agrees with the corrupted data, so only the content checks can stop it.
+    manifest = replace(read_manifest(source), row_count=table.num_rows, data_sha256=file_sha256(data))
+    (source / "manifest.json").write_text(manifest.to_json())
     try:
-        _refused(platform_paths, redis_server, source, ValidationFailed, "(?s)finite.*7")
+        _refused(platform_paths, redis_server, source, ValidationFailed, str(source))
     finally:
-        import shutil
-
         shutil.rmtree(source)
 
 
