@@ -15,9 +15,10 @@ Select it in ``feature_store.yaml``::
 
 ``FeatureStore.get_historical_features`` stays the API, and the result is the
 one the stock store returns (same columns, order of columns, Arrow types, nulls,
-TTL, created-timestamp tie-breaking, feature-service aliases and join-key maps),
-except that rows come back in the order of the entity dataframe, where the stock
-store returns them in no particular order. Everything this store cannot express
+TTL, created-timestamp tie-breaking, feature-service aliases and join-key maps);
+like the stock store's, its rows come back in no particular order (putting them
+back in entity order would cost more than the join: a gather of every wide
+embedding row). Everything this store cannot express
 as an ASOF JOIN falls back to the stock implementation: an entity dataframe given
 as SQL, on-demand feature views, ``filter_by_created_timestamp``, sources other
 than local Parquet files, and feature columns whose names collide. All other
@@ -35,7 +36,6 @@ from typing import Literal
 
 import duckdb
 import ibis
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 from feast.data_format import ParquetFormat
@@ -60,7 +60,6 @@ STORE_TYPE = "retrieval.asof_offline_store.AsofDuckDBOfflineStore"
 
 # Names this store adds to the query; prefixed so they cannot clash with user columns.
 _ENTITY_RELATION = "__asof_entity_df"
-_ROW_ORDER = "__asof_row"
 _ENTITY_TS = "__asof_entity_ts"
 _FEATURE_TS = "__asof_ts"
 _ASOF_KEY = "__asof_key"
@@ -200,7 +199,7 @@ def _asof_query(entity_columns: list[str], event_timestamp_column: str, views: l
     entity_ts = f"CAST({_ident(event_timestamp_column)} AS TIMESTAMPTZ)"
     ctes = [f"entity AS (\n  SELECT *, {entity_ts} AS {_ENTITY_TS} FROM {_ENTITY_RELATION}\n)"]
     ctes += [_view_cte(view, _ENTITY_TS_MIN, _ENTITY_TS_MAX) for view in views]
-    select = [f"e.{_ident(column)}" for column in [*entity_columns, _ROW_ORDER]]
+    select = [f"e.{_ident(column)}" for column in entity_columns]
     joins = []
     for alias_index, view in enumerate(views):
         alias = f"v{alias_index}"
@@ -297,20 +296,12 @@ class AsofRetrievalJob(RetrievalJob):
         return self.query.replace(_ENTITY_TS_MIN, literal(ts_min)).replace(_ENTITY_TS_MAX, literal(ts_max))
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
-        row_order = pa.array(range(self._entity_table.num_rows), type=pa.int64())
-        entity = self._entity_table.append_column(_ROW_ORDER, row_order)
         connection = self._connect()
         try:
-            connection.register(_ENTITY_RELATION, entity)
+            connection.register(_ENTITY_RELATION, self._entity_table)
             result = connection.sql(self._bound_query(connection)).to_arrow_table()
         finally:
             connection.close()
-        # Back to the entity dataframe's row order: the row numbers are a permutation, so invert it in O(n) and
-        # gather once, which is cheaper than an ORDER BY that sorts the wide embedding payload.
-        positions = result.column(_ROW_ORDER).to_numpy()
-        order = np.empty_like(positions)
-        order[positions] = np.arange(len(positions), dtype=positions.dtype)
-        result = result.drop_columns([_ROW_ORDER]).take(pa.array(order))
         # Entity columns keep the types they came in with (e.g. the time zone of the event timestamp), as
         # ibis casts them back in the stock store; DuckDB would return TIMESTAMPTZ in UTC.
         entity_types = {field.name: field.type for field in self._entity_table.schema}

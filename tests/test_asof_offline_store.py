@@ -3,8 +3,8 @@
 Both stores' ``get_historical_features`` classmethods are called directly (what
 ``FeatureStore.get_historical_features`` calls through the provider) on small
 random repositories written to Parquet per case, and their results compared as
-Arrow tables and as pandas frames, after putting the stock result (which comes
-back in no particular order) in the entity dataframe's row order. A pandas
+Arrow tables and as pandas frames, after putting both results (which come back
+in no particular order) in the entity dataframe's row order. A pandas
 ``merge_asof`` oracle checks a few cases independently of Feast.
 
 Rows that tie on (entity, event timestamp, created timestamp) carry equal
@@ -210,12 +210,12 @@ def _in_entity_order(table: pa.Table) -> pa.Table:
 def retrieve_both(
     kit: FeastKit, views: list, refs: list[str], entity_df: pd.DataFrame, full_feature_names: bool
 ) -> tuple[pa.Table, pa.Table, pd.DataFrame, pd.DataFrame]:
-    """(asof arrow, stock arrow, asof df, stock df); stock results put in entity order by the ``idx`` column."""
+    """(asof arrow, stock arrow, asof df, stock df), both put in entity order by the ``idx`` column."""
     args = (kit.config, views, refs, entity_df.copy(), kit.registry, PROJECT, full_feature_names)
     asof_job = AsofDuckDBOfflineStore.get_historical_features(*args)
     assert isinstance(asof_job, AsofRetrievalJob)
-    asof_table = asof_job.to_arrow()
-    asof_df = asof_job.to_df()
+    asof_table = _in_entity_order(asof_job.to_arrow())
+    asof_df = asof_job.to_df().sort_values("idx", kind="stable").reset_index(drop=True)
     stock_job = kit.stock.get_historical_features(
         kit.config, views, refs, entity_df.copy(), kit.registry, PROJECT, full_feature_names
     )
@@ -226,8 +226,7 @@ def retrieve_both(
 
 
 def assert_same(asof_table: pa.Table, stock_table: pa.Table, asof_df: pd.DataFrame, stock_df: pd.DataFrame) -> None:
-    # The ASOF store returns rows in entity dataframe order without being sorted.
-    assert asof_table.column("idx").to_pylist() == list(range(asof_table.num_rows))
+    assert asof_table.column("idx").to_pylist() == list(range(asof_table.num_rows)), "every entity row comes back"
     assert asof_table.schema == stock_table.schema, f"\n{asof_table.schema}\n!=\n{stock_table.schema}"
     if not asof_table.equals(stock_table):
         for name in asof_table.column_names:
@@ -373,9 +372,11 @@ def merge_asof_oracle(
 @given(case=retrieval_cases())
 def test_asof_store_matches_merge_asof_oracle(kit: FeastKit, case: dict) -> None:
     views, refs, entity_df = build_case(kit, case)
-    result = AsofDuckDBOfflineStore.get_historical_features(
-        kit.config, views, refs, entity_df, kit.registry, PROJECT, case["full_feature_names"]
-    ).to_arrow()
+    result = _in_entity_order(
+        AsofDuckDBOfflineStore.get_historical_features(
+            kit.config, views, refs, entity_df, kit.registry, PROJECT, case["full_feature_names"]
+        ).to_arrow()
+    )
     for view in views:
         name = view.name
         folder = Path(view.batch_source.path)
@@ -585,8 +586,8 @@ def test_feature_store_uses_the_store_from_its_config(kit: FeastKit, tmp_path: P
     entity_df = _entity_df([(2, BASE + timedelta(hours=1)), (1, BASE + timedelta(hours=1)), (3, BASE)])
     job = store.get_historical_features(entity_df=entity_df, features=["stats:user_ctr"])
     assert isinstance(job, AsofRetrievalJob)
-    df = job.to_df()
-    assert df["user_ctr"].tolist()[:2] == [
+    df = job.to_df().set_index("user_id")
+    assert df.loc[[2, 1], "user_ctr"].tolist() == [
         _value("user_stats", "user_ctr", (2, BASE, None)),
         _value("user_stats", "user_ctr", (1, BASE, None)),
     ]
