@@ -225,14 +225,7 @@ def _asof_query(entity_columns: list[str], event_timestamp_column: str, views: l
             value = f"{alias}.{_ident(output)}"
             select.append(f"CASE WHEN {expired} THEN NULL ELSE {value} END" if expired else value)
             select[-1] += f" AS {_ident(output)}"
-    return (
-        "WITH "
-        + ",\n".join(ctes)
-        + "\nSELECT "
-        + ",\n  ".join(select)
-        + "\nFROM entity AS e\n"
-        + "\n".join(joins)
-    )
+    return "WITH " + ",\n".join(ctes) + "\nSELECT " + ",\n  ".join(select) + "\nFROM entity AS e\n" + "\n".join(joins)
 
 
 def _entity_df_utc(entity_df: pd.DataFrame, event_timestamp_column: str) -> pd.DataFrame:

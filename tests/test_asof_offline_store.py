@@ -265,14 +265,10 @@ def retrieval_cases(draw: st.DrawFn) -> dict:
     views = draw(st.lists(st.sampled_from(list(SOURCE_SCHEMAS)), min_size=1, max_size=3, unique=True))
     rows = {view: draw(_source_rows(view)) for view in views}
     ttls = {view: draw(st.sampled_from(TTL_CHOICES)) for view in views}
-    features = {
-        view: draw(st.lists(st.sampled_from(FEATURES_OF[view]), min_size=1, unique=True)) for view in views
-    }
+    features = {view: draw(st.lists(st.sampled_from(FEATURES_OF[view]), min_size=1, unique=True)) for view in views}
     # Entity rows: users 0..5 and pins 10..14, so some have no feature rows at all; drawn from a small pool so
     # that duplicate entity rows are common.
-    pool = draw(
-        st.lists(st.tuples(st.integers(0, 5), st.integers(10, 14), _timestamps(HOURS * 60 + 120)), min_size=1)
-    )
+    pool = draw(st.lists(st.tuples(st.integers(0, 5), st.integers(10, 14), _timestamps(HOURS * 60 + 120)), min_size=1))
     entity_rows = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=14))
     return {
         "views": views,
@@ -381,9 +377,9 @@ def test_asof_store_matches_merge_asof_oracle(kit: FeastKit, case: dict) -> None
         name = view.name
         folder = Path(view.batch_source.path)
         # Read without the hive partition column, in a stable order, to index rows.
-        source = pa.concat_tables(
-            [pq.read_table(p) for p in sorted(folder.glob("date=*/data.parquet"))]
-        ).cast(SOURCE_SCHEMAS[name])
+        source = pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("date=*/data.parquet"))]).cast(
+            SOURCE_SCHEMAS[name]
+        )
         if name == "user_stats":
             source = source.rename_columns(["user_clicks" if c == "clicks_raw" else c for c in source.column_names])
         entity_key = (view.projection.join_key_map or {}).get(KEY_OF[name], KEY_OF[name])
@@ -573,9 +569,7 @@ def test_feature_store_uses_the_store_from_its_config(kit: FeastKit, tmp_path: P
         repo_path=str(tmp_path),
     )
     folder = write_source(tmp_path, "user_stats", [(1, BASE, None), (2, BASE, None)])
-    source = FileSource(
-        name="stats", path=str(folder), file_format=ParquetFormat(), timestamp_field="event_timestamp"
-    )
+    source = FileSource(name="stats", path=str(folder), file_format=ParquetFormat(), timestamp_field="event_timestamp")
     # No entity column in the schema: FeatureStore.apply infers it, as `feast apply` does.
     stats = FeatureView(
         name="stats", entities=[kit.user], schema=[Field(name="user_ctr", dtype=Float64)], source=source

@@ -197,9 +197,11 @@ def test_snapshot_available_after_newest_event_used(refreshed: PlatformPaths) ->
     glob = str(refreshed.events_dir / "*" / "*.parquet")
     for directory in snapshots:
         manifest = read_manifest(directory)
-        end_of_day = SMALL.refresh.publish_delay + manifest.data_window_end.replace(
-            hour=0, minute=0, second=0, microsecond=0
-        ) + timedelta(days=1)
+        end_of_day = (
+            SMALL.refresh.publish_delay
+            + manifest.data_window_end.replace(hour=0, minute=0, second=0, microsecond=0)
+            + timedelta(days=1)
+        )
         newest = duckdb.sql(
             f"SELECT max(event_timestamp) FROM read_parquet('{glob}') "
             f"WHERE event_timestamp < TIMESTAMPTZ '{manifest.snapshot_date + timedelta(days=1)} 00:00:00+00'"

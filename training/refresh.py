@@ -355,9 +355,7 @@ def snapshot_available_at(day: date, publish_delay: timedelta) -> datetime:
 def _build_model(cfg: UpstreamConfig) -> tuple[DermModel, torch.optim.Optimizer]:
     torch.manual_seed(cfg.train.seed)
     model = DermModel(cfg.model)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
-    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
     return model, optimizer
 
 
