@@ -71,29 +71,14 @@ def publish_embeddings(
 ) -> str:
     """Write one snapshot with the upstream refresh's writer and publish it (gate, offline, Redis)."""
     from materialization.publish import publish_snapshot
-    from training.refresh import resolve_version, snapshot_available_at, write_snapshot
-    from training.snapshot import SnapshotManifest, snapshot_dir
+    from training.refresh import snapshot_available_at, write_precomputed_snapshot
+    from training.snapshot import read_manifest
 
-    config_hash = (config_seed * 64)[:64]
-    version = resolve_version(paths.snapshots_dir, family.split("_")[0], config_hash)
-    ts = snapshot_available_at(day, PUBLISH_DELAY)
-    manifest = SnapshotManifest(
-        family=family,
-        model_version=version,
-        config_hash=config_hash,
-        weights_sha256="0" * 64,
-        dim=vectors.shape[1],
-        snapshot_date=day,
-        event_timestamp=ts,
-        data_window_start=ts - timedelta(days=30),
-        data_window_end=ts - PUBLISH_DELAY - timedelta(microseconds=1),
-        row_count=0,
-        aggregation="ema",
-        ema_weight=0.8,
-        created_at=ts,
+    directory = write_precomputed_snapshot(
+        paths, family, day, ids, vectors, (config_seed * 64)[:64], publish_delay=PUBLISH_DELAY
     )
-    directory = snapshot_dir(paths.snapshots_dir, family, version, day)
-    write_snapshot(directory, [(ids.astype(np.int64), vectors)], manifest)
+    version = read_manifest(directory).model_version
+    ts = snapshot_available_at(day, PUBLISH_DELAY)
     publish_snapshot(directory, paths, now=ts + timedelta(hours=1))
     return version
 

@@ -19,7 +19,7 @@ import pytest
 from materialization.catalog import EMBEDDING_TTL, OFFLINE_DATA_FILE, Catalog, CatalogState, feature_name
 from materialization.publish import write_offline_partition
 from pipeline.config import DATA_DIR_ENV, PlatformPaths
-from tests.snapshots import write_test_snapshot
+from training.refresh import write_precomputed_snapshot
 from training.snapshot import FAMILIES, JOIN_KEYS, read_manifest
 
 START = date(2026, 1, 1)
@@ -39,7 +39,7 @@ def _vectors(family: str, day: int, n: int) -> np.ndarray:
 def _publish_offline(paths: PlatformPaths, family: str, day: date, ids: np.ndarray, vectors: np.ndarray) -> None:
     """A snapshot written by the refresh's writer, landed in the offline store by the publisher's own writer."""
     model = family.split("_")[0]
-    source = write_test_snapshot(paths, family, day, ids, vectors, config_hash=model * 32)
+    source = write_precomputed_snapshot(paths, family, day, ids, vectors, config_hash=model * 32)
     write_offline_partition(Catalog(paths.embeddings_offline_dir), read_manifest(source), source)
 
 

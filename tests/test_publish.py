@@ -19,8 +19,7 @@ import pytest
 from materialization.catalog import Catalog, feature_view_name
 from pipeline.config import PlatformPaths
 from tests.conftest import redis_contents
-from tests.snapshots import write_test_snapshot
-from training.refresh import snapshot_available_at
+from training.refresh import snapshot_available_at, write_precomputed_snapshot
 from training.snapshot import file_sha256, read_manifest, snapshot_dir
 
 DIM = 8
@@ -37,7 +36,9 @@ def _unit_rows(seed: int, n: int = USERS) -> np.ndarray:
 def make_snapshot(
     paths: PlatformPaths, day: date, vectors: np.ndarray, *, version_seed: str = "a", family: str = "ctr_user"
 ) -> Path:
-    return write_test_snapshot(paths, family, day, np.arange(len(vectors)), vectors, config_hash=version_seed * 64)
+    return write_precomputed_snapshot(
+        paths, family, day, np.arange(len(vectors)), vectors, config_hash=version_seed * 64
+    )
 
 
 def drifted(previous: np.ndarray, seed: int) -> np.ndarray:

@@ -349,6 +349,49 @@ def snapshot_available_at(day: date, publish_delay: timedelta) -> datetime:
     return day_start(day + timedelta(days=1)) + publish_delay
 
 
+def write_precomputed_snapshot(
+    paths: PlatformPaths,
+    family: str,
+    day: date,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    config_hash: str,
+    publish_delay: timedelta = timedelta(hours=1),
+) -> Path:
+    """One day's snapshot from vectors computed elsewhere (benchmarks, tests, another trainer's export).
+
+    The version is the one ``config_hash`` is registered under for the family's model (a new
+    hash gets the next ``vN``), exactly as :func:`refresh_day` registers its own.
+
+    Args:
+        ids: ``(n,)`` entity ids in ascending order.
+        vectors: ``(n, D)`` float32 embeddings.
+
+    Returns:
+        The snapshot folder, ready for the validation gate and publishing.
+    """
+    version = resolve_version(paths.snapshots_dir, family.split("_")[0], config_hash)
+    ts = snapshot_available_at(day, publish_delay)
+    manifest = SnapshotManifest(
+        family=family,
+        model_version=version,
+        config_hash=config_hash,
+        weights_sha256="0" * 64,
+        dim=vectors.shape[1],
+        snapshot_date=day,
+        event_timestamp=ts,
+        data_window_start=ts - timedelta(days=30),
+        data_window_end=ts - publish_delay - timedelta(microseconds=1),
+        row_count=0,
+        aggregation="ema",
+        ema_weight=0.8,
+        created_at=ts,
+    )
+    directory = snapshot_dir(paths.snapshots_dir, family, version, day)
+    write_snapshot(directory, [(np.asarray(ids, dtype=np.int64), vectors)], manifest)
+    return directory
+
+
 # --------------------------------------------------------------------------- training
 
 
