@@ -19,7 +19,7 @@ engine. ``feast materialize``, ``materialize-incremental`` and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -66,7 +66,7 @@ def _duckdb_batches(expression: Any, rows: int) -> pa.RecordBatchReader | None:
     return backend.con.sql(backend.compile(expression.as_table())).to_arrow_reader(rows)
 
 
-def record_batches(job: RetrievalJob, rows: int) -> Iterator[pa.RecordBatch]:
+def record_batches(job: RetrievalJob, rows: int) -> Generator[pa.RecordBatch, None, None]:
     """The job's result as record batches of at most ``rows`` rows, streamed when the store can."""
     expression = getattr(job, "table", None)
     reader = _duckdb_batches(expression, rows) if expression is not None else None
@@ -143,14 +143,21 @@ class VectorMaterializationEngine(LocalComputeEngine):
             start_date=task.start_time,
             end_date=task.end_time,
         )
-        batches = record_batches(job, self.config.read_batch_rows)
+        source = record_batches(job, self.config.read_batch_rows)
+        batches: Iterator[pa.RecordBatch] = source
         field_mapping = view.batch_source.field_mapping
         if field_mapping:
             # The local engine's source node renames source columns to the view's names the same way.
             batches = (
                 batch.rename_columns([field_mapping.get(name, name) for name in batch.schema.names])
-                for batch in batches
+                for batch in source
             )
         assert isinstance(self.online_store, FastRedisOnlineStore)
-        # One row per entity by construction (the pull deduplicates on the join keys).
-        return self.online_store.write_arrow(self.repo_config, view, batches, unique_keys=True)
+        try:
+            # One row per entity by construction (the pull deduplicates on the join keys).
+            return self.online_store.write_arrow(self.repo_config, view, batches, unique_keys=True)
+        finally:
+            # The stream holds an open result on Ibis' process-wide DuckDB connection; when the write fails,
+            # the traceback keeps this generator alive, and every later Feast query on that connection would
+            # fail with "connection has an open result". Close it now, not at garbage collection.
+            source.close()

@@ -239,9 +239,15 @@ def test_fast_path_errors_propagate_like_stock(stores, tmp_path: Path, redis_ser
     client.flushdb()
     # A plain string where user 1's hash should be: Redis answers WRONGTYPE.
     client.set(_redis_key(PROJECT, _entity_key(1), 3), b"not a hash")
-    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE") as failure:
         broken.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
     assert not [thread for thread in threading.enumerate() if thread.name == "fast-redis-writer"]
+    # While the traceback is still alive, Ibis' shared DuckDB connection (which the stream read from) must
+    # be free for the next Feast query: a dangling result would break every later materialize or retrieval.
+    assert failure.traceback
+    client.delete(_redis_key(PROJECT, _entity_key(1), 3))
+    broken.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
+    assert client.dbsize() > 0
 
 
 # --------------------------------------------------------------------------------------------
