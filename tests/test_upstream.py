@@ -398,3 +398,16 @@ def test_day_without_events_keeps_weights_and_still_exports(tmp_path: Path) -> N
     assert quiet.row_count > 0 and quiet.data_window_end < datetime(2026, 1, 2, tzinfo=UTC)
     first, second = (torch.load(checkpoint_path(paths.models_dir, "ctr", "v1", d)) for d in TINY.days[:2])
     assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+
+
+def test_concurrent_registrations_get_distinct_versions(tmp_path: Path) -> None:
+    """Refreshes of different configs started at once must not both become v<N+1>."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from training.refresh import resolve_version
+
+    hashes = [f"{i:064x}" for i in range(12)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        versions = list(pool.map(lambda h: resolve_version(tmp_path, "ctr", h), hashes))
+    assert sorted(versions, key=lambda v: int(v[1:])) == [f"v{i}" for i in range(1, 13)]
+    assert [resolve_version(tmp_path, "ctr", h) for h in hashes] == versions, "a given version never changes"

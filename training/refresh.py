@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -152,12 +153,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def resolve_version(snapshots_dir: Path, model_name: str, config_hash: str) -> str:
     """The version of ``config_hash`` in ``<snapshots_dir>/versions.json``, registering ``v<N+1>`` if new."""
     path = Path(snapshots_dir) / VERSIONS_FILE
-    registry: dict[str, dict[str, str]] = json.loads(path.read_text()) if path.exists() else {}
-    versions = registry.setdefault(model_name, {})
-    if config_hash not in versions:
-        versions[config_hash] = f"v{1 + max((int(v[1:]) for v in versions.values()), default=0)}"
-        _write_atomic(path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
-    return versions[config_hash]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Read-modify-write under an exclusive lock: two refreshes registering new configs at once must not
+    # both take v<N+1>, and a version, once given, never changes.
+    with open(path.with_name(VERSIONS_FILE + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        registry: dict[str, dict[str, str]] = json.loads(path.read_text()) if path.exists() else {}
+        versions = registry.setdefault(model_name, {})
+        if config_hash not in versions:
+            versions[config_hash] = f"v{1 + max((int(v[1:]) for v in versions.values()), default=0)}"
+            _write_atomic(path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
+        return versions[config_hash]
 
 
 def checkpoint_path(models_dir: Path, model_name: str, version: str, day: date) -> Path:
