@@ -11,7 +11,6 @@ commands so ``derm --help`` answers at once.
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime, timedelta
 
 import click
@@ -191,10 +190,6 @@ def run_all(ctx: click.Context, preset: str) -> None:
         console.rule("8/8 sample online lookup")
         sample_lookup(user_id=0, pin_ids=[0, 1, 2])
     console.print(f"done: data in {paths.data_dir}")
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(cli())
 
 
 for _command in (

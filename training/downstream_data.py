@@ -247,7 +247,7 @@ def build_training_set(
     families = service_families(store, service)
     dims = {f: int(store.get_feature_view(feature_view_name(f, v)).tags.get("dim", 0)) for f, v in families}
     table = store.get_historical_features(entity_df=entity_df, features=_retrievable(store, service)).to_arrow()
-    # The stock offline store returns rows in no particular order; the ASOF store keeps the entity order.
+    # Offline stores (stock and ASOF) return rows in no particular order; a fixed order makes the file reproducible.
     order = pc.sort_indices(table, [("event_timestamp", "ascending"), ("event_id", "ascending")])
     table = table.take(order)
     info = TrainingSetInfo(
