@@ -8,8 +8,9 @@ anything goes wrong:
    published (family, version, day) with different bytes;
 2. write the day to the offline store through a staging folder and one
    atomic rename;
-3. ``feast apply`` the definitions regenerated from the catalog (the new view
-   appears; the ranker feature services still point to the promoted versions);
+3. when the catalog gained a view, ``feast apply`` the definitions regenerated
+   from it (the new view appears; the ranker feature services still point to
+   the promoted versions); a new day of a registered view changes no definition;
 4. materialize that day into Redis through Feast (Feast keeps the newer of two
    writes per entity, so a re-run after a crash completes the day idempotently);
 5. record the day as online in the catalog; only then can the version be promoted.
