@@ -3,7 +3,7 @@
 Writes a synthetic training set shaped like the one ``get_historical_features``
 returns for ``ctr_ranker`` (ids, context, 12 counting features with nulls, four
 64-d embedding columns with missing rows, label) to Parquet, loads it into a
-:class:`training.downstream_data.RankerDataset` (columnar -> tensors once), then
+:class:`derm.training.downstream.training_sets.RankerDataset` (columnar -> tensors once), then
 times one shuffled epoch of batches
 
 * through ``RankerDataset.loader`` (``DataLoader`` + batch sampler + ``__getitems__``), and
@@ -39,8 +39,8 @@ FAMILY_DIMS = {"ctr_user": 64, "ctr_pin": 64, "cvr_user": 64, "cvr_pin": 64}
 
 def synthetic_training_set(rows: int, seed: int = 0, missing_rate: float = 0.05) -> pa.Table:
     """A training-set table with the ranker's columns (embeddings as list<float32>, some null)."""
-    from events.schema import SURFACES
-    from training.ranker import COUNTING_FEATURES, embedding_column
+    from derm.core.naming import all_counting_features, feature_name
+    from derm.events.schema import SURFACES
 
     rng = np.random.default_rng(seed)
     columns: dict[str, pa.Array] = {
@@ -53,22 +53,22 @@ def synthetic_training_set(rows: int, seed: int = 0, missing_rate: float = 0.05)
         "day_of_week": pa.array(rng.integers(0, 7, rows)),
         "label": pa.array(rng.random(rows) < 0.1).cast(pa.int64()),
     }
-    for name in COUNTING_FEATURES:
+    for name in all_counting_features():
         values = rng.poisson(5.0, rows).astype(np.int64)
         columns[name] = pa.array(values, mask=rng.random(rows) < missing_rate)
     for family, dim in FAMILY_DIMS.items():
         flat = pa.array(rng.normal(size=rows * dim).astype(np.float32))
         offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32))
         mask = pa.array(rng.random(rows) < missing_rate)
-        columns[embedding_column(family)] = pa.ListArray.from_arrays(offsets, flat, mask=mask)
+        columns[feature_name(family)] = pa.ListArray.from_arrays(offsets, flat, mask=mask)
     return pa.table(columns)
 
 
 def _spec():
-    from training.ranker import RankerSpec
+    from derm.training.downstream.ranker import RankerSpec
 
     return RankerSpec(
-        task="ctr",
+        objective="ctr",
         feature_service="bench",
         feature_refs=[],
         embedding_versions=dict.fromkeys(FAMILY_DIMS, "v1"),
@@ -80,8 +80,8 @@ def run(rows: int = 1_000_000, repeats: int = 5, batch_size: int = 4096) -> dict
     """Times a shuffled epoch through the DataLoader and in memory, ``repeats`` times each; returns medians."""
     import torch
 
-    from training.downstream_data import RankerDataset
-    from training.ranker import FeatureTransform
+    from derm.training.downstream.dataset import RankerDataset
+    from derm.training.downstream.ranker import FeatureTransform
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "training_set.parquet"

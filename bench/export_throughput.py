@@ -1,6 +1,6 @@
 """Benchmark: throughput of the daily DERM embedding export (embeddings/s).
 
-Measures what :func:`training.refresh.refresh_day` does per family after
+Measures what :func:`derm.training.upstream.refresh.refresh_day` does per family after
 training: run the entity tower over every active entity in batches, blend with
 yesterday's snapshot (EMA, merge-joined by id) and stream the Parquet snapshot
 to disk. Entity features are generated on the fly (random ids, counts and click
@@ -33,7 +33,7 @@ import numpy as np
 def synthetic_entity_features(
     entity: str, entities: int, batch_rows: int, seq_len: int = 20, seed: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Feature batches shaped like :func:`training.upstream_data.entity_feature_batches`, ids ascending."""
+    """Feature batches shaped like :func:`derm.training.upstream.features.entity_feature_batches`, ids ascending."""
     rng = np.random.default_rng(seed)
     for start in range(0, entities, batch_rows):
         n = min(batch_rows, entities - start)
@@ -65,9 +65,10 @@ def run(entities: int = 1_000_000, repeats: int = 3, dim: int = 64, batch_rows: 
     """
     import torch
 
-    from training.derm import DermConfig, DermModel
-    from training.refresh import aggregate_batches, embed_batches, write_snapshot
-    from training.snapshot import DATA_FILE, SnapshotManifest, join_key
+    from derm.core.naming import join_key
+    from derm.core.snapshot import DATA_FILE, SnapshotManifest
+    from derm.training.upstream.export import aggregate_batches, embed_batches, write_snapshot
+    from derm.training.upstream.model import DermConfig, DermModel
 
     torch.manual_seed(0)
     model = DermModel(DermConfig(dim=dim))

@@ -5,7 +5,7 @@ embedding at or before its timestamp (TTL 30 days), from ``days`` daily
 snapshots of 64-d embeddings stored like the platform's offline store
 (``.../date=YYYY-MM-DD/data.parquet``):
 
-- ``asof_store``: :class:`retrieval.asof_offline_store.AsofDuckDBOfflineStore` (Feast API),
+- ``asof_store``: :class:`derm.feast_plugins.asof_offline_store.AsofDuckDBOfflineStore` (Feast API),
 - ``stock_store``: Feast's own DuckDB offline store (ibis point-in-time join),
 - ``handwritten_asof``: one hand-written DuckDB ASOF JOIN query, the floor.
 
@@ -107,7 +107,7 @@ def _feast_retrieval(workdir: Path, method: str, entity_df):
     from feast.repo_config import RepoConfig
     from feast.types import Array, Float32, Int64
 
-    from retrieval.asof_offline_store import STORE_TYPE, AsofDuckDBOfflineStore
+    from derm.feast_plugins.asof_offline_store import STORE_TYPE, AsofDuckDBOfflineStore
 
     config = RepoConfig(
         project="bench",

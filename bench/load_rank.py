@@ -129,8 +129,8 @@ def run(
     import torch
 
     from bench.online_read import bench_platform, serve_in_thread, untrained_rankers
-    from pipeline.feast_repo import feature_store
-    from serving.app import RankingService, create_app
+    from derm.core.feast_repo import feature_store
+    from derm.serving.app import RankingService, create_app
 
     torch.set_num_threads(1)  # as `derm serve` does: requests run in parallel, one intra-op thread each
 

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
 
-from infra.redis_server import LocalRedisServer
+from derm.infra.redis_server import LocalRedisServer
 
 DIM = 64
 SNAPSHOT_TIME = datetime(2026, 1, 2, tzinfo=UTC)
@@ -116,7 +116,7 @@ def _time_materialize(store, client, repeats: int) -> list[float]:
 
 
 def _time_raw_hset(store, view, table: pa.Table, client, repeats: int) -> list[float]:
-    from materialization.fast_redis import encode_rows
+    from derm.feast_plugins.redis_online_store import encode_rows
 
     chunks = [encode_rows(store.config, view, batch).rows() for batch in table.to_batches(max_chunksize=RAW_CHUNK_ROWS)]
     seconds = []
@@ -146,8 +146,11 @@ def run(rows: int = 1_000_000, stock_rows: int = 100_000, repeats: int = 3) -> d
                 workdir,
                 "fast",
                 fast_parquet,
-                {"type": "materialization.fast_redis.FastRedisOnlineStore", "connection_string": f"{connection},db=1"},
-                {"type": "materialization.vector_engine.VectorMaterializationEngine"},
+                {
+                    "type": "derm.feast_plugins.redis_online_store.FastRedisOnlineStore",
+                    "connection_string": f"{connection},db=1",
+                },
+                {"type": "derm.feast_plugins.vector_engine.VectorMaterializationEngine"},
             )
             stock_store, _ = _feature_store(
                 workdir, "stock", stock_parquet, {"type": "redis", "connection_string": f"{connection},db=0"}, "local"

@@ -1,6 +1,6 @@
 """Online read benchmark (P2): 1 user + N candidate Pins x 64-d, four ways, in one run.
 
-* ``reader``: :class:`serving.embedding_reader.EmbeddingReader` over the four embedding
+* ``reader``: :class:`derm.serving.embedding_reader.EmbeddingReader` over the four embedding
   families (ctr/cvr user and Pin) -- key encoding, one pipelined HMGET per entity,
   prefix-checked NumPy decode, ``_ts`` parse;
 * ``rank``: ``POST /rank`` on loopback (uvicorn in this process): the reader over every
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV, PlatformPaths
+from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV, PlatformPaths
 
 FAMILIES = ("ctr_user", "ctr_pin", "cvr_user", "cvr_pin")
 PUBLISH_DELAY = timedelta(hours=1)
@@ -70,16 +70,17 @@ def publish_embeddings(
     paths: PlatformPaths, family: str, day: date, ids: np.ndarray, vectors: np.ndarray, config_seed: str
 ) -> str:
     """Write one snapshot with the upstream refresh's writer and publish it (gate, offline, Redis)."""
-    from materialization.publish import publish_snapshot
-    from training.refresh import snapshot_available_at, write_precomputed_snapshot
-    from training.snapshot import read_manifest
+    from derm.core.feast_repo import FeatureRepo
+    from derm.core.snapshot import read_manifest
+    from derm.materialization.publish import publish_snapshot
+    from derm.training.upstream.export import snapshot_available_at, write_precomputed_snapshot
 
     directory = write_precomputed_snapshot(
         paths, family, day, ids, vectors, (config_seed * 64)[:64], publish_delay=PUBLISH_DELAY
     )
     version = read_manifest(directory).model_version
     ts = snapshot_available_at(day, PUBLISH_DELAY)
-    publish_snapshot(directory, paths, now=ts + timedelta(hours=1))
+    publish_snapshot(directory, paths, repo=FeatureRepo(), now=ts + timedelta(hours=1))
     return version
 
 
@@ -119,9 +120,9 @@ def build_platform(
     ``stats_dir``/``events_dir``: reuse an existing event log and its counting features
     (copied) instead of generating them.
     """
-    from events.synthetic import SyntheticConfig, generate_event_log
-    from materialization.counting_features import build_counting_features
-    from pipeline.feast_repo import feature_store
+    from derm.core.feast_repo import feature_store
+    from derm.events.synthetic import SyntheticConfig, generate_event_log
+    from derm.materialization.counting_features import build_counting_features
 
     paths = PlatformPaths(Path(data_dir))
     if events_dir is not None:
@@ -154,18 +155,18 @@ def build_platform(
     return BenchPlatform(paths, connection_string, users, pins, dim, day, serving_time)
 
 
-def untrained_rankers(store: Any, tasks: tuple[str, ...] = ("ctr", "cvr"), seed: int = 0) -> dict[str, Any]:
-    """Real ``training.ranker.Ranker`` objects on the registered ranker services, with initial weights.
+def untrained_rankers(store: Any, objectives: tuple[str, ...] = ("ctr", "cvr"), seed: int = 0) -> dict[str, Any]:
+    """Real ``derm.training.downstream.ranker.Ranker`` objects on the registered ranker services, with initial weights.
 
     Serving and its benchmarks only need the scoring path (same cost as a trained model).
     """
     import torch
 
-    from training.ranker import Ranker, RankerSpec
+    from derm.training.downstream.ranker import Ranker, RankerSpec
 
     rankers = {}
-    for task in tasks:
-        service = store.get_feature_service(f"{task}_ranker")
+    for objective in objectives:
+        service = store.get_feature_service(f"{objective}_ranker")
         refs = [f"{p.name}:{f.name}" for p in service.feature_view_projections for f in p.features]
         versions, dims = {}, {}
         for projection in service.feature_view_projections:
@@ -175,13 +176,13 @@ def untrained_rankers(store: Any, tasks: tuple[str, ...] = ("ctr", "cvr"), seed:
                 dims[view.tags["family"]] = int(view.tags["dim"])
         torch.manual_seed(seed)
         spec = RankerSpec(
-            task=task,
+            objective=objective,
             feature_service=service.name,
             feature_refs=refs,
             embedding_versions=versions,
             embedding_dims=dims,
         )
-        rankers[task] = Ranker(spec)
+        rankers[objective] = Ranker(spec)
     return rankers
 
 
@@ -266,7 +267,7 @@ def raw_reader(reader: Any, refs: list[str]) -> Any:
     is left out is everything the reader adds on the client: key encoding, prefix checks,
     timestamps, fallbacks.
     """
-    from serving.embedding_reader import _LIST_ELEMENT, vector_prefix
+    from derm.serving.embedding_reader import _LIST_ELEMENT, vector_prefix
 
     def prepare(entities: dict[str, np.ndarray]) -> tuple[bytes, int, list[tuple[int, list[tuple[int, Any]]]]]:
         payload, layout, total = [], [], 0
@@ -303,9 +304,9 @@ def measure(
     platform: BenchPlatform, requests: int, pins: int, stock_requests: int | None = None, user_id: int = 3
 ) -> dict[str, Any]:
     """All four measurements against a built platform (inside its :func:`feast_environment`)."""
-    from pipeline.feast_repo import feature_store
-    from serving.app import RankingService, create_app
-    from serving.embedding_reader import EmbeddingReader
+    from derm.core.feast_repo import feature_store
+    from derm.serving.app import RankingService, create_app
+    from derm.serving.embedding_reader import EmbeddingReader
 
     store = feature_store()
     rankers = untrained_rankers(store)
@@ -364,7 +365,7 @@ def measure(
 @contextlib.contextmanager
 def bench_platform(pins: int, dim: int = 64, users: int = 200) -> Iterator[BenchPlatform]:
     """A throwaway platform (temp folder + private redis-server) for a benchmark run."""
-    from infra.redis_server import LocalRedisServer
+    from derm.infra.redis_server import LocalRedisServer
 
     with tempfile.TemporaryDirectory(prefix="derm-bench-") as tmp:
         paths = PlatformPaths(Path(tmp))

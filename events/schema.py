@@ -23,6 +23,7 @@ raises :class:`EventLogError` naming the file and column at fault otherwise.
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 
 import pyarrow as pa
@@ -55,6 +56,32 @@ def event_files(events_dir: Path) -> list[Path]:
     if not files:
         raise EventLogError(f"{events_dir}: no event files (expected date=YYYY-MM-DD/*.parquet)")
     return files
+
+
+def partition_day(path: Path) -> date:
+    """The day of an event file's ``date=YYYY-MM-DD`` partition folder."""
+    name = Path(path).parent.name
+    try:
+        return date.fromisoformat(name.removeprefix("date="))
+    except ValueError as error:
+        raise EventLogError(f"{path}: folder {name!r} is not a date=YYYY-MM-DD partition") from error
+
+
+def log_days(events_dir: Path) -> list[date]:
+    """The days with a partition in the event log, ascending."""
+    return sorted({partition_day(path) for path in event_files(events_dir)})
+
+
+def latest_pin_attributes_sql(events: str) -> str:
+    """A query over the events relation ``events``: each Pin's advertiser and category as of its newest event.
+
+    Ties on the event time go to the higher ``event_id``. The upstream Pin features and the
+    ``pin_attributes`` feature view both use this, so a Pin has the same context everywhere.
+    """
+    return (
+        "SELECT pin_id, arg_max(advertiser_id, (event_timestamp, event_id)) AS advertiser_id, "
+        f"arg_max(category_id, (event_timestamp, event_id)) AS category_id FROM {events} GROUP BY pin_id"
+    )
 
 
 def event_glob(events_dir: Path) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from events.schema import EVENT_LOG_SCHEMA, SURFACES
+from derm.events.schema import EVENT_LOG_SCHEMA, SURFACES
 
 
 @dataclass(frozen=True)

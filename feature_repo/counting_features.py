@@ -1,27 +1,20 @@
-"""Daily user and Pin counting features (written by ``derm stats``, see materialization.counting_features)."""
-
-from datetime import timedelta
+"""Daily user and Pin counting features (written by ``derm stats``, see derm.materialization.counting_features)."""
 
 from entities import pin_entity, user_entity
 from feast import FeatureView, Field, FileSource
 from feast.data_format import ParquetFormat
 from feast.types import Float64, Int64
 
-from materialization.counting_features import stats_path
-from pipeline.config import PlatformPaths
+from derm.core.naming import COUNTING_TTL, counting_features
+from derm.core.paths import PlatformPaths
+from derm.materialization.counting_features import stats_path
 
 _stats_dir = PlatformPaths.from_env().stats_dir
 
 
-def _counting_fields(prefix: str) -> list[Field]:
-    return [
-        Field(name=f"{prefix}_impressions_1d", dtype=Int64),
-        Field(name=f"{prefix}_clicks_1d", dtype=Int64),
-        Field(name=f"{prefix}_conversions_1d", dtype=Int64),
-        Field(name=f"{prefix}_impressions_7d", dtype=Int64),
-        Field(name=f"{prefix}_clicks_7d", dtype=Int64),
-        Field(name=f"{prefix}_ctr_7d", dtype=Float64),
-    ]
+def _counting_fields(view: str) -> list[Field]:
+    # Every count is an integer; the smoothed click rate is the one float.
+    return [Field(name=name, dtype=Float64 if name.endswith("_ctr_7d") else Int64) for name in counting_features(view)]
 
 
 user_daily_stats_source = FileSource(
@@ -34,8 +27,8 @@ user_daily_stats_source = FileSource(
 user_daily_stats_fv = FeatureView(
     name="user_daily_stats",
     entities=[user_entity],
-    ttl=timedelta(days=7),
-    schema=_counting_fields("user"),
+    ttl=COUNTING_TTL,
+    schema=_counting_fields("user_daily_stats"),
     source=user_daily_stats_source,
     online=True,
     tags={"kind": "counting"},
@@ -51,8 +44,8 @@ pin_daily_stats_source = FileSource(
 pin_daily_stats_fv = FeatureView(
     name="pin_daily_stats",
     entities=[pin_entity],
-    ttl=timedelta(days=7),
-    schema=_counting_fields("pin"),
+    ttl=COUNTING_TTL,
+    schema=_counting_fields("pin_daily_stats"),
     source=pin_daily_stats_source,
     online=True,
     tags={"kind": "counting"},

@@ -10,7 +10,7 @@ with one ``Array(Float32)`` field ``ctr_user_emb``, named in this module as
   promoted version; ``derm promote`` and ``derm rollback`` move them.
 
 Nothing here is written by hand: the catalog under
-``$DERM_DATA_DIR/offline/embeddings`` (see materialization.catalog) is the only
+``$DERM_DATA_DIR/offline/embeddings`` (see derm.materialization.catalog) is the only
 source, so ``feast apply`` always matches the stores.
 """
 
@@ -20,10 +20,17 @@ from feast import FeatureService, FeatureView, Field, FileSource
 from feast.data_format import ParquetFormat
 from feast.types import Array, Float32
 
-from materialization.catalog import EMBEDDING_TTL, RANKER_SERVICES, Catalog, feature_name
-from materialization.catalog import model_of as _model_of
-from pipeline.config import PlatformPaths
-from training.snapshot import FAMILIES
+from derm.core.naming import (
+    EMBEDDING_TTL,
+    OBJECTIVES,
+    embedding_service_name,
+    entity_of,
+    feature_name,
+    objective_of,
+    ranker_service_name,
+)
+from derm.core.paths import PlatformPaths
+from derm.materialization.catalog import Catalog
 
 _catalog = Catalog(PlatformPaths.from_env().embeddings_offline_dir)
 _entities = {"user": user_entity, "pin": pin_entity}
@@ -32,7 +39,7 @@ _views: dict[tuple[str, str], FeatureView] = {}
 for _published in _catalog.versions():
     _view = FeatureView(
         name=_published.feature_view,
-        entities=[_entities[FAMILIES[_published.family]]],
+        entities=[_entities[entity_of(_published.family)]],
         ttl=EMBEDDING_TTL,
         schema=[Field(name=feature_name(_published.family), dtype=Array(Float32))],
         source=FileSource(
@@ -47,21 +54,23 @@ for _published in _catalog.versions():
     _views[_published.family, _published.version] = _view
     globals()[f"{_published.feature_view}_fv"] = _view
 
-for _model, _version in sorted({(_model_of(family), version) for family, version in _views}):
+for _objective, _version in sorted({(objective_of(family), version) for family, version in _views}):
     _families = [
-        view for (family, version), view in _views.items() if _model_of(family) == _model and version == _version
+        view for (family, version), view in _views.items() if objective_of(family) == _objective and version == _version
     ]
-    globals()[f"{_model}_embeddings_{_version}_fs"] = FeatureService(
-        name=f"{_model}_embeddings_{_version}",
+    _name = embedding_service_name(_objective, _version)
+    globals()[f"{_name}_fs"] = FeatureService(
+        name=_name,
         features=_families,
         tags={"kind": "embedding_version", "model_version": _version},
     )
 
 _state = _catalog.read_state()
 _promoted = [_views[f, v] for f, v in sorted(_state.promoted.items()) if (f, v) in _views]
-for _service in RANKER_SERVICES:
-    globals()[f"{_service}_fs"] = FeatureService(
-        name=_service,
+for _objective in OBJECTIVES:
+    _name = ranker_service_name(_objective)
+    globals()[f"{_name}_fs"] = FeatureService(
+        name=_name,
         features=[user_daily_stats_fv, pin_daily_stats_fv, *_promoted],
         tags={"kind": "ranker", **{f"{f}_version": v for f, v in sorted(_state.promoted.items())}},
     )

@@ -23,31 +23,15 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 
-from training.snapshot import FAMILIES, MANIFEST_FILE, SnapshotManifest, read_manifest
+from derm.core.files import atomic_write_text
+from derm.core.naming import FAMILIES, feature_view_name
+from derm.core.snapshot import MANIFEST_FILE, SnapshotManifest, read_manifest
 
-EMBEDDING_TTL = timedelta(days=3)  # a missed refresh day or two is tolerated; older vectors are "missing"
 OFFLINE_DATA_FILE = "data.parquet"
 CATALOG_FILE = "catalog.json"
-
-# The downstream rankers read every family at its promoted version, plus the counting features.
-RANKER_SERVICES = ("ctr_ranker", "cvr_ranker")
-COUNTING_VIEWS = ("user_daily_stats", "pin_daily_stats")
-
-
-def feature_view_name(family: str, version: str) -> str:
-    return f"{family}_emb_{version}"
-
-
-def model_of(family: str) -> str:
-    """The upstream model a family comes from: ``ctr_user`` -> ``ctr``."""
-    return family.split("_", 1)[0]
-
-
-def feature_name(family: str) -> str:
-    return f"{family}_emb"
 
 
 @dataclass(frozen=True)
@@ -94,10 +78,8 @@ class Catalog:
         return CatalogState(**json.loads(self.state_path.read_text()))
 
     def write_state(self, state: CatalogState) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_name(f".{CATALOG_FILE}.{os.getpid()}")
-        tmp.write_text(json.dumps(state.__dict__, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.state_path)  # readers see the old or the new catalog, never half of one
+        # Readers see the old or the new catalog, never half of one.
+        atomic_write_text(self.state_path, json.dumps(state.__dict__, indent=2, sort_keys=True) + "\n")
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

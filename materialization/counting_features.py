@@ -19,7 +19,7 @@ from pathlib import Path
 
 import duckdb
 
-from events.schema import check_event_log, event_glob
+from derm.events.schema import check_event_log, event_glob
 
 STATS_TABLES: dict[str, str] = {"user_daily_stats": "user", "pin_daily_stats": "pin"}
 
@@ -51,7 +51,7 @@ WINDOW w AS (PARTITION BY {key} ORDER BY day RANGE BETWEEN INTERVAL 6 DAYS PRECE
 def build_counting_features(events_dir: Path, stats_dir: Path) -> dict[str, int]:
     """Recompute the user and Pin daily stats from the whole log; return row counts per table.
 
-    The event log is checked first (:func:`events.schema.check_event_log`), and each
+    The event log is checked first (:func:`derm.events.schema.check_event_log`), and each
     table is written to a staging folder and swapped in, so a bad log or a killed
     run leaves the previous offline tables as they were.
     """

@@ -17,13 +17,13 @@ anything goes wrong:
 
 Example::
 
-    result = publish_snapshot(Path("data/snapshots/ctr_user/v1/date=2026-01-05"), PlatformPaths.from_env())
-    promote(PlatformPaths.from_env(), "ctr_user", "v1")
+    paths, repo = PlatformPaths.from_env(), FeatureRepo()
+    result = publish_snapshot(Path("data/snapshots/ctr_user/v1/date=2026-01-05"), paths, repo=repo)
+    promote(paths, "ctr_user", "v1", repo=repo)
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -31,18 +31,14 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-import duckdb
-
-from materialization.catalog import (
-    MANIFEST_FILE,
-    OFFLINE_DATA_FILE,
-    Catalog,
-    feature_name,
-    feature_view_name,
-    model_of,
-)
-from pipeline.config import PlatformPaths
-from training.snapshot import FAMILIES, SnapshotManifest, read_manifest, snapshot_dir
+from derm.core.feast_repo import FeatureRepo
+from derm.core.model_versions import ModelVersions
+from derm.core.naming import FAMILIES, feature_name, feature_view_name, objective_of
+from derm.core.paths import PlatformPaths
+from derm.core.snapshot import MANIFEST_FILE, SnapshotManifest, list_snapshots, read_manifest, snapshot_dir
+from derm.core.sql import connect, ident
+from derm.materialization.catalog import OFFLINE_DATA_FILE, Catalog
+from derm.validation.gate import load_thresholds, validate_snapshot
 
 # Fault injection for the crash-consistency test: the publisher SIGKILLs itself right
 # after the named step, exactly as an OOM kill or a lost node would stop it.
@@ -79,15 +75,15 @@ class PublishResult:
     version: str
     day: date
     offline_written: bool  # False when the identical day was already published
-    online_rows: int
+    snapshot_rows: int  # rows of the snapshot materialized (the manifest's count; Redis is not re-read)
     promoted: bool
     freshness: tuple[FamilyFreshness, ...]
 
     def summary(self) -> str:
         offline = "written" if self.offline_written else "already published"
         lines = [
-            f"{self.family} {self.version} {self.day}: offline {offline}, {self.online_rows} rows online"
-            + (", promoted" if self.promoted else "")
+            f"{self.family} {self.version} {self.day}: offline {offline}, materialized to Redis "
+            f"(snapshot of {self.snapshot_rows} rows)" + (", promoted" if self.promoted else "")
         ]
         lines += [f"  freshness {f.describe()}" for f in self.freshness]
         return "\n".join(lines)
@@ -101,14 +97,13 @@ def _crash_point(step: str) -> None:
 def _check_known(paths: PlatformPaths, manifest: SnapshotManifest, source: Path) -> None:
     if manifest.family not in FAMILIES:
         raise PublishError(f"{source / MANIFEST_FILE}: unknown family {manifest.family!r}; known: {sorted(FAMILIES)}")
-    registry_path = paths.snapshots_dir / "versions.json"
-    registry = json.loads(registry_path.read_text()) if registry_path.exists() else {}
-    versions = registry.get(model_of(manifest.family), {})
+    registry = ModelVersions(paths.snapshots_dir)
+    versions = registry.versions(objective_of(manifest.family))
     if versions.get(manifest.config_hash) != manifest.model_version:
         known = sorted(versions.values()) or "none"
         raise PublishError(
             f"{source / MANIFEST_FILE}: unknown model version {manifest.model_version!r} of {manifest.family} "
-            f"(config hash {manifest.config_hash[:12]}); versions registered in {registry_path}: {known}"
+            f"(config hash {manifest.config_hash[:12]}); versions registered in {registry.path}: {known}"
         )
 
 
@@ -130,44 +125,43 @@ def write_offline_partition(catalog: Catalog, manifest: SnapshotManifest, source
     staging = catalog.staging_dir(manifest.family, manifest.model_version, manifest.snapshot_date)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    key = manifest.join_key
-    duckdb.connect().execute(
-        f"""COPY (SELECT {key}, event_timestamp, embedding AS {feature_name(manifest.family)}, model_version
-                  FROM read_parquet('{source / manifest.data_file}') ORDER BY {key})
-            TO '{staging / OFFLINE_DATA_FILE}' (FORMAT parquet)"""
-    )
+    key, feature = ident(manifest.join_key), ident(feature_name(manifest.family))
+    with connect() as con:
+        con.execute(
+            f"""COPY (SELECT {key}, event_timestamp, embedding AS {feature}, model_version
+                      FROM read_parquet($source) ORDER BY {key})
+                TO $target (FORMAT parquet)""",
+            {"source": str(source / manifest.data_file), "target": str(staging / OFFLINE_DATA_FILE)},
+        )
     (staging / MANIFEST_FILE).write_text((source / MANIFEST_FILE).read_text())
     target = catalog.partition_dir(manifest.family, manifest.model_version, manifest.snapshot_date)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.rename(staging, target)  # the day appears whole or not at all
 
 
-def _ensure_registered(view: str) -> None:
+def _ensure_registered(repo: FeatureRepo, view: str) -> None:
     """``feast apply`` when the catalog gained a view; a new day of a known view changes no definition."""
     from feast.errors import FeatureViewNotFoundException
 
-    from pipeline.feast_repo import apply_repo, feature_store
-
     try:
-        feature_store().get_feature_view(view)
+        repo.store().get_feature_view(view)
     except FeatureViewNotFoundException:
-        apply_repo()
+        repo.apply()
 
 
-def _materialize_day(manifest: SnapshotManifest) -> int:
-    from pipeline.feast_repo import feature_store
-
+def _materialize_day(repo: FeatureRepo, manifest: SnapshotManifest) -> None:
     view = feature_view_name(manifest.family, manifest.model_version)
     ts = manifest.event_timestamp
-    store = feature_store()
-    store.materialize(start_date=ts - timedelta(seconds=1), end_date=ts + timedelta(seconds=1), feature_views=[view])
-    return manifest.row_count
+    repo.store().materialize(
+        start_date=ts - timedelta(seconds=1), end_date=ts + timedelta(seconds=1), feature_views=[view]
+    )
 
 
 def publish_snapshot(
     source: Path,
-    paths: PlatformPaths | None = None,
+    paths: PlatformPaths,
     *,
+    repo: FeatureRepo,
     thresholds_path: Path | None = None,
     promote_first_version: bool = True,
     now: datetime | None = None,
@@ -175,8 +169,9 @@ def publish_snapshot(
     """Validate and publish one snapshot folder (see module docstring for the steps).
 
     Args:
-        source: a snapshot folder written by the upstream refresh (training.snapshot layout).
-        paths: platform locations; ``PlatformPaths.from_env()`` by default.
+        source: a snapshot folder written by the upstream refresh (derm.core.snapshot layout).
+        paths: platform locations.
+        repo: the Feast repository the snapshot is registered in and materialized through.
         thresholds_path: Great Expectations gate thresholds (default validation/thresholds.yaml).
         promote_first_version: promote the version when its family has nothing promoted yet.
         now: the clock of the gate and the freshness report.
@@ -184,12 +179,8 @@ def publish_snapshot(
     Raises:
         PublishError: unknown family/version, unreadable manifest, or a different snapshot already
             published for the same (family, version, day).
-        validation.gate.ValidationFailed: the gate rejected the snapshot.
+        derm.validation.gate.ValidationFailed: the gate rejected the snapshot.
     """
-    from pipeline.feast_repo import apply_repo
-    from validation.gate import load_thresholds, validate_snapshot
-
-    paths = paths or PlatformPaths.from_env()
     source = Path(source)
     try:
         manifest = read_manifest(source)
@@ -216,9 +207,9 @@ def publish_snapshot(
             report.raise_for_failure()
             write_offline_partition(catalog, manifest, source)
         _crash_point("offline")
-        _ensure_registered(feature_view_name(manifest.family, manifest.model_version))
+        _ensure_registered(repo, feature_view_name(manifest.family, manifest.model_version))
         _crash_point("apply")
-        online_rows = _materialize_day(manifest)
+        _materialize_day(repo, manifest)
         _crash_point("online")
         state = catalog.read_state()
         online = state.online.setdefault(manifest.family, {})
@@ -229,34 +220,43 @@ def publish_snapshot(
             state.promoted[manifest.family] = manifest.model_version
         catalog.write_state(state)
         if promoted:
-            apply_repo()
+            repo.apply()
     return PublishResult(
         family=manifest.family,
         version=manifest.model_version,
         day=manifest.snapshot_date,
         offline_written=existing is None,
-        online_rows=online_rows,
+        snapshot_rows=manifest.row_count,
         promoted=promoted,
         freshness=tuple(freshness(paths, now=now)),
     )
 
 
+def pending_snapshots(paths: PlatformPaths) -> list[Path]:
+    """Snapshots not yet published, in day order (a day's drift check compares to the day before)."""
+    catalog = Catalog(paths.embeddings_offline_dir)
+    pending = []
+    for directory in list_snapshots(paths.snapshots_dir):
+        manifest = read_manifest(directory)
+        if catalog.published(manifest.family, manifest.model_version, manifest.snapshot_date) is None:
+            pending.append((manifest.snapshot_date, manifest.family, directory))
+    return [directory for *_, directory in sorted(pending)]
+
+
 def _resolve_families(family_or_model: str) -> list[str]:
     if family_or_model in FAMILIES:
         return [family_or_model]
-    families = [f for f in FAMILIES if model_of(f) == family_or_model]
+    families = [f for f in FAMILIES if objective_of(f) == family_or_model]
     if not families:
         raise PublishError(f"unknown family or model {family_or_model!r}: expected one of {sorted(FAMILIES)}, ctr, cvr")
     return families
 
 
-def promote(paths: PlatformPaths, family_or_model: str, version: str) -> list[str]:
+def promote(paths: PlatformPaths, family_or_model: str, version: str, *, repo: FeatureRepo) -> list[str]:
     """Point the ranker feature services at ``version`` (of one family, or of both families of a model).
 
     Refuses a version that is retired or not completely written online.
     """
-    from pipeline.feast_repo import apply_repo
-
     catalog = Catalog(paths.embeddings_offline_dir)
     families = _resolve_families(family_or_model)
     with catalog.locked():
@@ -277,14 +277,12 @@ def promote(paths: PlatformPaths, family_or_model: str, version: str) -> list[st
                     state.history.setdefault(family, []).append(current)
                 state.promoted[family] = version
         catalog.write_state(state)
-        apply_repo()
+        repo.apply()
     return families
 
 
-def rollback(paths: PlatformPaths, family_or_model: str) -> dict[str, str]:
+def rollback(paths: PlatformPaths, family_or_model: str, *, repo: FeatureRepo) -> dict[str, str]:
     """Point each family back to the version promoted before the current one."""
-    from pipeline.feast_repo import apply_repo
-
     catalog = Catalog(paths.embeddings_offline_dir)
     families = _resolve_families(family_or_model)
     with catalog.locked():
@@ -295,14 +293,12 @@ def rollback(paths: PlatformPaths, family_or_model: str) -> dict[str, str]:
         for family in families:
             state.promoted[family] = state.history[family].pop()
         catalog.write_state(state)
-        apply_repo()
+        repo.apply()
     return {f: state.promoted[f] for f in families}
 
 
-def retire(paths: PlatformPaths, family_or_model: str, version: str) -> list[str]:
+def retire(paths: PlatformPaths, family_or_model: str, version: str, *, repo: FeatureRepo) -> list[str]:
     """Remove a version's feature view and its Redis fields; its offline partitions stay for audits."""
-    from pipeline.feast_repo import apply_repo
-
     catalog = Catalog(paths.embeddings_offline_dir)
     families = _resolve_families(family_or_model)
     with catalog.locked():
@@ -319,7 +315,7 @@ def retire(paths: PlatformPaths, family_or_model: str, version: str) -> list[str
             state.history[family] = [v for v in state.history.get(family, []) if v != version]
         catalog.write_state(state)
         # feast apply drops the view; Feast's Redis store then deletes that view's fields from every key.
-        apply_repo()
+        repo.apply()
     return families
 
 

@@ -61,5 +61,8 @@ fi
 
 case "$mode" in
   run) exec .venv/bin/derm run-all ;;
-  test) exec .venv/bin/python -m pytest ;;
+  test)
+    # Every import runs with the data flow (contracts in pyproject.toml), then the suite.
+    .venv/bin/lint-imports --no-cache
+    exec .venv/bin/python -m pytest ;;
 esac

@@ -33,8 +33,8 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from materialization.catalog import OFFLINE_DATA_FILE, Catalog, feature_name, model_of
-from training.snapshot import FAMILIES, join_key
+from derm.core.naming import FAMILIES, family_name, feature_name, join_key, objective_of
+from derm.materialization.catalog import OFFLINE_DATA_FILE, Catalog
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class PinIndex:
     @property
     def query_family(self) -> str:
         """The user family in the same embedding space (same upstream model and version)."""
-        return f"{model_of(self.family)}_user"
+        return family_name(objective_of(self.family), "user")
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` Pins per query row: (pin ids, inner-product scores), best first; k is capped at the size."""
@@ -170,7 +170,7 @@ def _recall_queries(
     catalog: Catalog, family: str, version: str, day: date, pins: np.ndarray, settings: AnnSettings
 ) -> tuple[np.ndarray, str]:
     rng = np.random.default_rng(0)
-    user_family = f"{model_of(family)}_user"
+    user_family = family_name(objective_of(family), "user")
     user_partition = catalog.partition_dir(user_family, version, day) / OFFLINE_DATA_FILE
     if user_family in FAMILIES and user_partition.exists():
         _, users = read_partition(catalog, user_family, version, day)

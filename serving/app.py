@@ -1,6 +1,6 @@
 """Online serving: candidate retrieval and ranking with DERM embedding features read from Redis.
 
-Endpoints (FastAPI; ``derm serve`` runs them with uvicorn, see ``serving/commands.py``):
+Endpoints (FastAPI; ``derm serve`` runs them with uvicorn, see ``cli/serving.py``):
 
 ``POST /rank``
     ``{"user_id": 7, "pin_ids": [1, 2, 3]}`` or ``{"user_id": 7, "k": 100}`` (retrieve the
@@ -49,10 +49,11 @@ from fastapi.responses import JSONResponse
 from feast.value_type import ValueType
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from events.schema import SURFACES
-from materialization.catalog import EMBEDDING_TTL, Catalog, feature_name, feature_view_name
-from serving.ann import AnnSettings, PinIndex, PinIndexManager
-from serving.embedding_reader import (
+from derm.core.naming import EMBEDDING_TTL, feature_name, feature_view_name, ranker_service_name
+from derm.events.schema import SURFACES
+from derm.materialization.catalog import Catalog
+from derm.serving.ann import AnnSettings, PinIndex, PinIndexManager
+from derm.serving.embedding_reader import (
     EmbeddingReader,
     FeatureSpec,
     OnlineFeatures,
@@ -71,7 +72,7 @@ UNKNOWN_CONTEXT_ID = -1  # advertiser / category of a Pin the event log never sh
 
 
 class Ranker(Protocol):
-    """What serving needs of a downstream ranker (``training.ranker.Ranker`` provides it)."""
+    """What serving needs of a downstream ranker (``derm.training.downstream.ranker.Ranker`` provides it)."""
 
     @property
     def feature_refs(self) -> list[str]: ...
@@ -165,7 +166,7 @@ class ServingError(Exception):
 @dataclass
 class Scored:
     pin_ids: np.ndarray
-    scores: dict[str, np.ndarray]  # task -> probabilities
+    scores: dict[str, np.ndarray]  # objective -> probabilities
     pin_found: np.ndarray  # every Pin embedding family found
     user_missing: list[str]
     pins_missing: int
@@ -184,7 +185,7 @@ class RankingService:
 
     Args:
         store: a ``feast.FeatureStore`` (registry: view definitions; config: project, Redis).
-        rankers: task (``"ctr"``, ``"cvr"``) -> ranker. Each ranker's ``feature_refs`` pin the
+        rankers: objective (``"ctr"``, ``"cvr"``) -> ranker. Each ranker's ``feature_refs`` pin the
             versions read for it; views shared by several rankers are read once.
         catalog: the published-embeddings catalog, for retrieval (None: no /retrieve).
         pin_attributes: context features of the Pins.
@@ -271,7 +272,10 @@ class RankingService:
             "surface": np.full(len(pins), surface or self.settings.default_surface, dtype=object),
             "day_of_week": np.full(len(pins), now.weekday(), dtype=np.int64),
         }
-        frames = {task: self._frame(ranker, features, user_id, pins, context) for task, ranker in self.rankers.items()}
+        frames = {
+            objective: self._frame(ranker, features, user_id, pins, context)
+            for objective, ranker in self.rankers.items()
+        }
         return frames, features
 
     def score(
@@ -284,7 +288,10 @@ class RankingService:
         """Scores of every ranker for (user, each Pin); Pins keep their request order."""
         pins = np.asarray(pin_ids, dtype=np.int64)
         frames, features = self.model_inputs(user_id, pins, surface, now)
-        scores = {task: np.asarray(ranker.score(frames[task]), np.float64) for task, ranker in self.rankers.items()}
+        scores = {
+            objective: np.asarray(ranker.score(frames[objective]), np.float64)
+            for objective, ranker in self.rankers.items()
+        }
         pin_found = np.ones(len(pins), dtype=bool)
         user_missing = []
         for ref, found in features.found.items():
@@ -356,8 +363,10 @@ class RankingService:
     def feature_service_drift(self) -> dict[str, dict[str, str]]:
         """Per ranker: families whose feature service now points at another version than it was trained on."""
         drift: dict[str, dict[str, str]] = {}
-        for task, ranker in self.rankers.items():
-            service_name = getattr(getattr(ranker, "spec", None), "feature_service", None) or f"{task}_ranker"
+        for objective, ranker in self.rankers.items():
+            service_name = getattr(getattr(ranker, "spec", None), "feature_service", None) or ranker_service_name(
+                objective
+            )
             try:
                 service = self.store.get_feature_service(service_name, allow_cache=True)
             except Exception:
@@ -369,7 +378,7 @@ class RankingService:
                 if family in now_serving and now_serving[family] != trained
             }
             if moved:
-                drift[task] = moved
+                drift[objective] = moved
         return drift
 
     def health(self) -> dict[str, Any]:
@@ -378,8 +387,8 @@ class RankingService:
             "status": "ok" if redis_ok else "unavailable",
             "redis": "ok" if redis_ok else f"unreachable at {self.redis.connection_string.split(',', 1)[0]}",
             "models": {
-                task: {"embedding_versions": ranker.embedding_versions, "features": len(ranker.feature_refs)}
-                for task, ranker in self.rankers.items()
+                objective: {"embedding_versions": ranker.embedding_versions, "features": len(ranker.feature_refs)}
+                for objective, ranker in self.rankers.items()
             },
             "feature_service_drift": self.feature_service_drift(),
             "retrieval": self.index_manager.describe() if self.index_manager else None,
@@ -537,13 +546,13 @@ def create_app(service: RankingService) -> FastAPI:
             pin_ids = retrieved.pin_ids
         scored = service.score(request.user_id, pin_ids, request.surface)
         order = np.argsort(-scored.scores[sort_by], kind="stable")
-        tasks = list(scored.scores)
-        columns = [scored.scores[task][order].tolist() for task in tasks]
+        objectives = list(scored.scores)
+        columns = [scored.scores[objective][order].tolist() for objective in objectives]
         items = [
             RankedPin(
                 pin_id=pin_id,
-                score=row[tasks.index(sort_by)],
-                scores=dict(zip(tasks, row, strict=True)),
+                score=row[objectives.index(sort_by)],
+                scores=dict(zip(objectives, row, strict=True)),
                 embedding_found=found,
             )
             for pin_id, found, row in zip(
@@ -557,7 +566,7 @@ def create_app(service: RankingService) -> FastAPI:
             user_id=request.user_id,
             sort_by=sort_by,
             items=items,
-            embedding_versions={task: ranker.embedding_versions for task, ranker in service.rankers.items()},
+            embedding_versions={objective: ranker.embedding_versions for objective, ranker in service.rankers.items()},
             user_missing=scored.user_missing,
             pins_missing=scored.pins_missing,
             retrieval=retrieval,
@@ -588,15 +597,13 @@ def create_app(service: RankingService) -> FastAPI:
 
 def build_service(
     paths: Any,
+    store: Any,
     rankers: Mapping[str, Ranker],
     settings: ServingSettings | None = None,
-    store: Any = None,
 ) -> RankingService:
-    """A service over the project's Feast repository, catalog and event log under ``paths``."""
-    from pipeline.feast_repo import feature_store
-
+    """A service over a Feast store (``feast.FeatureStore``) and the catalog and event log under ``paths``."""
     return RankingService(
-        store or feature_store(),
+        store,
         rankers,
         catalog=Catalog(paths.embeddings_offline_dir),
         pin_attributes=PinAttributes.from_event_log(paths.events_dir),

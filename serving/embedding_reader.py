@@ -3,7 +3,7 @@
 Stock ``get_online_features`` parses every stored ``Value`` into a protobuf object
 and every float into a Python ``float``; for 500 candidate Pins x 64-d that is the
 whole cost of a ranking request. This reader reads the very same Redis data
-(Feast's format, see ``materialization.fast_redis``):
+(Feast's format, see ``derm.feast_plugins.redis_online_store``):
 
 * the Redis key of an entity is Feast's ``serialize_entity_key(...) + project``
   (built for all ids at once with the online store's vectorized key encoder);
@@ -61,7 +61,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from materialization.fast_redis import RaggedBytes, concat_rows, encode_entity_keys
+from derm.feast_plugins.redis_online_store import RaggedBytes, concat_rows, encode_entity_keys
 
 try:  # hiredis parses a whole pipeline's replies in C; feast[redis] installs it.
     import hiredis

@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retrieval.asof_offline_store import STORE_TYPE, AsofDuckDBOfflineStore, AsofRetrievalJob
+from derm.feast_plugins.asof_offline_store import STORE_TYPE, AsofDuckDBOfflineStore, AsofRetrievalJob
 
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
 PROJECT = "asof_test"

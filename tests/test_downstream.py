@@ -16,11 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from materialization.catalog import EMBEDDING_TTL, OFFLINE_DATA_FILE, Catalog, CatalogState, feature_name
-from materialization.publish import write_offline_partition
-from pipeline.config import DATA_DIR_ENV, PlatformPaths
-from training.refresh import write_precomputed_snapshot
-from training.snapshot import FAMILIES, JOIN_KEYS, read_manifest
+from derm.core.naming import EMBEDDING_TTL, FAMILIES, JOIN_KEYS, all_counting_features, feature_name
+from derm.core.paths import DATA_DIR_ENV, PlatformPaths
+from derm.core.snapshot import read_manifest
+from derm.materialization.catalog import OFFLINE_DATA_FILE, Catalog, CatalogState
+from derm.materialization.publish import write_offline_partition
+from derm.training.upstream.export import write_precomputed_snapshot
 
 START = date(2026, 1, 1)
 DAYS = 6
@@ -46,9 +47,9 @@ def _publish_offline(paths: PlatformPaths, family: str, day: date, ids: np.ndarr
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory, redis_server, feast_env):
     """Tiny event log, counting features and four embedding families (v1, promoted), applied to Feast."""
-    from events.synthetic import SyntheticConfig, generate_event_log
-    from materialization.counting_features import build_counting_features
-    from pipeline.feast_repo import apply_repo, export_feast_environment
+    from derm.core.feast_repo import apply_repo, export_feast_environment
+    from derm.events.synthetic import SyntheticConfig, generate_event_log
+    from derm.materialization.counting_features import build_counting_features
 
     paths = PlatformPaths(tmp_path_factory.mktemp("downstream"))
     previous = os.environ.get(DATA_DIR_ENV)
@@ -72,8 +73,13 @@ def platform(tmp_path_factory: pytest.TempPathFactory, redis_server, feast_env):
 @pytest.fixture(scope="module")
 def ctr_set(platform: PlatformPaths):
     """The CTR training set of the registered ctr_ranker service."""
-    from pipeline.feast_repo import feature_store
-    from training.downstream_data import build_training_set, default_window, ranker_service, service_families
+    from derm.core.feast_repo import feature_store
+    from derm.training.downstream.training_sets import (
+        build_training_set,
+        default_window,
+        ranker_service,
+        service_families,
+    )
 
     store = feature_store()
     service = ranker_service(store, "ctr")
@@ -95,8 +101,8 @@ def _oracle(events: pd.DataFrame, source: pd.DataFrame, key: str, columns: list[
 
 
 def test_training_set_equals_merge_asof_oracle(platform: PlatformPaths, ctr_set) -> None:
-    from training.downstream_data import labelled_events, read_training_set
-    from training.ranker import COUNTING_FEATURES
+    from derm.core.training_set import read_training_set
+    from derm.training.downstream.training_sets import labelled_events
 
     path, info, window = ctr_set
     table, stored = read_training_set(path)
@@ -110,7 +116,7 @@ def test_training_set_equals_merge_asof_oracle(platform: PlatformPaths, ctr_set)
         (
             f"stats/{name}/*/*.parquet",
             f"{prefix}_id",
-            [c for c in COUNTING_FEATURES if c.startswith(prefix)],
+            [c for c in all_counting_features() if c.startswith(prefix)],
             timedelta(days=7),
         )
         for name, prefix in (("user_daily_stats", "user"), ("pin_daily_stats", "pin"))
@@ -150,16 +156,20 @@ def test_training_set_equals_merge_asof_oracle(platform: PlatformPaths, ctr_set)
 
 @pytest.fixture(scope="module")
 def trained(platform: PlatformPaths):
-    from training.downstream import DownstreamConfig, run_downstream
+    from derm.core.feast_repo import feature_store
+    from derm.training.downstream.train import DownstreamConfig, run_downstream
 
+    store = feature_store()
     cfg = DownstreamConfig(epochs=2, eval_days=2, batch_size=512, bootstrap=200)
-    ctr = run_downstream(platform, "ctr", cfg, families=["ctr_user", "cvr_user"], run="test-ctr")  # gated
-    cvr = run_downstream(platform, "cvr", DownstreamConfig(epochs=2, bootstrap=200, gate=False), run="test-cvr")
+    ctr = run_downstream(platform, "ctr", cfg, store=store, families=["ctr_user", "cvr_user"], run="test-ctr")  # gated
+    cvr = run_downstream(
+        platform, "cvr", DownstreamConfig(epochs=2, bootstrap=200, gate=False), store=store, run="test-cvr"
+    )
     return ctr, cvr
 
 
 def test_ctr_and_cvr_rankers_train_evaluate_and_save(platform: PlatformPaths, trained) -> None:
-    from training.ranker import load_ranker
+    from derm.training.downstream.ranker import load_ranker
 
     ctr, cvr = trained
     assert "expectations passed" in ctr.gate_summary
@@ -169,7 +179,7 @@ def test_ctr_and_cvr_rankers_train_evaluate_and_save(platform: PlatformPaths, tr
             assert np.isfinite([metric.value, metric.lo, metric.hi]).all(), name
             assert metric.lo <= metric.value <= metric.hi, name
         assert 0.0 < result.metrics["roc_auc"].value < 1.0
-        ranker_dir = platform.models_dir / "downstream" / result.task / result.run
+        ranker_dir = platform.models_dir / "downstream" / result.objective / result.run
         assert result.ranker_dir == ranker_dir and (ranker_dir / "model.pt").exists()
     ranker = load_ranker(ctr.ranker_dir)
     assert ranker.embedding_versions == {"ctr_user": "v1", "cvr_user": "v1"}
@@ -180,8 +190,8 @@ def test_ctr_and_cvr_rankers_train_evaluate_and_save(platform: PlatformPaths, tr
 
 
 def test_ranker_scores_online_shaped_dict_like_training_frame(trained) -> None:
-    from training.downstream_data import read_training_set
-    from training.ranker import load_ranker
+    from derm.core.training_set import read_training_set
+    from derm.training.downstream.ranker import load_ranker
 
     ctr, _ = trained
     ranker = load_ranker(ctr.ranker_dir)
@@ -208,8 +218,8 @@ def test_ranker_scores_online_shaped_dict_like_training_frame(trained) -> None:
 def test_leakage_audit_passes_point_in_time_and_flags_leaky(platform: PlatformPaths, ctr_set, tmp_path) -> None:
     from click.testing import CliRunner
 
-    from validation.leakage import audit_training_set, build_leaky_training_set
-    from validation.leakage_commands import audit_leakage
+    from derm.cli.downstream import audit_leakage
+    from derm.training.downstream.leakage import audit_training_set, build_leaky_training_set
 
     path, _, _ = ctr_set
     report = audit_training_set(path, platform)
@@ -247,7 +257,7 @@ def test_leakage_audit_passes_point_in_time_and_flags_leaky(platform: PlatformPa
 def test_bootstrap_ci_math_on_known_cases() -> None:
     from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
-    from training.downstream import bootstrap_metrics, weighted_metrics
+    from derm.training.downstream.train import bootstrap_metrics, weighted_metrics
 
     rng = np.random.default_rng(0)
     n = 4000
@@ -275,8 +285,9 @@ def test_bootstrap_ci_math_on_known_cases() -> None:
 def test_dataloader_yields_the_same_tensors_as_in_memory(ctr_set) -> None:
     import torch
 
-    from training.downstream_data import RankerDataset, read_training_set
-    from training.ranker import FeatureTransform, RankerSpec
+    from derm.core.training_set import read_training_set
+    from derm.training.downstream.dataset import RankerDataset
+    from derm.training.downstream.ranker import FeatureTransform, RankerSpec
 
     path, info, _ = ctr_set
     table, _ = read_training_set(path)

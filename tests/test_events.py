@@ -11,8 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from events.schema import EVENT_LOG_SCHEMA, EventLogError, check_event_log
-from events.synthetic import SyntheticConfig, generate_event_log
+from derm.events.schema import EVENT_LOG_SCHEMA, EventLogError, check_event_log
+from derm.events.synthetic import SyntheticConfig, generate_event_log
 
 MICRO = SyntheticConfig.preset("tiny", n_days=2, events_per_day=500, start_date=date(2026, 3, 1))
 

@@ -20,7 +20,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infra.redis_server import LocalRedisServer
+from derm.infra.redis_server import LocalRedisServer
 
 feast = pytest.importorskip("feast")
 
@@ -33,7 +33,7 @@ from feast.types import Array, Bool, Bytes, Float32, Float64, Int32, Int64, Stri
 from feast.utils import _convert_arrow_to_proto, make_tzaware  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
-from materialization.fast_redis import FastRedisOnlineStore, _PipelineWriter, encode_rows  # noqa: E402
+from derm.feast_plugins.redis_online_store import FastRedisOnlineStore, _PipelineWriter, encode_rows  # noqa: E402
 
 
 class _PipelineFastRedisOnlineStore(FastRedisOnlineStore):
@@ -47,8 +47,8 @@ PROJECT = "fastmat"
 DIM = 16
 WINDOW_START = datetime(2026, 1, 1, tzinfo=UTC)
 WINDOW_END = datetime(2026, 1, 3, tzinfo=UTC)
-FAST_STORE = "materialization.fast_redis.FastRedisOnlineStore"
-VECTOR_ENGINE = "materialization.vector_engine.VectorMaterializationEngine"
+FAST_STORE = "derm.feast_plugins.redis_online_store.FastRedisOnlineStore"
+VECTOR_ENGINE = "derm.feast_plugins.vector_engine.VectorMaterializationEngine"
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def random_tables(draw: st.DrawFn, max_rows: int = 12) -> pa.Table:
                 column(maybe(st.lists(maybe(floats32), min_size=dim, max_size=dim))), pa.list_(pa.float32())
             ),
             "dvec": pa.array(column(maybe(st.lists(st.floats(allow_nan=False), max_size=3))), pa.list_(pa.float64())),
-            # Int64 with nulls goes through float64 in stock Feast: keep within 2**53 (see fast_redis docstring).
+            # Int64 with nulls goes through float64 in stock Feast: keep within 2**53 (see derm.feast_plugins).
             "i64": pa.array(column(maybe(st.integers(-(2**53), 2**53))), pa.int64()),
             "i32": pa.array(column(maybe(st.integers(-(2**31), 2**31 - 1))), pa.int32()),
             "f64": pa.array(column(maybe(st.floats())), pa.float64()),

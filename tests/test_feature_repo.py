@@ -12,8 +12,8 @@ import duckdb
 import pandas as pd
 import pytest
 
-from materialization.counting_features import build_counting_features
-from pipeline.config import FEATURE_REPO_DIR
+from derm.core.paths import FEATURE_REPO_DIR
+from derm.materialization.counting_features import build_counting_features
 
 STATS_COLUMNS = ["impressions_1d", "clicks_1d", "conversions_1d", "impressions_7d", "clicks_7d", "ctr_7d"]
 
@@ -63,7 +63,7 @@ def test_counting_features_match_pandas_oracle_and_are_stamped_after_their_day(
 
 
 def test_bad_event_log_leaves_offline_tables_untouched(counting_features: Path, tmp_path: Path) -> None:
-    from events.schema import EventLogError
+    from derm.events.schema import EventLogError
 
     before = sorted((p, p.stat().st_mtime_ns) for p in counting_features.rglob("*.parquet"))
     (tmp_path / "date=2026-01-01").mkdir()
@@ -75,7 +75,7 @@ def test_bad_event_log_leaves_offline_tables_untouched(counting_features: Path, 
 
 @pytest.fixture(scope="session")
 def applied_repo(counting_features: Path, feast_env: dict[str, str]):
-    from pipeline.feast_repo import apply_repo, feature_store
+    from derm.core.feast_repo import apply_repo, feature_store
 
     apply_repo()
     return feature_store()

@@ -16,16 +16,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from materialization.catalog import Catalog, feature_view_name
-from pipeline.config import PlatformPaths
-from tests.conftest import redis_contents
-from training.refresh import snapshot_available_at, write_precomputed_snapshot
-from training.snapshot import file_sha256, read_manifest, snapshot_dir
+from derm.core.feast_repo import FeatureRepo
+from derm.core.naming import feature_view_name
+from derm.core.paths import PlatformPaths
+from derm.core.snapshot import file_sha256, read_manifest, snapshot_dir
+from derm.materialization.catalog import Catalog
+from derm.training.upstream.export import snapshot_available_at, write_precomputed_snapshot
 
 DIM = 8
 USERS = 40
 DAY1 = date(2026, 1, 2)
 NOW = datetime(2026, 1, 6, 12, tzinfo=UTC)
+
+
+def redis_contents(client) -> dict[bytes, dict[bytes, bytes]]:
+    """Every key and hash field of a Redis database, for before/after comparisons."""
+    return {key: client.hgetall(key) for key in client.scan_iter(count=1000)}
 
 
 def _unit_rows(seed: int, n: int = USERS) -> np.ndarray:
@@ -50,19 +56,21 @@ def drifted(previous: np.ndarray, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def published(platform_paths: PlatformPaths, counting_features: Path, feast_env: dict[str, str]):
     """ctr_user v1 published for two days (auto-promoted: the family had no version yet)."""
-    from materialization.publish import publish_snapshot
+    from derm.materialization.publish import publish_snapshot
 
     day1 = _unit_rows(1)
     day2 = drifted(day1, 2)
     results = [
-        publish_snapshot(make_snapshot(platform_paths, DAY1 + timedelta(days=i), v), platform_paths, now=NOW)
+        publish_snapshot(
+            make_snapshot(platform_paths, DAY1 + timedelta(days=i), v), platform_paths, repo=FeatureRepo(), now=NOW
+        )
         for i, v in enumerate([day1, day2])
     ]
     return {"day1": day1, "day2": day2, "results": results}
 
 
 def _online(user_ids: list[int], view: str = "ctr_user_emb_v1") -> np.ndarray:
-    from pipeline.feast_repo import feature_store
+    from derm.core.feast_repo import feature_store
 
     result = (
         feature_store()
@@ -73,10 +81,10 @@ def _online(user_ids: list[int], view: str = "ctr_user_emb_v1") -> np.ndarray:
 
 
 def test_publish_writes_offline_registers_view_and_serves_online(published, platform_paths: PlatformPaths) -> None:
-    from pipeline.feast_repo import feature_store
+    from derm.core.feast_repo import feature_store
 
     first, second = published["results"]
-    assert first.promoted and not second.promoted and first.offline_written and second.online_rows == USERS
+    assert first.promoted and not second.promoted and first.offline_written and second.snapshot_rows == USERS
     catalog = Catalog(platform_paths.embeddings_offline_dir)
     assert [p.days for p in catalog.versions()] == [(DAY1, DAY1 + timedelta(days=1))]
 
@@ -115,24 +123,24 @@ def _store_state(paths: PlatformPaths, redis_server) -> tuple:
 
 
 def test_republishing_the_same_day_is_a_no_op(published, platform_paths: PlatformPaths) -> None:
-    from materialization.publish import publish_snapshot
+    from derm.materialization.publish import publish_snapshot
 
     source = snapshot_dir(platform_paths.snapshots_dir, "ctr_user", "v1", DAY1 + timedelta(days=1))
-    again = publish_snapshot(source, platform_paths, now=NOW)
+    again = publish_snapshot(source, platform_paths, repo=FeatureRepo(), now=NOW)
     assert not again.offline_written and not again.promoted
 
 
 def _refused(platform_paths, redis_server, source: Path, error: type[Exception], match: str) -> None:
-    from materialization.publish import publish_snapshot
+    from derm.materialization.publish import publish_snapshot
 
     before = _store_state(platform_paths, redis_server)
     with pytest.raises(error, match=match):
-        publish_snapshot(source, platform_paths, now=NOW)
+        publish_snapshot(source, platform_paths, repo=FeatureRepo(), now=NOW)
     assert _store_state(platform_paths, redis_server) == before, "a refused snapshot must not touch any store"
 
 
 def test_different_content_for_a_published_day_is_refused(published, platform_paths, redis_server, tmp_path) -> None:
-    from materialization.publish import PublishError
+    from derm.materialization.publish import PublishError
 
     other = PlatformPaths(tmp_path)
     (other.snapshots_dir).mkdir(parents=True)
@@ -165,7 +173,7 @@ BAD_SNAPSHOTS = {  # bad-input class -> corruption of a good snapshot's table
 def test_snapshot_failing_the_gate_is_refused_and_no_store_is_touched(
     case: str, published, platform_paths, redis_server
 ) -> None:
-    from validation.gate import ValidationFailed
+    from derm.validation.gate import ValidationFailed
 
     source = make_snapshot(platform_paths, DAY1 + timedelta(days=3), drifted(published["day2"], 3))
     data = source / "embeddings.parquet"
@@ -181,7 +189,7 @@ def test_snapshot_failing_the_gate_is_refused_and_no_store_is_touched(
 
 
 def test_unknown_version_and_family_are_refused(published, platform_paths, redis_server, tmp_path) -> None:
-    from materialization.publish import PublishError
+    from derm.materialization.publish import PublishError
 
     # Registered as v1 in another registry: same name, config the platform has never seen.
     source = make_snapshot(
@@ -195,12 +203,12 @@ def test_unknown_version_and_family_are_refused(published, platform_paths, redis
 
 
 def test_promote_rollback_retire(published, platform_paths: PlatformPaths, redis_server) -> None:
-    from materialization.publish import PublishError, promote, publish_snapshot, retire, rollback
-    from pipeline.feast_repo import feature_store
+    from derm.core.feast_repo import feature_store
+    from derm.materialization.publish import PublishError, promote, publish_snapshot, retire, rollback
 
     v2_vectors = _unit_rows(20)
     result = publish_snapshot(
-        make_snapshot(platform_paths, DAY1, v2_vectors, version_seed="b"), platform_paths, now=NOW
+        make_snapshot(platform_paths, DAY1, v2_vectors, version_seed="b"), platform_paths, repo=FeatureRepo(), now=NOW
     )
     assert result.version == "v2" and not result.promoted, "a new version is never promoted implicitly"
 
@@ -210,16 +218,16 @@ def test_promote_rollback_retire(published, platform_paths: PlatformPaths, redis
     assert "ctr_user_emb_v1" in ranker_views()
     np.testing.assert_array_equal(np.asarray(_online([0, 1], "ctr_user_emb_v2"), np.float32), v2_vectors[:2])
 
-    promote(platform_paths, "ctr_user", "v2")
+    promote(platform_paths, "ctr_user", "v2", repo=FeatureRepo())
     assert "ctr_user_emb_v2" in ranker_views() and "ctr_user_emb_v1" not in ranker_views()
     with pytest.raises(PublishError, match="is promoted"):
-        retire(platform_paths, "ctr_user", "v2")
+        retire(platform_paths, "ctr_user", "v2", repo=FeatureRepo())
 
-    assert rollback(platform_paths, "ctr_user") == {"ctr_user": "v1"}
+    assert rollback(platform_paths, "ctr_user", repo=FeatureRepo()) == {"ctr_user": "v1"}
     assert "ctr_user_emb_v1" in ranker_views()
 
     offline_v2 = sorted((platform_paths.embeddings_offline_dir / "ctr_user" / "v2").rglob("*.parquet"))
-    retire(platform_paths, "ctr_user", "v2")
+    retire(platform_paths, "ctr_user", "v2", repo=FeatureRepo())
     assert "ctr_user_emb_v2" not in {v.name for v in feature_store().list_feature_views()}
     from feast.infra.online_stores.helpers import _mmh3
 
@@ -228,11 +236,11 @@ def test_promote_rollback_retire(published, platform_paths: PlatformPaths, redis
     assert sorted((platform_paths.embeddings_offline_dir / "ctr_user" / "v2").rglob("*.parquet")) == offline_v2
     np.testing.assert_array_equal(np.asarray(_online([0]), np.float32), published["day2"][:1])
     with pytest.raises(PublishError, match="not published"):
-        promote(platform_paths, "ctr_user", "v2")
+        promote(platform_paths, "ctr_user", "v2", repo=FeatureRepo())
 
 
 def test_freshness_reports_age_and_missing_days(published, platform_paths: PlatformPaths) -> None:
-    from materialization.publish import freshness
+    from derm.materialization.publish import freshness
 
     report = {f.family: f for f in freshness(platform_paths, now=NOW)}
     ctr_user = report["ctr_user"]
@@ -245,16 +253,18 @@ def test_freshness_reports_age_and_missing_days(published, platform_paths: Platf
 def test_publish_killed_mid_way_keeps_promoted_version_served_and_completes_on_rerun(
     published, platform_paths: PlatformPaths, redis_server, feast_env: dict[str, str]
 ) -> None:
-    from materialization.publish import CRASH_AFTER_ENV, publish_snapshot
-    from pipeline.feast_repo import feature_store
+    from derm.core.feast_repo import feature_store
+    from derm.materialization.publish import CRASH_AFTER_ENV, publish_snapshot
 
     day3 = DAY1 + timedelta(days=2)
     vectors = drifted(published["day2"], 5)
     source = make_snapshot(platform_paths, day3, vectors)
     script = (
         "import sys; from datetime import datetime; from pathlib import Path;"
-        "from materialization.publish import publish_snapshot; from pipeline.config import PlatformPaths;"
-        "publish_snapshot(Path(sys.argv[1]), PlatformPaths.from_env(), now=datetime.fromisoformat(sys.argv[2]))"
+        "from derm.materialization.publish import publish_snapshot; from derm.core.paths import PlatformPaths;"
+        "from derm.core.feast_repo import FeatureRepo;"
+        "publish_snapshot(Path(sys.argv[1]), PlatformPaths.from_env(), repo=FeatureRepo(),"
+        " now=datetime.fromisoformat(sys.argv[2]))"
     )
     env = {**os.environ, **feast_env, CRASH_AFTER_ENV: "apply"}
     proc = subprocess.run([sys.executable, "-c", script, str(source), NOW.isoformat()], env=env, capture_output=True)
@@ -268,8 +278,8 @@ def test_publish_killed_mid_way_keeps_promoted_version_served_and_completes_on_r
     assert catalog.published("ctr_user", "v1", day3) is not None, "the offline day was renamed in whole"
     assert not list((platform_paths.embeddings_offline_dir / ".staging").glob("*"))
 
-    rerun = publish_snapshot(source, platform_paths, now=NOW)
-    assert not rerun.offline_written and rerun.online_rows == USERS
+    rerun = publish_snapshot(source, platform_paths, repo=FeatureRepo(), now=NOW)
+    assert not rerun.offline_written and rerun.snapshot_rows == USERS
     np.testing.assert_array_equal(np.asarray(_online(list(range(USERS))), np.float32), vectors)
     assert catalog.read_state().online["ctr_user"]["v1"] == day3.isoformat()
     views = {v.name for v in feature_store().list_feature_views()}

@@ -7,7 +7,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from infra.redis_server import LocalRedisServer, RedisServerError
+from derm.infra.redis_server import LocalRedisServer, RedisServerError
 
 
 def test_local_server_starts_answers_persists_and_stops(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from bench.online_read import (
     unit_vectors,
     untrained_rankers,
 )
-from pipeline.config import PlatformPaths
+from derm.core.paths import PlatformPaths
 
 USERS, PINS, DIM = 200, 80, 16  # the tiny event log's users and Pins
 UNKNOWN = 10**9
@@ -39,7 +39,7 @@ UNKNOWN = 10**9
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory, tiny_event_log, counting_features):
-    from infra.redis_server import LocalRedisServer
+    from derm.infra.redis_server import LocalRedisServer
 
     paths = PlatformPaths(tmp_path_factory.mktemp("serving"))
     with LocalRedisServer(paths.redis_dir, persist=False) as server:
@@ -57,15 +57,15 @@ def platform(tmp_path_factory, tiny_event_log, counting_features):
 
 @pytest.fixture(scope="module")
 def store(platform: BenchPlatform):
-    from pipeline.feast_repo import feature_store
+    from derm.core.feast_repo import feature_store
 
     return feature_store()
 
 
 @pytest.fixture(scope="module")
 def service(platform: BenchPlatform, store):
-    from materialization.catalog import Catalog
-    from serving.app import PinAttributes, RankingService, ServingSettings
+    from derm.materialization.catalog import Catalog
+    from derm.serving.app import PinAttributes, RankingService, ServingSettings
 
     return RankingService(
         store,
@@ -79,7 +79,7 @@ def service(platform: BenchPlatform, store):
 
 @pytest.fixture(scope="module")
 def server(service):
-    from serving.app import create_app
+    from derm.serving.app import create_app
 
     with serve_in_thread(create_app(service)) as port:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -111,7 +111,7 @@ def _assert_same_as_feast(columns: dict, found: dict, feast: dict) -> None:
 
 
 def test_reader_returns_what_get_online_features_returns(platform: BenchPlatform, store) -> None:
-    from serving.embedding_reader import EmbeddingReader
+    from derm.serving.embedding_reader import EmbeddingReader
 
     refs = _ranker_refs(store)
     users = [3, UNKNOWN, 0, -5]
@@ -144,7 +144,7 @@ def test_vector_decoder_falls_back_to_protobuf_for_other_encodings() -> None:
     from feast.protos.feast.types.Value_pb2 import Value
     from feast.value_type import ValueType
 
-    from serving.embedding_reader import DecodeStats, decode_vectors
+    from derm.serving.embedding_reader import DecodeStats, decode_vectors
 
     good = Value(float_list_val={"val": [1.5, -2.0, 3.25]}).SerializeToString()
     short = Value(float_list_val={"val": [1.0, 2.0]}).SerializeToString()
@@ -175,7 +175,7 @@ def test_int64_decoder_matches_protobuf(values: list[int | None]) -> None:
     from feast.protos.feast.types.Value_pb2 import Value
     from feast.value_type import ValueType
 
-    from serving.embedding_reader import DecodeStats, decode_scalars
+    from derm.serving.embedding_reader import DecodeStats, decode_scalars
 
     stored = [None if v is None else Value(int64_val=v).SerializeToString() for v in values]
     stats = DecodeStats()
@@ -266,7 +266,7 @@ def test_rank_scores_candidates_and_reports_versions(server, service) -> None:
 
 
 def test_retrieve_and_rank_with_k(server, service, platform: BenchPlatform) -> None:
-    from serving.ann import read_partition
+    from derm.serving.ann import read_partition
 
     status, body = post_json(server, "/retrieve", {"user_id": 4, "k": 10})
     assert status == 200, body
@@ -346,9 +346,9 @@ def silent_server():
 
 @pytest.mark.parametrize("redis_state", ["down", "hung"])
 def test_redis_down_or_hung_gives_503_within_the_timeout(store, platform, silent_server, redis_state) -> None:
-    from infra.redis_server import free_port
-    from serving.app import RankingService, create_app
-    from serving.embedding_reader import RedisHashReader, RedisTimeouts
+    from derm.infra.redis_server import free_port
+    from derm.serving.app import RankingService, create_app
+    from derm.serving.embedding_reader import RedisHashReader, RedisTimeouts
 
     port = free_port() if redis_state == "down" else silent_server
     redis_reader = RedisHashReader(f"127.0.0.1:{port}", timeouts=RedisTimeouts(connect=0.3, read=0.3, cooldown=0.2))
@@ -401,8 +401,8 @@ def test_hnsw_recall_against_exact_search(tmp_path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from materialization.catalog import Catalog
-    from serving.ann import AnnSettings, build_pin_index
+    from derm.materialization.catalog import Catalog
+    from derm.serving.ann import AnnSettings, build_pin_index
 
     catalog = Catalog(tmp_path)
     rng = np.random.default_rng(0)
@@ -422,7 +422,8 @@ def test_hnsw_recall_against_exact_search(tmp_path) -> None:
 
 
 def test_index_is_rebuilt_when_a_new_version_is_promoted(server, service, platform: BenchPlatform) -> None:
-    from materialization.publish import promote, rollback
+    from derm.core.feast_repo import FeatureRepo
+    from derm.materialization.publish import promote, rollback
 
     rng = np.random.default_rng(9)
     day = platform.embedding_day
@@ -432,7 +433,7 @@ def test_index_is_rebuilt_when_a_new_version_is_promoted(server, service, platfo
     manager = service.index_manager
     assert manager.refresh().version == "v1", "publishing alone does not move what is served"
 
-    promote(platform.paths, "ctr", "v2")
+    promote(platform.paths, "ctr", "v2", repo=FeatureRepo())
     try:
         time.sleep(0.01)
         assert manager.refresh().version == "v2"
@@ -443,7 +444,7 @@ def test_index_is_rebuilt_when_a_new_version_is_promoted(server, service, platfo
         assert status == 200 and ranked["embedding_versions"]["ctr"]["ctr_pin"] == "v1"
         assert service.health()["feature_service_drift"]["ctr"]["ctr_pin"] == "v1 -> v2"
     finally:
-        rollback(platform.paths, "ctr")
+        rollback(platform.paths, "ctr", repo=FeatureRepo())
     assert manager.refresh().version == "v1"
 
 

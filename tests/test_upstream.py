@@ -13,27 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from events.synthetic import SyntheticConfig, generate_event_log
-from pipeline.config import PlatformPaths
-from training.derm import DermConfig, DermModel
-from training.losses import derm_loss, sampled_softmax_loss
-from training.refresh import (
-    RefreshConfig,
-    RefreshGapError,
-    TrainConfig,
-    UpstreamConfig,
-    aggregate,
-    aggregate_batches,
-    checkpoint_path,
-    embed_batches,
-    load_checkpoint,
-    refresh,
-    refresh_day,
-    score_day,
-    write_snapshot,
-)
-from training.snapshot import DATA_FILE, SnapshotManifest, file_sha256, list_snapshots, read_manifest, snapshot_dir
-from training.upstream_data import FeatureConfig, entity_feature_batches, training_arrays
+from derm.core.paths import PlatformPaths
+from derm.core.snapshot import DATA_FILE, SnapshotManifest, file_sha256, list_snapshots, read_manifest, snapshot_dir
+from derm.events.synthetic import SyntheticConfig, generate_event_log
+from derm.training.upstream.config import RefreshConfig, TrainConfig, UpstreamConfig
+from derm.training.upstream.export import aggregate, aggregate_batches, embed_batches, write_snapshot
+from derm.training.upstream.features import FeatureConfig, entity_feature_batches, training_arrays
+from derm.training.upstream.losses import derm_loss, sampled_softmax_loss
+from derm.training.upstream.model import DermConfig, DermModel
+from derm.training.upstream.refresh import RefreshGapError, refresh, refresh_day
+from derm.training.upstream.train import checkpoint_path, load_checkpoint, score_day
 
 torch.set_num_threads(1)
 
@@ -365,12 +354,12 @@ def test_ctr_model_beats_popularity_on_held_out_day(tmp_path: Path) -> None:
 def test_train_upstream_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from pipeline.config import DATA_DIR_ENV
-    from training.commands import train_upstream
+    from derm.cli.upstream import train_upstream
+    from derm.core.paths import DATA_DIR_ENV
 
     paths = _events(tmp_path, dataclasses.replace(TINY, n_days=2))
     monkeypatch.setenv(DATA_DIR_ENV, str(paths.data_dir))
-    args = ["--model", "cvr", "--dim", "8", "--days", "1", "--aggregation", "overwrite", "--threads", "1"]
+    args = ["--objective", "cvr", "--dim", "8", "--days", "1", "--aggregation", "overwrite", "--threads", "1"]
     result = CliRunner().invoke(train_upstream, args)
     assert result.exit_code == 0, result.output
     assert [p.parts[-3] for p in list_snapshots(paths.snapshots_dir)] == ["cvr_pin", "cvr_user"]
@@ -404,7 +393,10 @@ def test_concurrent_registrations_get_distinct_versions(tmp_path: Path) -> None:
     """Refreshes of different configs started at once must not both become v<N+1>."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from training.refresh import resolve_version
+    from derm.core.model_versions import ModelVersions
+
+    def resolve_version(directory: Path, objective: str, config_hash: str) -> str:
+        return ModelVersions(directory).resolve(objective, config_hash)
 
     hashes = [f"{i:064x}" for i in range(12)]
     with ThreadPoolExecutor(max_workers=12) as pool:

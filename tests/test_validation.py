@@ -13,15 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from training.snapshot import (
+from derm.cli.validation import validate
+from derm.core.snapshot import (
     MANIFEST_FILE,
     SnapshotManifest,
     file_sha256,
     snapshot_dir,
     snapshot_schema,
 )
-from validation.commands import validate
-from validation.gate import (
+from derm.validation.gate import (
     GateThresholds,
     ValidationFailed,
     previous_snapshot,
@@ -62,7 +62,7 @@ def write_snapshot(
     table: pa.Table | None = None,
     **manifest_overrides: object,
 ) -> Path:
-    """Write a snapshot in the training.snapshot layout; ``table`` bypasses the schema for corrupt files."""
+    """Write a snapshot in the derm.core.snapshot layout; ``table`` bypasses the schema for corrupt files."""
     folder = snapshot_dir(root, FAMILY, VERSION, day)
     folder.mkdir(parents=True, exist_ok=True)
     rows = len(vectors)

@@ -1,15 +1,15 @@
 """Validation gate: no bad embedding snapshot or training set ever reaches a store.
 
-A snapshot (see ``training.snapshot``) is first checked for being readable at all (manifest,
+A snapshot (see ``derm.core.snapshot``) is first checked for being readable at all (manifest,
 Parquet file, exact Arrow schema, at least one row); those structural problems come back as
 failures naming the file and column. Then DuckDB derives one scalar per vector property
 (dimension, L2 norm, all-finite flag, cosine to the same entity in the previous snapshot) and
 per-dimension statistics, and Great Expectations validates those frames with built-in
-expectations (``validation.suites``) so that Data Docs stay readable. Every GE run stores its
-result in a file-backed GE project under ``PlatformPaths.validation_dir`` (or ``docs_dir``)
+expectations (``derm.validation.suites``) so that Data Docs stay readable. Every GE run stores its
+result in a file-backed GE project under ``docs_dir`` (the pipeline passes ``PlatformPaths.validation_dir``)
 and rebuilds Data Docs at ``<root>/gx/uncommitted/data_docs/local_site/index.html``.
 
-Thresholds come from one YAML file, ``validation/thresholds.yaml``.
+Thresholds come from one YAML file, ``validation/thresholds.yaml`` (:mod:`derm.validation.thresholds`).
 """
 
 from __future__ import annotations
@@ -17,89 +17,34 @@ from __future__ import annotations
 import math
 import re
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import yaml
-
-from training.snapshot import (
-    FAMILIES,
+from derm.core.naming import FAMILIES
+from derm.core.snapshot import (
     SnapshotManifest,
     file_sha256,
     list_snapshots,
     read_manifest,
     snapshot_schema,
 )
+from derm.validation.thresholds import (
+    GateThresholds,
+    SnapshotThresholds,
+    TrainingSetThresholds,
+    load_thresholds,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
-DEFAULT_THRESHOLDS_PATH = Path(__file__).with_name("thresholds.yaml")
 MAX_OFFENDING_IDS = 5
 
 _DATASOURCE = "derm_validation"
 _STRUCTURE_CHECK = "snapshot_is_readable"
 _TRAINING_STRUCTURE_CHECK = "training_set_is_readable"
-
-
-# --------------------------------------------------------------------------- thresholds
-
-
-@dataclass(frozen=True)
-class SnapshotThresholds:
-    norm_min: float = 0.9
-    norm_max: float = 1.1
-    coverage_change_min: float = -0.2
-    coverage_change_max: float = 0.5
-    min_fraction_seen_in_previous: float = 0.5
-    min_median_cosine_to_previous: float = 0.8
-    low_cosine_to_previous: float = 0.5
-    max_fraction_below_low_cosine: float = 0.05
-    max_dimension_mean_shift: float = 1.0
-    dimension_std_ratio_min: float = 0.5
-    dimension_std_ratio_max: float = 2.0
-
-
-@dataclass(frozen=True)
-class TrainingSetThresholds:
-    label_rate_min: float = 0.0001
-    label_rate_max: float = 0.5
-    max_missing_embedding_rate: float = 0.2
-    max_missing_rate_by_feature: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class GateThresholds:
-    snapshot: SnapshotThresholds = field(default_factory=SnapshotThresholds)
-    training_set: TrainingSetThresholds = field(default_factory=TrainingSetThresholds)
-
-    @classmethod
-    def load(cls, path: Path | None = None) -> GateThresholds:
-        """Read the thresholds file (default ``validation/thresholds.yaml``); unknown keys are errors."""
-        path = Path(path) if path is not None else DEFAULT_THRESHOLDS_PATH
-        raw = yaml.safe_load(path.read_text()) or {}
-        unknown = set(raw) - {"snapshot", "training_set"}
-        if unknown:
-            raise ValueError(f"{path}: unknown sections {sorted(unknown)}")
-        return cls(
-            snapshot=_section(SnapshotThresholds, raw.get("snapshot") or {}, path),
-            training_set=_section(TrainingSetThresholds, raw.get("training_set") or {}, path),
-        )
-
-
-def _section(kind: type, values: dict[str, Any], path: Path) -> Any:
-    # A typo in a threshold name must not silently fall back to the default.
-    known = {f.name for f in fields(kind)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown {kind.__name__} keys {sorted(unknown)}; expected {sorted(known)}")
-    return kind(**values)
-
-
-def load_thresholds(path: Path | None = None) -> GateThresholds:
-    return GateThresholds.load(path)
 
 
 # --------------------------------------------------------------------------- report
@@ -170,14 +115,6 @@ class _GXProject:
                 context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
                 cls._contexts[root] = context
             return cls._contexts[root]
-
-
-def _gx_root(docs_dir: Path | None) -> Path:
-    if docs_dir is not None:
-        return Path(docs_dir)
-    from pipeline.config import PlatformPaths
-
-    return PlatformPaths.from_env().validation_dir
 
 
 def _run_suite(
@@ -382,7 +319,7 @@ def _derive_snapshot_frames(
     """Per-row scalar view of the vectors and, with a previous snapshot, per-dimension shift."""
     import duckdb
 
-    from validation import suites
+    from derm.validation import suites
 
     key = manifest.join_key
     con = duckdb.connect()
@@ -453,7 +390,7 @@ def validate_snapshot(
     previous_dir: Path | None = None,
     *,
     thresholds: GateThresholds | None = None,
-    docs_dir: Path | None = None,
+    docs_dir: Path,
     now: datetime | None = None,
 ) -> GateReport:
     """Validate one embedding snapshot before it is published.
@@ -488,12 +425,12 @@ def validate_snapshot(
     else:
         notes.append("drift checks skipped: no earlier snapshot of this family and version")
 
-    from validation import suites
+    from derm.validation import suites
 
     rows, dimensions = _derive_snapshot_frames(snapshot_dir, manifest, previous)
     previous_label = _snapshot_label(previous[0], previous[1]) if previous else None
     suite_prefix = f"embedding_snapshot.{manifest.family}.{manifest.model_version}"
-    context = _GXProject.context(_gx_root(docs_dir))
+    context = _GXProject.context(Path(docs_dir))
     results = [
         _run_suite(
             context,
@@ -546,12 +483,12 @@ def validate_training_set(
     required_columns: list[str],
     window: tuple[datetime, datetime],
     thresholds: GateThresholds | None = None,
-    docs_dir: Path | None = None,
+    docs_dir: Path,
 ) -> GateReport:
     """Validate a point-in-time-joined training set (embedding cells: list of float32, or null if missing)."""
     import pandas as pd
 
-    from validation import suites
+    from derm.validation import suites
 
     thresholds = thresholds or GateThresholds.load()
     start, end = (_utc_timestamp(bound) for bound in window)
@@ -591,7 +528,7 @@ def validate_training_set(
         window=(start, end),
         thresholds=thresholds.training_set,
     )
-    context = _GXProject.context(_gx_root(docs_dir))
+    context = _GXProject.context(Path(docs_dir))
     result = _run_suite(context, "training_set", suite, frame, id_columns, subject)
     failures = _failures_from(result, id_columns)
     passed, total = _count_expectations([result])

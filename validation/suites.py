@@ -21,10 +21,10 @@ import great_expectations.expectations as gxe
 if TYPE_CHECKING:
     from great_expectations.expectations.expectation import Expectation
 
-    from training.snapshot import SnapshotManifest
-    from validation.gate import SnapshotThresholds, TrainingSetThresholds
+    from derm.core.snapshot import SnapshotManifest
+    from derm.validation.thresholds import SnapshotThresholds, TrainingSetThresholds
 
-# Derived column names shared with validation.gate, which computes them.
+# Derived column names shared with derm.validation.gate, which computes them.
 EMBEDDING_DIM = "embedding_dim"
 L2_NORM = "l2_norm"
 ALL_VALUES_FINITE = "all_values_finite"

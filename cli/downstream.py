@@ -1,0 +1,136 @@
+"""Click commands of the downstream stage: ``train-downstream`` and ``audit-leakage``.
+
+Heavy imports (torch, Feast, DuckDB) happen inside the commands, so ``derm --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from pathlib import Path
+
+import click
+
+
+def _parse_versions(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    versions = {}
+    for value in values:
+        family, sep, version = value.partition("=")
+        if not sep or not family or not version:
+            raise click.BadParameter(f"{value!r}: expected FAMILY=VERSION, e.g. ctr_user=v1")
+        versions[family] = version
+    return versions
+
+
+def downstream_config(epochs: int, eval_days: int, batch_size: int, bootstrap: int, seed: int, gate: bool = True):
+    from derm.training.downstream.train import DownstreamConfig
+
+    return DownstreamConfig(
+        epochs=epochs, eval_days=eval_days, batch_size=batch_size, bootstrap=bootstrap, seed=seed, gate=gate
+    )
+
+
+def training_options(function):
+    for option in reversed(
+        [
+            click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True),
+            click.option(
+                "--eval-days",
+                type=click.IntRange(min=1),
+                default=2,
+                show_default=True,
+                help="The last N days of the log evaluate; earlier days train.",
+            ),
+            click.option("--batch-size", type=click.IntRange(min=2), default=1024, show_default=True),
+            click.option(
+                "--bootstrap",
+                type=click.IntRange(min=10),
+                default=1000,
+                show_default=True,
+                help="Bootstrap resamples of the 95% CIs.",
+            ),
+            click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads."),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+@click.command("train-downstream")
+@click.option(
+    "--objective",
+    "--task",
+    type=click.Choice(["ctr", "cvr", "both"]),
+    default="both",
+    show_default=True,
+    help="Ranker(s) to train, by objective (--task is the 0.1 spelling).",
+)
+@click.option("--run", "run_name", default=None, help="Run name (default: a UTC timestamp).")
+@click.option("--no-gate", is_flag=True, help="Skip the training-set gate (not recommended).")
+@training_options
+def train_downstream(
+    objective: str,
+    run_name: str | None,
+    no_gate: bool,
+    epochs: int,
+    eval_days: int,
+    batch_size: int,
+    bootstrap: int,
+    seed: int,
+    threads: int | None,
+) -> None:
+    """Train the CTR/CVR ranker on the promoted feature service (point-in-time, through Feast); print metrics."""
+    import torch
+    from rich.console import Console
+
+    from derm.cli.runtime import online_store
+    from derm.core.feast_repo import FeatureRepo
+    from derm.core.paths import PlatformPaths
+    from derm.training.downstream.train import default_run_name, run_downstream
+    from derm.validation.gate import ValidationFailed
+
+    if threads:
+        torch.set_num_threads(threads)
+    console = Console(stderr=True)
+    paths = PlatformPaths.from_env()
+    cfg = downstream_config(epochs, eval_days, batch_size, bootstrap, seed, gate=not no_gate)
+    run_name = run_name or default_run_name()
+    with online_store(paths):
+        for name in ("ctr", "cvr") if objective == "both" else (objective,):
+            try:
+                result = run_downstream(
+                    paths,
+                    name,
+                    cfg,
+                    store=FeatureRepo().store(),
+                    run=run_name,
+                    log=partial(console.print, markup=False, highlight=False),
+                )
+            except ValidationFailed as exc:
+                raise click.ClickException(str(exc)) from exc
+            click.echo(result.describe())
+            click.echo(f"  ranker saved to {result.ranker_dir}")
+
+
+@click.command("audit-leakage")
+@click.argument("training_set", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option(
+    "--version",
+    "versions",
+    multiple=True,
+    callback=_parse_versions,
+    help="FAMILY=VERSION to audit against (default: the file's metadata, else the promoted version).",
+)
+@click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="Violations to print.")
+def audit_leakage(training_set: Path, versions: dict[str, str], show: int) -> None:
+    """Prove a training set point-in-time correct against a DuckDB ASOF oracle; exit 1 on any violation."""
+    from derm.core.paths import PlatformPaths
+    from derm.training.downstream.leakage import audit_training_set
+
+    try:
+        report = audit_training_set(training_set, PlatformPaths.from_env(), versions=versions, max_reported=show)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report.describe(limit=show))
+    sys.exit(0 if report.ok else 1)

@@ -1,0 +1,209 @@
+"""``derm``: one command per pipeline stage, and ``derm run-all`` for the whole job.
+
+Stages, in data-flow order::
+
+    generate -> stats -> train-upstream -> validate/publish -> apply -> materialize
+             -> train-downstream -> lookup
+
+Heavy libraries (Feast, torch, Great Expectations) are imported inside the
+commands so ``derm --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import click
+from rich.console import Console
+
+from derm.cli.downstream import audit_leakage, train_downstream
+from derm.cli.experiments import ablation, leakage_experiment_command
+from derm.cli.publishing import freshness_command, promote_command, publish, retire_command, rollback_command
+from derm.cli.runtime import online_store, resolve_redis
+from derm.cli.serving import serve
+from derm.cli.upstream import train_upstream
+from derm.cli.validation import validate
+from derm.core.paths import REDIS_CONNECTION_ENV, PlatformPaths
+
+console = Console(stderr=True)
+
+
+def _paths() -> PlatformPaths:
+    return PlatformPaths.from_env()
+
+
+@click.group()
+def cli() -> None:
+    """Embedding feature platform: DERM embeddings published, validated and served through Feast."""
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(["tiny", "local", "bench"]), default="local", show_default=True)
+@click.option("--days", type=int, help="Number of days (default: the preset's).")
+@click.option("--events-per-day", type=int, help="Impressions per day (default: the preset's).")
+@click.option(
+    "--start-date",
+    type=click.DateTime(["%Y-%m-%d"]),
+    help="First day (default: so that the log ends yesterday, UTC).",
+)
+@click.option("--seed", type=int, default=7, show_default=True)
+def generate(preset: str, days: int | None, events_per_day: int | None, start_date: datetime | None, seed: int) -> None:
+    """Write the synthetic multi-surface event log (day-partitioned Parquet)."""
+    from derm.events.synthetic import SyntheticConfig, generate_event_log
+
+    overrides: dict[str, object] = {"seed": seed}
+    if days:
+        overrides["n_days"] = days
+    if events_per_day:
+        overrides["events_per_day"] = events_per_day
+    cfg = SyntheticConfig.preset(preset, **overrides)
+    first_day = start_date.date() if start_date else datetime.now(UTC).date() - timedelta(days=cfg.n_days)
+    cfg = SyntheticConfig.preset(preset, **overrides, start_date=first_day)
+    paths = _paths()
+    files = generate_event_log(cfg, paths.events_dir, progress=True)
+    console.print(f"wrote {cfg.n_days * cfg.events_per_day:,} events in {len(files)} days to {paths.events_dir}")
+
+
+@cli.command()
+def stats() -> None:
+    """Derive daily user/Pin counting features from the event log into the offline store."""
+    from derm.materialization.counting_features import build_counting_features
+
+    paths = _paths()
+    counts = build_counting_features(paths.events_dir, paths.stats_dir)
+    console.print(f"counting features: {counts} rows under {paths.stats_dir}")
+
+
+@cli.command()
+def apply() -> None:
+    """``feast apply`` on feature_repo/ (in process)."""
+    from derm.core.feast_repo import apply_repo
+
+    with online_store(_paths()):
+        apply_repo()
+
+
+@cli.command()
+@click.option("--end", type=click.DateTime(), help="Materialize up to this time (default: now, UTC).")
+def materialize(end: datetime | None) -> None:
+    """``feast materialize-incremental`` into Redis."""
+    from derm.core.feast_repo import materialize_incremental
+
+    end = (end or datetime.now(UTC)).replace(tzinfo=UTC)
+    with online_store(_paths()):
+        materialize_incremental(end)
+
+
+@cli.command()
+@click.option("--user-id", type=int, default=0, show_default=True)
+@click.option("--pin-id", type=int, multiple=True, default=(0, 1, 2), show_default=True)
+def lookup(user_id: int, pin_id: tuple[int, ...]) -> None:
+    """Read a user's and some Pins' features back from Redis with ``get_online_features``."""
+    with online_store(_paths()):
+        sample_lookup(user_id, list(pin_id))
+
+
+def sample_lookup(user_id: int, pin_ids: list[int]) -> dict[str, list]:
+    from derm.core.feast_repo import feature_store
+
+    store = feature_store()
+    features = [f"{fv.name}:{f.name}" for fv in store.list_feature_views() for f in fv.features]
+    rows = [{"user_id": user_id, "pin_id": pin} for pin in pin_ids]
+    result = store.get_online_features(features=features, entity_rows=rows).to_dict()
+    for name, values in result.items():
+        shown = [_short(v) for v in values]
+        console.print(f"  {name}: {shown}")
+    return result
+
+
+def _short(value: object) -> object:
+    if isinstance(value, list) and len(value) > 4:
+        return f"[{', '.join(f'{x:.3f}' for x in value[:3])}, ... ({len(value)} values)]"
+    return value
+
+
+@cli.command()
+def env() -> None:
+    """Print the exports Feast needs to use this project's repo by hand: eval "$(derm env)"."""
+    from derm.core.feast_repo import feast_environment
+
+    paths = _paths()
+    connection = resolve_redis(paths)
+    if connection is None:
+        raise click.ClickException("no Redis: run `derm redis up` first, or set " + REDIS_CONNECTION_ENV)
+    for name, value in feast_environment(paths, connection).items():
+        click.echo(f"export {name}='{value}'")
+
+
+@cli.group()
+def redis() -> None:
+    """The private local redis-server of the local profile."""
+
+
+@redis.command("up")
+def redis_up() -> None:
+    """Start the local Redis in the background (its RDB file keeps the online store between runs)."""
+    from derm.infra.redis_server import LocalRedisServer
+
+    paths = _paths()
+    running = LocalRedisServer.running(paths.redis_dir)
+    if running:
+        console.print(f"already running at {running}")
+        return
+    server = LocalRedisServer(paths.redis_dir).start()
+    server.detach()
+    console.print(f"redis-server running at {server.connection_string}; stop it with `derm redis down`")
+
+
+@redis.command("down")
+def redis_down() -> None:
+    """Stop the local Redis started by ``derm redis up`` (saving its data)."""
+    from derm.infra.redis_server import LocalRedisServer
+
+    stopped = LocalRedisServer.shutdown_detached(_paths().redis_dir)
+    console.print("stopped" if stopped else "no local redis-server was running")
+
+
+@cli.command("run-all")
+@click.option("--preset", type=click.Choice(["tiny", "local"]), default="local", show_default=True)
+@click.pass_context
+def run_all(ctx: click.Context, preset: str) -> None:
+    """The whole job end to end on the current profile."""
+    from derm.core.feast_repo import apply_repo, materialize_incremental
+
+    paths = _paths()
+    console.rule("1/8 generate event log")
+    ctx.invoke(generate, preset=preset)
+    console.rule("2/8 counting features")
+    ctx.invoke(stats)
+    console.rule("3/8 upstream DERM-CTR and DERM-CVR, daily refresh")
+    ctx.invoke(train_upstream)
+    with online_store(paths):
+        console.rule("4/8 validate and publish embedding snapshots")
+        ctx.invoke(publish, publish_all=True)
+        console.rule("5/8 feast apply")
+        apply_repo()
+        console.rule("6/8 feast materialize-incremental")
+        materialize_incremental(datetime.now(UTC))
+        console.rule("7/8 downstream CTR and CVR rankers on point-in-time training sets")
+        ctx.invoke(train_downstream, objective="both")
+        console.rule("8/8 sample online lookup")
+        sample_lookup(user_id=0, pin_ids=[0, 1, 2])
+    console.print(f"done: data in {paths.data_dir}")
+
+
+for _command in (
+    train_upstream,
+    validate,
+    publish,
+    promote_command,
+    rollback_command,
+    retire_command,
+    freshness_command,
+    train_downstream,
+    ablation,
+    audit_leakage,
+    leakage_experiment_command,
+    serve,
+):
+    cli.add_command(_command)

@@ -1,0 +1,123 @@
+"""Click commands of the upstream stage; heavy imports (torch, DuckDB) happen inside the commands.
+
+``train-upstream`` refreshes every day of the event log in order, for DERM-CTR
+and/or DERM-CVR, skipping the days already snapshotted under the same version.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+
+import click
+
+
+def _parse_date(_ctx: click.Context, _param: click.Parameter, value: str | None) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD)") from exc
+
+
+@click.command("train-upstream")
+@click.option(
+    "--objective",
+    "--model",
+    "objective_choice",
+    type=click.Choice(["ctr", "cvr", "both"]),
+    default="both",
+    show_default=True,
+    help="Upstream model(s) to refresh, by objective (--model is the 0.1 spelling).",
+)
+@click.option("--days", type=click.IntRange(min=1), default=None, help="Refresh only the first N days of the log.")
+@click.option("--through-date", callback=_parse_date, default=None, help="Last day to refresh (YYYY-MM-DD).")
+@click.option("--dim", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding dimension.")
+@click.option("--aggregation", type=click.Choice(["ema", "overwrite"]), default="ema", show_default=True)
+@click.option("--ema-weight", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.8, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Passes over each day.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=512, show_default=True)
+@click.option("--lr", "learning_rate", type=float, default=2e-3, show_default=True)
+@click.option("--contrastive-weight", type=float, default=0.5, show_default=True)
+@click.option("--temperature", type=float, default=0.1, show_default=True)
+@click.option("--active-window-days", type=click.IntRange(min=1), default=90, show_default=True)
+@click.option("--publish-delay-minutes", type=click.IntRange(min=0), default=60, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+def train_upstream(
+    objective_choice: str,
+    days: int | None,
+    through_date: date | None,
+    dim: int,
+    aggregation: str,
+    ema_weight: float,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    contrastive_weight: float,
+    temperature: float,
+    active_window_days: int,
+    publish_delay_minutes: int,
+    seed: int,
+    threads: int | None,
+) -> None:
+    """Train DERM upstream models day by day and write versioned embedding snapshots."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from derm.core.naming import OBJECTIVES
+    from derm.core.paths import PlatformPaths
+    from derm.training.upstream.config import RefreshConfig, TrainConfig, UpstreamConfig
+    from derm.training.upstream.features import FeatureConfig
+    from derm.training.upstream.model import DermConfig
+    from derm.training.upstream.refresh import RefreshGapError, refresh, refresh_days
+
+    if threads:
+        torch.set_num_threads(threads)
+    paths = PlatformPaths.from_env()
+    cfg = UpstreamConfig(
+        model=DermConfig(dim=dim),
+        features=FeatureConfig(),
+        train=TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            temperature=temperature,
+            contrastive_weight=contrastive_weight,
+            seed=seed,
+        ),
+        refresh=RefreshConfig(
+            aggregation=aggregation,
+            ema_weight=ema_weight,
+            active_window_days=active_window_days,
+            publish_delay=timedelta(minutes=publish_delay_minutes),
+        ),
+    )
+    objectives = tuple(OBJECTIVES) if objective_choice == "both" else (objective_choice,)
+    console = Console()
+    try:
+        plan = refresh_days(paths, through_date, days)
+    except ValueError as exc:  # EventLogError: no event log yet
+        raise click.ClickException(str(exc)) from exc
+    started = datetime.now()
+    written: dict[str, int] = {}
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        progress_task = progress.add_task("refreshing", total=len(plan) * len(objectives))
+
+        def on_day(objective: str, day: date, manifests: list) -> None:
+            version = manifests[0].model_version
+            written[f"{objective} {version}"] = written.get(f"{objective} {version}", 0) + 1
+            rows = ", ".join(f"{m.family}={m.row_count}" for m in manifests)
+            progress.update(progress_task, advance=1, description=f"{objective} {version} {day} ({rows})")
+
+        try:
+            refresh(paths, objectives, cfg, through_date=through_date, max_days=days, on_day=on_day)
+        except RefreshGapError as exc:
+            raise click.ClickException(str(exc)) from exc
+    elapsed = (datetime.now() - started).total_seconds()
+    for name, count in sorted(written.items()):
+        console.print(f"{name}: {count} day(s) up to date under {paths.snapshots_dir}")
+    console.print(f"done in {elapsed:.1f}s")

@@ -1,1 +1,0 @@
-"""Orchestration of the embedding feature platform: configuration and the ``derm`` CLI."""

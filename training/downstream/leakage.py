@@ -1,0 +1,268 @@
+"""Leakage audit: prove a training set's embeddings are point-in-time correct, against an oracle that is not Feast.
+
+Paper: "Decoupled Entity Representation Learning for Pinterest Ads Ranking",
+https://arxiv.org/abs/2509.04337 -- decoupling upstream and downstream only works
+when training sees, for every labelled event, the embedding that existed then.
+
+For every embedding column ``<family>_emb`` of a training set (Parquet), the oracle
+is one DuckDB ``ASOF LEFT JOIN`` of the rows' ``(join key, event_timestamp)`` with
+the published offline partitions ``offline/embeddings/<family>/<version>/date=*/data.parquet``:
+the newest snapshot with ``snapshot_timestamp <= event_timestamp``, and nothing when
+that snapshot is older than the TTL. The training set need not carry snapshot
+timestamps: the oracle's *vector* is compared with the training set's vector, and
+a mismatching vector is looked up among all snapshots of the entity to name the
+snapshot it came from. Violation kinds:
+
+* ``future``: the vector belongs to a snapshot published after the event (leakage);
+* ``expired``: it belongs to a snapshot older than the TTL;
+* ``stale``: it belongs to an older snapshot than the newest available one;
+* ``missing``: the training set has no vector where one was available;
+* ``unknown``: the vector is in no published snapshot of that version.
+
+The version audited per family comes from the training set's metadata
+(``derm.training_set``, see :mod:`derm.training.downstream.training_sets`), else from the
+catalog's promoted version, unless given explicitly.
+
+Example::
+
+    report = audit_training_set(Path("data/training_sets/ctr/run.parquet"), PlatformPaths.from_env())
+    print(report.describe())
+    sys.exit(0 if report.ok else 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from derm.core.naming import EMBEDDING_TTL, FAMILIES, feature_name, join_key
+from derm.core.paths import PlatformPaths
+from derm.core.training_set import METADATA_KEY, TrainingSetInfo, read_training_set_info
+from derm.materialization.catalog import OFFLINE_DATA_FILE, Catalog
+
+
+@dataclass(frozen=True)
+class Violation:
+    row: int  # 0-based row of the training set file
+    event_id: int | None
+    feature: str  # e.g. ctr_user_emb
+    version: str
+    entity: int
+    event_timestamp: datetime
+    expected_snapshot: datetime | None  # what the oracle joins (None: nothing available)
+    found_snapshot: datetime | None  # the snapshot the training set's vector belongs to (None: no vector/unknown)
+    kind: str  # future | expired | stale | missing | unknown
+
+    def __str__(self) -> str:
+        def ts(value: datetime | None) -> str:
+            return value.isoformat() if value is not None else "none"
+
+        event = f" event_id={self.event_id}" if self.event_id is not None else ""
+        return (
+            f"row {self.row}{event} {self.feature}@{self.version} entity={self.entity} "
+            f"event_time={ts(self.event_timestamp)}: {self.kind}; expected snapshot {ts(self.expected_snapshot)}, "
+            f"found {ts(self.found_snapshot)}"
+        )
+
+
+@dataclass
+class AuditReport:
+    path: Path
+    rows: int
+    checked: dict[str, str]  # feature -> version audited
+    violation_counts: dict[str, int] = field(default_factory=dict)  # feature -> number of violating rows
+    violations: list[Violation] = field(default_factory=list)  # the first ``max_reported`` per feature
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.violation_counts.values())
+
+    def describe(self, limit: int = 20) -> str:
+        lines = [
+            f"leakage audit of {self.path}: {self.rows:,} rows, "
+            + ", ".join(f"{f}@{v}" for f, v in self.checked.items())
+        ]
+        for feature, count in self.violation_counts.items():
+            lines.append(f"  {feature}: {count:,} violating rows" if count else f"  {feature}: ok")
+        for violation in self.violations[:limit]:
+            lines.append(f"    {violation}")
+        if len(self.violations) > limit:
+            lines.append(
+                f"    ... {len(self.violations) - limit} more listed, {sum(self.violation_counts.values())} total"
+            )
+        lines.append("PASS: every embedding was available at event time" if self.ok else "FAIL: leakage or mismatch")
+        return "\n".join(lines)
+
+
+def training_set_versions(path: Path) -> dict[str, str]:
+    """family -> version from the training set's metadata (empty if absent)."""
+    info = read_training_set_info(path)
+    return dict(info.embedding_versions) if info else {}
+
+
+def _connect():
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+def _quote(path: Path | str) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _snapshots_sql(embeddings_dir: Path, family: str, version: str) -> str:
+    pattern = Path(embeddings_dir) / family / version / "date=*" / OFFLINE_DATA_FILE
+    key = join_key(family)
+    return (
+        f"(SELECT {key} AS entity, event_timestamp AS snapshot_ts, CAST({feature_name(family)} AS FLOAT[]) AS vector "
+        f"FROM read_parquet({_quote(pattern)}))"
+    )
+
+
+def audit_training_set(
+    path: Path,
+    paths: PlatformPaths | None = None,
+    *,
+    versions: dict[str, str] | None = None,
+    ttl: timedelta = EMBEDDING_TTL,
+    max_reported: int = 50,
+) -> AuditReport:
+    """Check every embedding column of a training set against the ASOF oracle (see module docstring).
+
+    Args:
+        path: the training set (Parquet) with ``event_timestamp``, the join keys and ``<family>_emb`` columns.
+        paths: platform locations (the offline store); ``PlatformPaths.from_env()`` by default.
+        versions: family -> version to audit against (default: the file's metadata, else promoted).
+        ttl: the embedding views' TTL.
+        max_reported: violations listed per feature (all are counted).
+    """
+    paths = paths or PlatformPaths.from_env()
+    path = Path(path)
+    schema = pq.read_schema(path)
+    columns = set(schema.names)
+    promoted = Catalog(paths.embeddings_offline_dir).read_state().promoted
+    chosen = {**promoted, **training_set_versions(path), **(versions or {})}
+    families = [f for f in FAMILIES if feature_name(f) in columns]
+    missing_version = [f for f in families if f not in chosen]
+    if missing_version:
+        raise ValueError(f"{path}: no version known for {missing_version}; pass versions={{family: version}}")
+    if "event_timestamp" not in columns:
+        raise ValueError(f"{path}: no event_timestamp column; the audit needs each row's event time")
+    report = AuditReport(path=path, rows=pq.ParquetFile(path).metadata.num_rows, checked={})
+    con = _connect()
+    event_id = "event_id" if "event_id" in columns else "NULL::BIGINT"
+    ttl_us = int(ttl / timedelta(microseconds=1))
+    for family in families:
+        feature, version = feature_name(family), chosen[family]
+        key = join_key(family)
+        report.checked[feature] = version
+        snapshots = _snapshots_sql(paths.embeddings_offline_dir, family, version)
+        query = f"""
+            WITH t AS (
+                SELECT file_row_number AS row_nr, {event_id} AS event_id, {key} AS entity,
+                       CAST(event_timestamp AS TIMESTAMPTZ) AS event_ts,
+                       CAST({feature} AS FLOAT[]) AS found
+                FROM read_parquet({_quote(path)}, file_row_number = true)
+            ),
+            s AS {snapshots},
+            oracle AS (
+                SELECT t.*, s.snapshot_ts AS asof_ts, s.vector AS asof_vector
+                FROM t ASOF LEFT JOIN s ON t.entity = s.entity AND t.event_ts >= s.snapshot_ts
+            ),
+            expected AS (
+                SELECT *,
+                       CASE WHEN asof_ts IS NOT NULL AND epoch_us(event_ts) - epoch_us(asof_ts) <= {ttl_us}
+                            THEN asof_ts END AS expected_ts,
+                       CASE WHEN asof_ts IS NOT NULL AND epoch_us(event_ts) - epoch_us(asof_ts) <= {ttl_us}
+                            THEN asof_vector END AS expected_vector
+                FROM oracle
+            ),
+            bad AS (SELECT * FROM expected WHERE expected_vector IS DISTINCT FROM found),
+            located AS (
+                SELECT bad.row_nr, max(s.snapshot_ts) FILTER (WHERE s.snapshot_ts <= bad.event_ts) AS found_past,
+                       min(s.snapshot_ts) FILTER (WHERE s.snapshot_ts > bad.event_ts) AS found_future
+                FROM bad JOIN s ON s.entity = bad.entity AND s.vector = bad.found
+                GROUP BY bad.row_nr
+            )
+            SELECT bad.row_nr, bad.event_id, bad.entity, bad.event_ts, bad.expected_ts,
+                   coalesce(located.found_future, located.found_past) AS found_ts,
+                   CASE WHEN bad.found IS NULL THEN 'missing'
+                        WHEN located.found_future IS NOT NULL THEN 'future'
+                        WHEN located.found_past IS NULL THEN 'unknown'
+                        WHEN epoch_us(bad.event_ts) - epoch_us(located.found_past) > {ttl_us} THEN 'expired'
+                        ELSE 'stale' END AS kind,
+                   count(*) OVER () AS total
+            FROM bad LEFT JOIN located USING (row_nr)
+            ORDER BY bad.row_nr
+            LIMIT {int(max_reported)}"""
+        rows = con.execute(query).fetchall()
+        report.violation_counts[feature] = int(rows[0][-1]) if rows else 0
+        for row_nr, eid, entity, event_ts, expected_ts, found_ts, kind, _ in rows:
+            report.violations.append(
+                Violation(
+                    row=int(row_nr),
+                    event_id=None if eid is None else int(eid),
+                    feature=feature,
+                    version=version,
+                    entity=int(entity),
+                    event_timestamp=event_ts,
+                    expected_snapshot=expected_ts,
+                    found_snapshot=found_ts,
+                    kind=kind,
+                )
+            )
+    return report
+
+
+def build_leaky_training_set(
+    source: Path, out_path: Path, paths: PlatformPaths | None = None, versions: dict[str, str] | None = None
+) -> Path:
+    """A deliberately leaky copy of a training set: every embedding is the entity's *latest* snapshot.
+
+    Same rows, same other columns; each ``<family>_emb`` is replaced by the newest
+    published vector of the entity, regardless of the event time (what a naive
+    "join the current embedding table" pipeline does). The metadata is kept, with a note.
+    """
+    paths = paths or PlatformPaths.from_env()
+    source, out_path = Path(source), Path(out_path)
+    names = pq.read_schema(source).names
+    chosen = {**Catalog(paths.embeddings_offline_dir).read_state().promoted, **training_set_versions(source)}
+    chosen.update(versions or {})
+    families = [f for f in FAMILIES if feature_name(f) in names]
+    joins, select = [], []
+    for i, family in enumerate(families):
+        key = join_key(family)
+        latest = (
+            f"(SELECT entity, arg_max(vector, snapshot_ts) AS vector FROM "
+            f"{_snapshots_sql(paths.embeddings_offline_dir, family, chosen[family])} GROUP BY entity)"
+        )
+        joins.append(f"LEFT JOIN {latest} l{i} ON l{i}.entity = t.{key}")
+    for name in names:
+        family = next((f for f in families if feature_name(f) == name), None)
+        select.append(f"l{families.index(family)}.vector AS {name}" if family else f't."{name}"')
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    con = _connect()
+    table = con.sql(
+        f"""SELECT {", ".join(select)}
+            FROM read_parquet({_quote(source)}, file_row_number = true) t {" ".join(joins)}
+            ORDER BY t.file_row_number"""
+    ).to_arrow_table()
+    metadata = dict(pq.read_schema(source).metadata or {})
+    if METADATA_KEY in metadata:
+        info = TrainingSetInfo.from_json(metadata[METADATA_KEY])
+        leaky = info.with_note("LEAKY: latest snapshot joined regardless of event time")
+        metadata[METADATA_KEY] = leaky.to_json().encode()
+    source_schema = pq.read_schema(source)
+    table = table.cast(source_schema.remove_metadata()).replace_schema_metadata(metadata)
+    pq.write_table(table, tmp)
+    tmp.replace(out_path)
+    return out_path
+
+
+__all__ = ["AuditReport", "Violation", "audit_training_set", "build_leaky_training_set", "training_set_versions"]

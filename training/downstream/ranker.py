@@ -1,0 +1,481 @@
+"""Downstream CTR/CVR ranker: feature transformation, DCNv2 + MLP model, and the saved-ranker contract.
+
+Paper: "Decoupled Entity Representation Learning for Pinterest Ads Ranking",
+https://arxiv.org/abs/2509.04337. The downstream rankers consume the stored DERM
+embeddings as ordinary input features, next to id/context and counting features.
+
+One :class:`FeatureTransform` turns feature columns into model tensors, and the
+*same* object runs in training (over the Parquet training set written from
+``FeatureStore.get_historical_features``) and in serving (over the dict
+``FeatureStore.get_online_features(...).to_dict()`` returns plus request
+context). Inputs, per row:
+
+* sparse: ``user_id``, ``pin_id``, ``advertiser_id``, ``category_id`` hashed into
+  fixed bucket counts, ``surface`` (vocabulary of ``derm.events.schema.SURFACES``, unknown
+  -> an extra bucket) and ``day_of_week`` (0 = Monday, derived from
+  ``event_timestamp`` when absent);
+* dense: the counting features (``user_impressions_1d`` ...), ``log1p`` then
+  standardised with train-split mean/std; null -> 0 before ``log1p``, plus one
+  "missing" flag per counting view;
+* embeddings: one ``<family>_emb`` column per family, concatenated (optionally
+  projected, as in the paper), with a missing flag per family and a zero vector
+  when missing.
+
+Serving contract (what ``serving/`` calls)::
+
+    ranker = load_ranker(models_dir / "downstream" / "ctr" / run)
+    ranker.feature_refs          # list[str]: exact "view:feature" refs for get_online_features
+    ranker.embedding_versions    # dict[str, str]: {"ctr_user": "v1", ...}
+    ranker.input_columns         # list[str]: columns score() reads
+    p = ranker.score(frame)      # np.ndarray (B,) float32 probabilities
+
+``frame`` maps column names to ``np.ndarray`` or ``list`` of length ``B``: the
+columns ``get_historical_features`` / ``get_online_features`` return (ids,
+counting features with ``None`` for missing, embedding columns as ``(B, D)``
+float32 arrays or lists of ``D`` floats with ``None`` for missing) plus the
+context columns ``advertiser_id``, ``category_id``, ``surface`` and
+``day_of_week`` (or ``event_timestamp``). Missing embeddings are zero vectors
+with their flag set, in training and in serving alike.
+
+Saved layout: ``<models_dir>/downstream/<objective>/<run>/model.pt`` (state dict) and
+``ranker.json`` (:class:`RankerSpec`: objective, feature service, feature refs,
+embedding versions and dims, normalisation stats, bucket sizes, model config).
+
+Example::
+
+    spec = RankerSpec(objective="ctr", feature_service="ctr_ranker", feature_refs=refs,
+                      embedding_versions={"ctr_user": "v1"}, embedding_dims={"ctr_user": 64})
+    spec = spec.with_counting_stats(train_frame)
+    ranker = Ranker(spec, RankerModel(spec))
+    batch = ranker.transform(train_frame)          # dict of tensors
+    logits = ranker.model(batch)                   # (B,)
+    ranker.save(path); load_ranker(path).score(online_dict)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+
+from derm.core.naming import COUNTING_VIEWS, OBJECTIVES, all_counting_features, feature_name
+from derm.events.schema import SURFACES
+
+MODEL_FILE = "model.pt"
+SPEC_FILE = "ranker.json"
+
+ID_BUCKETS: dict[str, int] = {  # hashed id features -> bucket count
+    "user_id": 50_021,
+    "pin_id": 20_011,
+    "advertiser_id": 5_003,
+    "category_id": 211,
+}
+
+_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+
+
+@dataclass(frozen=True)
+class RankerModelConfig:
+    id_embedding_dim: int = 16  # width of each hashed id / context embedding
+    projection_dim: int | None = 64  # project the concatenated DERM embeddings to this size (None: no projection)
+    cross_layers: int = 2  # DCNv2 cross layers
+    cross_rank: int | None = 64  # low-rank cross weights (None: full rank)
+    mlp_hidden: tuple[int, ...] = (256, 128)  # deep tower, parallel to the cross network
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class RankerSpec:
+    """Everything needed to rebuild the transformation and the model: written as ``ranker.json``."""
+
+    objective: str  # "ctr" | "cvr"
+    feature_service: str  # the Feast feature service the training set came from
+    feature_refs: list[str]  # exact "view:feature" refs
+    embedding_versions: dict[str, str]  # family -> model version, e.g. {"ctr_user": "v1"}
+    embedding_dims: dict[str, int]  # family -> D
+    counting_features: list[str] = field(default_factory=all_counting_features)
+    counting_mean: list[float] = field(default_factory=list)  # of log1p(x), train split
+    counting_std: list[float] = field(default_factory=list)
+    id_buckets: dict[str, int] = field(default_factory=lambda: dict(ID_BUCKETS))
+    surfaces: list[str] = field(default_factory=lambda: list(SURFACES))
+    model: RankerModelConfig = field(default_factory=RankerModelConfig)
+    extra: dict[str, Any] = field(default_factory=dict)  # training window, metrics, ... (informational)
+
+    @property
+    def families(self) -> list[str]:
+        return list(self.embedding_versions)
+
+    @property
+    def sparse_buckets(self) -> list[int]:
+        """Bucket counts of the sparse inputs, in :meth:`FeatureTransform.__call__` column order."""
+        return [*self.id_buckets.values(), len(self.surfaces) + 1, 7]
+
+    @property
+    def dense_dim(self) -> int:
+        return len(self.counting_features) + len(COUNTING_VIEWS)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str)  # key order is meaningful
+
+    @classmethod
+    def from_json(cls, text: str) -> RankerSpec:
+        raw = json.loads(text)
+        if "task" in raw:  # saved by 0.1, which called the objective "task"
+            raw["objective"] = raw.pop("task")
+        model = raw.pop("model")
+        model["mlp_hidden"] = tuple(model["mlp_hidden"])
+        return cls(**raw, model=RankerModelConfig(**model))
+
+    def with_counting_stats(self, frame: Mapping[str, Any]) -> RankerSpec:
+        """This spec with mean/std of ``log1p`` counting features computed on ``frame`` (the train split)."""
+        x = np.stack([_log1p_counts(frame[c]) for c in self.counting_features], axis=1)  # (N, C)
+        std = x.std(axis=0)
+        return dataclasses.replace(
+            self, counting_mean=x.mean(axis=0).tolist(), counting_std=np.where(std > 1e-6, std, 1.0).tolist()
+        )
+
+
+# --------------------------------------------------------------------------- column conversion
+
+
+def _length(values: Any) -> int:
+    return len(values)
+
+
+def _as_float(values: Any) -> np.ndarray:
+    """Any column (Arrow, pandas, numpy, list with None) -> float64 ``(B,)`` with NaN for missing."""
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        return values.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):  # pandas Series
+        return values.to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.asarray(values, dtype=np.float64)
+
+
+def _as_int(values: Any) -> np.ndarray:
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        return values.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.int64)
+
+
+def _log1p_counts(values: Any) -> np.ndarray:
+    x = _as_float(values)
+    return np.log1p(np.clip(np.nan_to_num(x, nan=0.0), 0.0, None))
+
+
+def embedding_matrix(values: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """An embedding column -> ``(matrix (B, D) float32 with zeros where missing, missing (B,) bool)``.
+
+    Accepts an Arrow list column, a ``(B, D)`` array (NaN rows = missing), or a
+    list / pandas Series / object array of vectors with ``None`` for missing.
+    """
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        if values.shape[1] != dim:
+            raise ValueError(f"embedding of width {values.shape[1]}, expected {dim}")
+        matrix = values.astype(np.float32, copy=True)
+        missing = np.isnan(matrix).all(axis=1)
+        matrix[missing] = 0.0
+        return matrix, missing
+    if not isinstance(values, pa.ChunkedArray | pa.Array):
+        if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):
+            values = values.to_numpy(dtype=object)
+        values = pa.array(list(values), type=pa.list_(pa.float32()), from_pandas=True)
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.list_(pa.float32()))
+    if pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type):
+        values = values.cast(pa.list_(values.type.value_type))
+    missing = values.is_null().to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+    present = ~missing
+    if np.any(lengths[present] != dim):
+        bad = int(np.flatnonzero(present & (np.nan_to_num(lengths, nan=dim) != dim))[0])
+        raise ValueError(f"row {bad}: embedding of length {int(lengths[bad])}, expected {dim}")
+    matrix = np.zeros((len(values), dim), dtype=np.float32)
+    flat = values.flatten().cast(pa.float32()).to_numpy(zero_copy_only=False)  # only the non-null lists' values
+    matrix[present] = flat.reshape(-1, dim)
+    return matrix, missing
+
+
+def hash_ids(ids: np.ndarray, buckets: int, salt: int) -> np.ndarray:
+    """Deterministic multiplicative hash of int64 ids into ``[0, buckets)`` (same in training and serving)."""
+    with np.errstate(over="ignore"):
+        h = (ids.astype(np.uint64) + np.uint64(salt)) * _HASH_MULTIPLIER
+        h ^= h >> np.uint64(31)
+    return (h % np.uint64(buckets)).astype(np.int64)
+
+
+def _day_of_week(frame: Mapping[str, Any], n: int) -> np.ndarray:
+    if "day_of_week" in frame:
+        return _as_int(frame["day_of_week"])
+    if "event_timestamp" in frame:
+        import pandas as pd
+
+        stamps = frame["event_timestamp"]
+        if isinstance(stamps, pa.ChunkedArray | pa.Array):
+            stamps = stamps.to_pandas()
+        return pd.DatetimeIndex(pd.to_datetime(stamps, utc=True)).dayofweek.to_numpy().astype(np.int64)
+    return np.zeros(n, dtype=np.int64)
+
+
+def _surface_index(values: Any, vocabulary: list[str]) -> np.ndarray:
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        values = values.to_numpy(zero_copy_only=False)
+    uniques, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+    lookup = {s: i for i, s in enumerate(vocabulary)}
+    codes = np.array([lookup.get(u, len(vocabulary)) for u in uniques], dtype=np.int64)
+    return codes[inverse.reshape(-1)]
+
+
+class FeatureTransform:
+    """Columns -> model tensors; the one transformation shared by training and serving.
+
+    Args:
+        spec: the ranker spec (bucket sizes, counting stats, embedding families and dims).
+
+    Example::
+
+        batch = FeatureTransform(spec)(frame)
+        batch["sparse"]       # (B, 6) int64: 4 hashed ids, surface, day of week
+        batch["dense"]        # (B, 14) float32: standardised log1p counts + 2 missing flags
+        batch["emb"]          # (B, sum D) float32, zeros where missing
+        batch["emb_missing"]  # (B, F) float32, one flag per family
+    """
+
+    def __init__(self, spec: RankerSpec) -> None:
+        self.spec = spec
+        self.mean = np.asarray(spec.counting_mean or [0.0] * len(spec.counting_features), dtype=np.float64)
+        self.std = np.asarray(spec.counting_std or [1.0] * len(spec.counting_features), dtype=np.float64)
+
+    @property
+    def input_columns(self) -> list[str]:
+        ids = list(self.spec.id_buckets)
+        return [
+            *ids,
+            "surface",
+            "day_of_week",
+            *self.spec.counting_features,
+            *map(feature_name, self.spec.families),
+        ]
+
+    def __call__(self, frame: Mapping[str, Any], label: str | None = None) -> dict[str, torch.Tensor]:
+        spec = self.spec
+        n = _length(frame["user_id"])
+        sparse = [hash_ids(_as_int(frame[c]), b, salt=i) for i, (c, b) in enumerate(spec.id_buckets.items())]
+        sparse.append(_surface_index(frame["surface"], spec.surfaces))
+        sparse.append(np.clip(_day_of_week(frame, n), 0, 6))
+        counts = np.stack([_as_float(frame[c]) for c in spec.counting_features], axis=1) if n else np.zeros((0, 0))
+        counts = counts.reshape(n, len(spec.counting_features))
+        dense = (np.log1p(np.clip(np.nan_to_num(counts, nan=0.0), 0.0, None)) - self.mean) / self.std
+        view_missing = [
+            np.isnan(counts[:, spec.counting_features.index(f"{prefix}_impressions_7d")])
+            for prefix in COUNTING_VIEWS.values()
+        ]
+        dense = np.concatenate([dense, np.stack(view_missing, axis=1)], axis=1)
+        matrices, missing = [], []
+        for family in spec.families:
+            matrix, miss = embedding_matrix(frame[feature_name(family)], spec.embedding_dims[family])
+            matrices.append(matrix)
+            missing.append(miss)
+        batch = {
+            "sparse": torch.from_numpy(np.stack(sparse, axis=1).astype(np.int64)),
+            "dense": torch.from_numpy(dense.astype(np.float32)),
+            "emb": torch.from_numpy(np.concatenate(matrices, axis=1) if matrices else np.zeros((n, 0), np.float32)),
+            "emb_missing": torch.from_numpy(
+                np.stack(missing, axis=1).astype(np.float32) if missing else np.zeros((n, 0), np.float32)
+            ),
+        }
+        if label is not None:
+            batch["label"] = torch.from_numpy(_as_float(frame[label]).astype(np.float32))
+        return batch
+
+
+# --------------------------------------------------------------------------- model
+
+
+class CrossNetV2(nn.Module):
+    """DCNv2 cross network: ``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l`` with optional low-rank ``W_l = U_l V_l``.
+
+    Args:
+        dim: input width ``d``.
+        layers: number of cross layers.
+        rank: rank of ``W_l`` (``None``: full ``d x d``).
+
+    Example::
+
+        cross = CrossNetV2(dim=128, layers=2, rank=32)
+        y = cross(x0)   # (B, 128) -> (B, 128)
+    """
+
+    def __init__(self, dim: int, layers: int, rank: int | None = None) -> None:
+        super().__init__()
+        if rank is None or rank >= dim:
+            self.weights = nn.ModuleList([nn.Linear(dim, dim) for _ in range(layers)])
+        else:
+            self.weights = nn.ModuleList(
+                [nn.Sequential(nn.Linear(dim, rank, bias=False), nn.Linear(rank, dim)) for _ in range(layers)]
+            )
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0  # (B, d)
+        for weight in self.weights:
+            x = x0 * weight(x) + x
+        return x
+
+
+class RankerModel(nn.Module):
+    """DCNv2-style ranker: hashed id embeddings + dense counts + projected DERM embeddings -> cross || MLP -> logit.
+
+    Args:
+        spec: the :class:`RankerSpec` (input sizes and :class:`RankerModelConfig`).
+
+    Example::
+
+        model = RankerModel(spec)
+        logits = model(FeatureTransform(spec)(frame))   # (B,)
+    """
+
+    def __init__(self, spec: RankerSpec) -> None:
+        super().__init__()
+        cfg = spec.model
+        self.id_embeddings = nn.ModuleList([nn.Embedding(b, cfg.id_embedding_dim) for b in spec.sparse_buckets])
+        for table in self.id_embeddings:
+            nn.init.normal_(table.weight, std=0.05)
+        emb_dim = sum(spec.embedding_dims[f] for f in spec.families)
+        if emb_dim and cfg.projection_dim:
+            self.projection: nn.Module = nn.Linear(emb_dim, cfg.projection_dim)
+            emb_out = cfg.projection_dim
+        else:
+            self.projection = nn.Identity()
+            emb_out = emb_dim
+        width = len(spec.sparse_buckets) * cfg.id_embedding_dim + spec.dense_dim + emb_out + len(spec.families)
+        self.cross = CrossNetV2(width, cfg.cross_layers, cfg.cross_rank)
+        layers: list[nn.Module] = []
+        previous = width
+        for hidden in cfg.mlp_hidden:
+            layers += [nn.Linear(previous, hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            previous = hidden
+        self.mlp = nn.Sequential(*layers)
+        self.head = nn.Linear(width + previous, 1)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        sparse = batch["sparse"]  # (B, S)
+        ids = [table(sparse[:, i]) for i, table in enumerate(self.id_embeddings)]  # S x (B, E)
+        emb = batch["emb"]  # (B, sum D)
+        parts = [*ids, batch["dense"]]
+        if emb.shape[1]:
+            parts += [self.projection(emb), batch["emb_missing"]]
+        x0 = torch.cat(parts, dim=1)  # (B, d)
+        return self.head(torch.cat([self.cross(x0), self.mlp(x0)], dim=1)).squeeze(1)  # (B,)
+
+
+# --------------------------------------------------------------------------- ranker
+
+
+class Ranker:
+    """A trained ranker: spec + transform + model. See the module docstring for the serving contract."""
+
+    def __init__(self, spec: RankerSpec, model: RankerModel | None = None) -> None:
+        self.spec = spec
+        self.transform = FeatureTransform(spec)
+        self.model = model if model is not None else RankerModel(spec)
+
+    @property
+    def feature_refs(self) -> list[str]:
+        return list(self.spec.feature_refs)
+
+    @property
+    def embedding_versions(self) -> dict[str, str]:
+        return dict(self.spec.embedding_versions)
+
+    @property
+    def input_columns(self) -> list[str]:
+        return self.transform.input_columns
+
+    def logits(self, frame: Mapping[str, Any], batch_size: int = 65_536) -> np.ndarray:
+        batch = self.transform(frame)
+        n = batch["sparse"].shape[0]
+        self.model.eval()
+        out = []
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                out.append(self.model({k: v[start : start + batch_size] for k, v in batch.items()}))
+        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+    def score(self, frame: Mapping[str, Any]) -> np.ndarray:
+        """Probabilities ``(B,)`` float32 for the rows of ``frame`` (column name -> array or list)."""
+        return (1.0 / (1.0 + np.exp(-self.logits(frame).astype(np.float64)))).astype(np.float32)
+
+    def save(self, directory: Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), directory / MODEL_FILE)
+        (directory / SPEC_FILE).write_text(self.spec.to_json() + "\n")
+        return directory
+
+
+def load_ranker(path: Path | str) -> Ranker:
+    """The ranker saved in ``path`` (a folder with ``model.pt`` and ``ranker.json``)."""
+    path = Path(path)
+    spec = RankerSpec.from_json((path / SPEC_FILE).read_text())
+    model = RankerModel(spec)
+    model.load_state_dict(torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True))
+    model.eval()
+    return Ranker(spec, model)
+
+
+def ranker_dir(models_dir: Path, objective: str, run: str) -> Path:
+    """Where a ranker run is saved: ``<models_dir>/downstream/<objective>/<run>/``."""
+    return Path(models_dir) / "downstream" / objective / run
+
+
+def latest_ranker_dirs(models_dir: Path) -> dict[str, Path]:
+    """objective -> the most recently saved ranker folder (by the time its spec was written, then run name)."""
+    found: dict[str, Path] = {}
+    for objective in OBJECTIVES:
+        runs = [spec.parent for spec in ranker_dir(models_dir, objective, "*").parent.glob(f"*/{SPEC_FILE}")]
+        if runs:
+            found[objective] = max(runs, key=lambda run: ((run / SPEC_FILE).stat().st_mtime_ns, run.name))
+    return found
+
+
+def load_rankers(models_dir: Path, directories: Sequence[Path] = ()) -> dict[str, Ranker]:
+    """Rankers keyed by objective: the given folders, or else the newest saved one of each objective.
+
+    Raises:
+        ValueError: nothing saved (and nothing given), or two rankers of one objective given.
+    """
+    directories = list(directories) or list(latest_ranker_dirs(models_dir).values())
+    if not directories:
+        raise ValueError(f"no saved ranker under {Path(models_dir) / 'downstream'}: train one or name its folder")
+    rankers: dict[str, Ranker] = {}
+    for directory in directories:
+        ranker = load_ranker(directory)
+        objective = ranker.spec.objective
+        if objective in rankers:
+            raise ValueError(f"two {objective} rankers given ({directory}); give one per objective")
+        rankers[objective] = ranker
+    return rankers
+
+
+__all__ = [
+    "CrossNetV2",
+    "FeatureTransform",
+    "Ranker",
+    "RankerModel",
+    "RankerModelConfig",
+    "RankerSpec",
+    "embedding_matrix",
+    "hash_ids",
+    "latest_ranker_dirs",
+    "load_ranker",
+    "load_rankers",
+    "ranker_dir",
+]

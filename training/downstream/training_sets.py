@@ -1,0 +1,269 @@
+"""Downstream training sets: labelled events joined point in time to a feature service through Feast.
+
+Paper: "Decoupled Entity Representation Learning for Pinterest Ads Ranking",
+https://arxiv.org/abs/2509.04337.
+
+A training set is the event log's labelled events (DuckDB over
+``events/date=*/*.parquet``) used as Feast's entity dataframe, joined point in time
+with ``FeatureStore.get_historical_features`` to a feature service: the registered
+``ctr_ranker`` / ``cvr_ranker`` (counting views + every family at its promoted
+version) or a :class:`feast.FeatureService` built in code from registered views
+(ablations). Objectives::
+
+    ctr: every impression, label = clicked
+    cvr: every click,      label = converted
+
+The entity dataframe carries ``event_id``, ``event_timestamp``, ``user_id``,
+``pin_id``, ``advertiser_id``, ``category_id``, ``surface``, ``day_of_week`` and
+``label``; Feast carries them through. The result is written to Parquet, with the
+feature service, feature refs and embedding versions in the file's metadata
+(:mod:`derm.core.training_set`), so any later reader (trainer, leakage audit) knows
+what was joined; :mod:`derm.training.downstream.dataset` turns it into tensors.
+
+Example::
+
+    store = feature_store()
+    service = ranker_service(store, "ctr")                      # registered ctr_ranker
+    window = default_window(paths, service_families(store, service))
+    info = build_training_set(store, paths, "ctr", service, window, out_path)
+    table, meta = read_training_set(out_path)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from derm.core.days import day_end, day_start
+from derm.core.naming import COUNTING_VIEWS, FAMILIES, OBJECTIVES, feature_name, feature_view_name, ranker_service_name
+from derm.core.paths import PlatformPaths
+from derm.core.sql import connect
+from derm.core.training_set import LABEL, TrainingSetInfo, write_training_set
+from derm.events.schema import event_files, log_days
+from derm.materialization.catalog import Catalog
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+ENTITY_COLUMNS = (
+    "event_id",
+    "event_timestamp",
+    "user_id",
+    "pin_id",
+    "advertiser_id",
+    "category_id",
+    "surface",
+    "day_of_week",
+    LABEL,
+)
+
+
+# --------------------------------------------------------------------------- entity dataframe
+
+
+def labelled_events(events_dir: Path, objective: str, start: datetime | None = None, end: datetime | None = None):
+    """The entity dataframe of ``objective``: labelled events in ``[start, end)``, ordered by time then event id.
+
+    Returns:
+        pandas DataFrame with :data:`ENTITY_COLUMNS`; ``day_of_week`` is 0 = Monday (UTC),
+        ``label`` is int64 0/1.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: expected one of {sorted(OBJECTIVES)}")
+    label, population = OBJECTIVES[objective]  # column names the platform defines, not input
+    query = f"""
+        SELECT event_id, event_timestamp, user_id, pin_id, advertiser_id, category_id, surface,
+               CAST(isodow(event_timestamp) - 1 AS BIGINT) AS day_of_week,
+               CAST({label} AS BIGINT) AS {LABEL}
+        FROM read_parquet($files)
+        WHERE {population or "true"}
+          AND ($start IS NULL OR event_timestamp >= $start) AND ($end IS NULL OR event_timestamp < $end)
+        ORDER BY event_timestamp, event_id"""
+    files = [str(path) for path in event_files(events_dir)]
+    with connect() as con:
+        frame = con.execute(query, {"files": files, "start": start, "end": end}).df()
+    frame["event_timestamp"] = frame["event_timestamp"].dt.tz_convert("UTC")
+    return frame
+
+
+def default_window(paths: PlatformPaths, families: Sequence[tuple[str, str]]) -> tuple[datetime, datetime]:
+    """``[start, end)`` of a training set: from when every given (family, version) and the counting
+    features have a first snapshot, to the end of the event log."""
+    days = log_days(paths.events_dir)
+    start = day_end(days[0])  # counting features of day 0 are stamped end of day 0
+    catalog = Catalog(paths.embeddings_offline_dir)
+    for family, version in families:
+        manifests = catalog.manifests(family, version)
+        if manifests:
+            start = max(start, min(m.event_timestamp for m in manifests))
+    return start, day_end(days[-1])
+
+
+def split_time(window: tuple[datetime, datetime], eval_days: int) -> datetime:
+    """Temporal split: events before this time train, the last ``eval_days`` days evaluate."""
+    end = window[1]
+    split = day_start((end - timedelta(microseconds=1)).date() - timedelta(days=eval_days - 1))
+    if split <= window[0]:
+        raise ValueError(f"window {window[0]} .. {end} too short for {eval_days} evaluation day(s)")
+    return split
+
+
+# --------------------------------------------------------------------------- feature services
+
+
+def ranker_service(
+    store: Any, objective: str, families: Sequence[str] | None = None, versions: dict[str, str] | None = None
+):
+    """The feature service of a ranker.
+
+    Args:
+        store: a ``feast.FeatureStore``.
+        objective: ``"ctr"`` or ``"cvr"``.
+        families: ``None`` for the registered ``<objective>_ranker`` service; else the embedding
+            families to include (``[]``: counting features only), built in code from registered views.
+        versions: family -> version for ``families`` (default: each family's version in the
+            registered ``<objective>_ranker``, i.e. the promoted one).
+    """
+    from feast import FeatureService
+
+    registered = store.get_feature_service(ranker_service_name(objective))
+    if families is None:
+        return registered
+    promoted = dict(service_families(store, registered))
+    versions = {**promoted, **(versions or {})}
+    views = [store.get_feature_view(name) for name in COUNTING_VIEWS]
+    for family in families:
+        if family not in versions:
+            raise ValueError(f"{family}: no version given and none promoted")
+        views.append(store.get_feature_view(feature_view_name(family, versions[family])))
+    label = "+".join(f"{f}@{versions[f]}" for f in families) or "none"
+    return FeatureService(name=f"{ranker_service_name(objective)}[{label}]", features=views, tags={"kind": "ablation"})
+
+
+def service_families(store: Any, service: Any) -> list[tuple[str, str]]:
+    """``[(family, version)]`` of the embedding views in a feature service, from the views' tags."""
+    result = []
+    for projection in service.feature_view_projections:
+        tags = store.get_feature_view(projection.name).tags
+        if tags.get("family") in FAMILIES:
+            result.append((tags["family"], tags["model_version"]))
+    return result
+
+
+def _retrievable(store: Any, service: Any) -> Any:
+    """The service itself when registered; else its exact feature refs.
+
+    Feast resolves a ``FeatureService`` argument through the registry by name, so a
+    service built in code (an ablation variant) is passed as the refs of its projections,
+    which selects exactly the same views and columns without touching the shared registry.
+    """
+    from feast.errors import FeatureServiceNotFoundException
+
+    try:
+        registered = store.get_feature_service(service.name)
+    except FeatureServiceNotFoundException:
+        return service_feature_refs(service)
+    return (
+        service if service_feature_refs(registered) == service_feature_refs(service) else service_feature_refs(service)
+    )
+
+
+def service_feature_refs(service: Any) -> list[str]:
+    return [f"{p.name_to_use()}:{f.name}" for p in service.feature_view_projections for f in p.features]
+
+
+# --------------------------------------------------------------------------- training sets
+
+
+def build_training_set(
+    store: Any,
+    paths: PlatformPaths,
+    objective: str,
+    service: Any,
+    window: tuple[datetime, datetime],
+    out_path: Path,
+    entity_df: pd.DataFrame | None = None,
+) -> TrainingSetInfo:
+    """Join the labelled events of ``window`` to ``service`` point in time; write Parquet to ``out_path``.
+
+    Args:
+        store: a ``feast.FeatureStore``.
+        paths: platform locations (event log).
+        objective: ``"ctr"`` or ``"cvr"``.
+        service: a ``feast.FeatureService`` (see :func:`ranker_service`).
+        window: ``[start, end)`` of the events.
+        out_path: the Parquet file to write.
+        entity_df: the labelled events (default: :func:`labelled_events` over ``window``).
+
+    Returns:
+        The :class:`TrainingSetInfo`, also stored in the file's metadata.
+    """
+    if entity_df is None:
+        entity_df = labelled_events(paths.events_dir, objective, *window)
+    families = service_families(store, service)
+    dims = {f: int(store.get_feature_view(feature_view_name(f, v)).tags.get("dim", 0)) for f, v in families}
+    table = store.get_historical_features(entity_df=entity_df, features=_retrievable(store, service)).to_arrow()
+    # Offline stores (stock and ASOF) return rows in no particular order; a fixed order makes the file reproducible.
+    order = pc.sort_indices(table, [("event_timestamp", "ascending"), ("event_id", "ascending")])
+    table = table.take(order)
+    info = TrainingSetInfo(
+        objective=objective,
+        feature_service=service.name,
+        feature_refs=service_feature_refs(service),
+        embedding_versions=dict(families),
+        embedding_dims=dims,
+        window_start=window[0].isoformat(),
+        window_end=window[1].isoformat(),
+        rows=table.num_rows,
+    )
+    write_training_set(table, info, out_path)
+    return info
+
+
+def embedding_columns(info: TrainingSetInfo) -> list[str]:
+    return [feature_name(f) for f in info.embedding_versions]
+
+
+def gate_training_set(table: pa.Table, info: TrainingSetInfo, docs_dir: Path):
+    """Run the training-set gate (:func:`derm.validation.gate.validate_training_set`) on a training set."""
+    from derm.validation.gate import validate_training_set
+
+    frame = table.to_pandas()
+    for column in embedding_columns(info):  # list cells stay lists (or None): the gate measures their length
+        frame[column] = table.column(column).to_pylist()
+    return validate_training_set(
+        frame,
+        label=LABEL,
+        embedding_columns=embedding_columns(info),
+        required_columns=["event_id", "user_id", "pin_id", "advertiser_id", "category_id", "surface"],
+        window=(datetime.fromisoformat(info.window_start), datetime.fromisoformat(info.window_end)),
+        docs_dir=docs_dir,
+    )
+
+
+def split_table(table: pa.Table, split: datetime) -> tuple[pa.Table, pa.Table]:
+    """``(train, eval)``: rows before ``split`` and rows at or after it."""
+    stamps = table.column("event_timestamp")
+    cutoff = pa.scalar(split, type=stamps.type)
+    before = pc.less(stamps, cutoff)
+    return table.filter(before), table.filter(pc.invert(before))
+
+
+__all__ = [
+    "ENTITY_COLUMNS",
+    "build_training_set",
+    "default_window",
+    "embedding_columns",
+    "gate_training_set",
+    "labelled_events",
+    "ranker_service",
+    "service_families",
+    "service_feature_refs",
+    "split_table",
+    "split_time",
+]

@@ -1,0 +1,81 @@
+"""What defines an upstream model version: model, features, training and refresh settings.
+
+Paper: "Decoupled Entity Representation Learning for Pinterest Ads Ranking",
+https://arxiv.org/abs/2509.04337. Everything here that shapes the embeddings is
+hashed into the version (:meth:`UpstreamConfig.config_hash`); a change gets a new
+model version, whose snapshots are separate feature views.
+
+Example::
+
+    cfg = UpstreamConfig(refresh=RefreshConfig(aggregation="overwrite"))
+    cfg.config_hash("ctr")        # sha256 of the canonical JSON of version_payload("ctr")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from derm.training.upstream.features import FeatureConfig
+from derm.training.upstream.model import DermConfig
+
+AGGREGATIONS = ("ema", "overwrite")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1  # passes over each day's examples (warm start carries the earlier days)
+    batch_size: int = 512
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    temperature: float = 0.1  # tau of the in-batch sampled softmax
+    contrastive_weight: float = 0.5  # total loss = BCE + weight * contrastive
+    seed: int = 0  # initial weights and per-day shuffling
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    aggregation: str = "ema"  # "ema": w*E(t-1) + (1-w)*E_daily(t); "overwrite": E_daily(t)
+    ema_weight: float = 0.8  # w; the paper's best setting
+    active_window_days: int = 90  # entities without an event in this window are dropped
+    publish_delay: timedelta = timedelta(hours=1)  # after end of day; shifts availability only
+    inference_batch_size: int = 65_536  # rows per forward pass and per Parquet row group
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={self.aggregation!r}: expected one of {AGGREGATIONS}")
+        if not 0.0 <= self.ema_weight < 1.0:
+            raise ValueError(f"ema_weight={self.ema_weight}: expected 0 <= w < 1")
+        if self.publish_delay < timedelta(0):
+            raise ValueError("publish_delay must not be negative: a snapshot cannot exist before its data")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    model: DermConfig = field(default_factory=DermConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+
+    def version_payload(self, objective: str) -> dict:
+        """Everything that changes the embeddings; publish delay and batch size do not, so they are left out."""
+        refresh = self.refresh
+        return {
+            "objective": objective,
+            "model": dataclasses.asdict(self.model),
+            "features": dataclasses.asdict(self.features),
+            "train": dataclasses.asdict(self.train),
+            "aggregation": {
+                "aggregation": refresh.aggregation,
+                # Overwrite ignores w; keep it out so the same embeddings never get two versions.
+                "ema_weight": refresh.ema_weight if refresh.aggregation == "ema" else None,
+                "active_window_days": refresh.active_window_days,
+            },
+        }
+
+    def config_hash(self, objective: str) -> str:
+        canonical = json.dumps(self.version_payload(objective), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,267 @@
+"""The daily embedding export: entity towers over every active entity, the moving average, atomic snapshots.
+
+Paper: "Decoupled Entity Representation Learning for Pinterest Ads Ranking",
+https://arxiv.org/abs/2509.04337. Day ``t``'s export embeds every user and Pin
+active in the last ``active_window_days`` (one embedding per entity per day),
+smooths it with ``E(t) = w * E(t-1) + (1 - w) * E_daily(t)`` (or overwrites) and
+writes one snapshot per family, stamped ``t+1 00:00 UTC + publish_delay``. Every
+step streams id-ordered batches, so memory stays bounded whatever the number of
+entities.
+
+Example::
+
+    batches = aggregate_batches(embed_batches(model, "user", features), previous_file, "user_id", 64, "ema", 0.8)
+    manifest = write_snapshot(snapshot_dir(...), batches, manifest)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from derm.core.days import day_end
+from derm.core.model_versions import ModelVersions
+from derm.core.naming import objective_of
+from derm.core.paths import PlatformPaths
+from derm.core.snapshot import (
+    DATA_FILE,
+    MANIFEST_FILE,
+    SnapshotManifest,
+    file_sha256,
+    read_manifest,
+    snapshot_dir,
+    snapshot_schema,
+)
+from derm.training.upstream.config import AGGREGATIONS
+from derm.training.upstream.model import PIN_KEYS, USER_KEYS, DermModel
+
+
+def aggregate(
+    daily: np.ndarray,
+    previous: np.ndarray | None,
+    has_previous: np.ndarray | None,
+    aggregation: str = "ema",
+    ema_weight: float = 0.8,
+) -> np.ndarray:
+    """``E(t) = w * E(t-1) + (1 - w) * E_daily(t)`` where ``E(t-1)`` exists, else ``E_daily(t)``.
+
+    Args:
+        daily: ``(N, D)`` today's embeddings.
+        previous: ``(N, D)`` yesterday's aggregated embeddings aligned with ``daily``
+            (rows where ``has_previous`` is false are ignored), or ``None``.
+        has_previous: ``(N,)`` bool, whether the entity had an embedding yesterday.
+        aggregation: ``"ema"`` or ``"overwrite"`` (``E(t) = E_daily(t)``).
+        ema_weight: ``w``.
+
+    Returns:
+        ``(N, D)`` float32. No re-normalisation: the average is the feature.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
+    daily = np.asarray(daily, dtype=np.float32)
+    if aggregation == "overwrite" or previous is None or has_previous is None:
+        return daily
+    smoothed = ema_weight * np.asarray(previous, dtype=np.float32) + (1.0 - ema_weight) * daily
+    return np.where(has_previous[:, None], smoothed, daily).astype(np.float32)
+
+
+def _embedding_matrix(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+
+
+class _SortedSnapshotReader:
+    """Looks up rows of an id-sorted snapshot for ascending id batches, reading it once, in step.
+
+    Memory stays at about one Parquet batch whatever the snapshot size (a merge join).
+    """
+
+    def __init__(self, data_file: Path, key: str, dim: int, batch_rows: int = 65_536) -> None:
+        self.dim = dim
+        self.key = key
+        # pre_buffer off: it would cache every row group read so far, growing with the file.
+        parquet = pq.ParquetFile(data_file, pre_buffer=False)
+        self._batches = parquet.iter_batches(batch_size=batch_rows, columns=[key, "embedding"])
+        self._ids = np.empty(0, dtype=np.int64)
+        self._emb = np.empty((0, dim), dtype=np.float32)
+        self._exhausted = False
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(found (n,), embeddings (n, D))`` for ascending ``ids`` greater than every earlier lookup."""
+        if len(ids) == 0:
+            return np.zeros(0, dtype=bool), np.zeros((0, self.dim), dtype=np.float32)
+        while not self._exhausted and (len(self._ids) == 0 or self._ids[-1] < ids[-1]):
+            batch = next(self._batches, None)
+            if batch is None:
+                self._exhausted = True
+                break
+            self._ids = np.concatenate([self._ids, batch.column(self.key).to_numpy(zero_copy_only=False)])
+            self._emb = np.concatenate([self._emb, _embedding_matrix(batch.column("embedding"), self.dim)])
+        pos = np.minimum(np.searchsorted(self._ids, ids), max(len(self._ids) - 1, 0))
+        if len(self._ids) == 0:
+            return np.zeros(len(ids), dtype=bool), np.zeros((len(ids), self.dim), dtype=np.float32)
+        found = self._ids[pos] == ids
+        embeddings = self._emb[pos]
+        keep = self._ids > ids[-1]
+        self._ids, self._emb = self._ids[keep], self._emb[keep]
+        return found, embeddings
+
+
+def aggregate_batches(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    previous_data_file: Path | None,
+    key: str,
+    dim: int,
+    aggregation: str,
+    ema_weight: float,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Applies :func:`aggregate` to ``(ids, daily)`` batches in ascending id order against yesterday's file."""
+    reader = None
+    if previous_data_file is not None and aggregation == "ema":
+        reader = _SortedSnapshotReader(previous_data_file, key, dim)
+    last_id: int | None = None
+    for ids, daily in batches:
+        if len(ids) == 0:
+            continue
+        if np.any(np.diff(ids) <= 0) or (last_id is not None and ids[0] <= last_id):
+            raise ValueError("entity ids must be unique and ascending across export batches")
+        last_id = int(ids[-1])
+        if reader is None:
+            yield ids, aggregate(daily, None, None, aggregation, ema_weight)
+            continue
+        found, previous = reader.lookup(ids)
+        yield ids, aggregate(daily, previous, found, aggregation, ema_weight)
+
+
+def embed_batches(
+    model: DermModel,
+    entity: str,
+    feature_batches: Iterable[dict[str, np.ndarray]],
+    batch_size: int = 65_536,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Runs an entity tower over feature batches; yields ``(ids (n,), embeddings (n, D) float32)``."""
+    keys = USER_KEYS if entity == "user" else PIN_KEYS
+    model.eval()
+    with torch.inference_mode():
+        for features in feature_batches:
+            ids = features[f"{entity}_id"]
+            for start in range(0, len(ids), batch_size):
+                part = {k: torch.from_numpy(features[k][start : start + batch_size]) for k in keys}
+                yield ids[start : start + batch_size], model.embed(entity, part).numpy()
+
+
+def write_snapshot(
+    directory: Path,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    manifest: SnapshotManifest,
+    row_group_rows: int = 65_536,
+) -> SnapshotManifest:
+    """Writes ``embeddings.parquet`` + ``manifest.json`` into ``directory`` atomically.
+
+    Rows are streamed into a hidden temp folder next to ``directory`` which is
+    renamed into place at the end, so a killed run never leaves half a snapshot.
+
+    Args:
+        directory: the snapshot folder (see :func:`derm.core.snapshot.snapshot_dir`).
+        batches: ``(ids (n,) int64, embeddings (n, dim) float32)`` in ascending id order.
+        manifest: the manifest to write; ``row_count`` and ``data_sha256`` are filled in here.
+
+    Returns:
+        The written manifest.
+    """
+    directory = Path(directory)
+    family, dim = manifest.family, manifest.dim
+    schema = snapshot_schema(family)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    timestamp_us = int(manifest.event_timestamp.timestamp() * 1_000_000)
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp / DATA_FILE, schema) as writer:
+            for ids, embeddings in batches:
+                n = len(ids)
+                if embeddings.shape != (n, dim):
+                    raise ValueError(f"{family}: embeddings of shape {embeddings.shape}, expected ({n}, {dim})")
+                flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), pa.float32())
+                offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32), pa.int32())
+                table = pa.table(
+                    [
+                        pa.array(ids, pa.int64()),
+                        pa.array(np.full(n, timestamp_us, dtype=np.int64)).cast(schema.field(1).type),
+                        pa.ListArray.from_arrays(offsets, flat),
+                        pa.repeat(pa.scalar(manifest.model_version, pa.string()), n),
+                    ],
+                    schema=schema,
+                )
+                writer.write_table(table, row_group_size=row_group_rows)
+                rows += n
+        manifest = dataclasses.replace(manifest, row_count=rows, data_sha256=file_sha256(tmp / DATA_FILE))
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json() + "\n")
+        if directory.exists():  # a concurrent run finished first; its snapshot is the same version
+            shutil.rmtree(tmp)
+            return read_manifest(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def snapshot_available_at(day: date, publish_delay: timedelta) -> datetime:
+    """When day ``t``'s snapshot becomes available: ``t+1 00:00 UTC + publish_delay``."""
+    return day_end(day) + publish_delay
+
+
+def write_precomputed_snapshot(
+    paths: PlatformPaths,
+    family: str,
+    day: date,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    config_hash: str,
+    publish_delay: timedelta = timedelta(hours=1),
+) -> Path:
+    """One day's snapshot from vectors computed elsewhere (benchmarks, tests, another trainer's export).
+
+    The version is the one ``config_hash`` is registered under for the family's model (a new
+    hash gets the next ``vN``), exactly as :func:`refresh_day` registers its own.
+
+    Args:
+        ids: ``(n,)`` entity ids in ascending order.
+        vectors: ``(n, D)`` float32 embeddings.
+
+    Returns:
+        The snapshot folder, ready for the validation gate and publishing.
+    """
+    version = ModelVersions(paths.snapshots_dir).resolve(objective_of(family), config_hash)
+    ts = snapshot_available_at(day, publish_delay)
+    manifest = SnapshotManifest(
+        family=family,
+        model_version=version,
+        config_hash=config_hash,
+        weights_sha256="0" * 64,
+        dim=vectors.shape[1],
+        snapshot_date=day,
+        event_timestamp=ts,
+        data_window_start=ts - timedelta(days=30),
+        data_window_end=ts - publish_delay - timedelta(microseconds=1),
+        row_count=0,
+        aggregation="ema",
+        ema_weight=0.8,
+        created_at=ts,
+    )
+    directory = snapshot_dir(paths.snapshots_dir, family, version, day)
+    write_snapshot(directory, [(np.asarray(ids, dtype=np.int64), vectors)], manifest)
+    return directory
