@@ -1,0 +1,1 @@
+"""The paper's experiments: embedding and aggregation ablations, the leakage experiment, and their reports."""

@@ -1,1 +1,5 @@
+"""Publishing.
 
+The gate, then offline Parquet, ``feast apply`` and Redis; promote, roll back, retire; the catalog;
+counting features.
+"""

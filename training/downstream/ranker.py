@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
+from derm.core.files import replace_directory
 from derm.core.naming import COUNTING_VIEWS, OBJECTIVES, all_counting_features, feature_name
 from derm.events.schema import SURFACES
 
@@ -414,10 +417,14 @@ class Ranker:
         return (1.0 / (1.0 + np.exp(-self.logits(frame).astype(np.float64)))).astype(np.float32)
 
     def save(self, directory: Path) -> Path:
+        """``model.pt`` and ``ranker.json`` into ``directory``, which appears (or is replaced) whole."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(self.model.state_dict(), directory / MODEL_FILE)
-        (directory / SPEC_FILE).write_text(self.spec.to_json() + "\n")
+        staging = directory.with_name(f".{directory.name}.staging-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        torch.save(self.model.state_dict(), staging / MODEL_FILE)
+        (staging / SPEC_FILE).write_text(self.spec.to_json() + "\n")
+        replace_directory(staging, directory)  # serving never loads a spec without its weights
         return directory
 
 
@@ -440,7 +447,8 @@ def latest_ranker_dirs(models_dir: Path) -> dict[str, Path]:
     """objective -> the most recently saved ranker folder (by the time its spec was written, then run name)."""
     found: dict[str, Path] = {}
     for objective in OBJECTIVES:
-        runs = [spec.parent for spec in ranker_dir(models_dir, objective, "*").parent.glob(f"*/{SPEC_FILE}")]
+        saved = ranker_dir(models_dir, objective, "*").parent.glob(f"*/{SPEC_FILE}")
+        runs = [spec.parent for spec in saved if not spec.parent.name.startswith(".")]  # not a save in progress
         if runs:
             found[objective] = max(runs, key=lambda run: ((run / SPEC_FILE).stat().st_mtime_ns, run.name))
     return found
