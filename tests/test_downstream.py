@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import zlib
 from datetime import date, timedelta
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -314,3 +315,41 @@ def test_dataloader_benchmark_smoke() -> None:
     result = run(rows=3000, repeats=1, batch_size=512)
     assert result["rows"] == 3000
     assert result["loader_samples_per_s"] > 0 and result["in_memory_samples_per_s"] > 0 and result["ratio"] > 0
+
+
+def test_saved_rankers_appear_whole_and_the_newest_is_served(tmp_path: Path) -> None:
+    import json
+
+    from derm.training.downstream.ranker import (
+        SPEC_FILE,
+        Ranker,
+        RankerSpec,
+        latest_ranker_dirs,
+        load_ranker,
+        load_rankers,
+        ranker_dir,
+    )
+
+    def spec(objective: str, run: str) -> RankerSpec:
+        return RankerSpec(objective, f"{objective}_ranker", [], {}, {}, extra={"run": run})
+
+    with pytest.raises(ValueError, match="no saved ranker"):
+        load_rankers(tmp_path)
+    first = Ranker(spec("ctr", "first")).save(ranker_dir(tmp_path, "ctr", "first"))
+    second = Ranker(spec("ctr", "second")).save(ranker_dir(tmp_path, "ctr", "second"))
+    Ranker(spec("ctr", "again")).save(first)  # replacing a run leaves one complete folder
+    assert load_ranker(first).spec.extra == {"run": "again"}
+    assert sorted(p.name for p in first.parent.iterdir()) == ["first", "second"]
+
+    # A save killed before its rename leaves a hidden staging folder: never a candidate.
+    staging = first.parent / ".third.staging-1"
+    staging.mkdir()
+    (staging / SPEC_FILE).write_text(json.dumps({"objective": "ctr"}))
+    assert latest_ranker_dirs(tmp_path) == {"ctr": first}
+    assert set(load_rankers(tmp_path)) == {"ctr"}
+    with pytest.raises(ValueError, match="two ctr rankers"):
+        load_rankers(tmp_path, [first, second])
+    legacy = json.loads((second / SPEC_FILE).read_text())
+    legacy["task"] = legacy.pop("objective")  # a 0.1 spec
+    (second / SPEC_FILE).write_text(json.dumps(legacy))
+    assert load_ranker(second).spec.objective == "ctr"
