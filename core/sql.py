@@ -5,6 +5,11 @@ Paths, timestamps and other values never go into SQL text: they are bound as
 identifiers the platform itself defines (join keys, feature names from
 :mod:`derm.core.naming`) are formatted into a query, through :func:`ident`.
 
+The definitions sit in :mod:`derm.feast_plugins.duckdb_sql`, the ground layer,
+so that the Feast plugins (the ASOF offline store) open DuckDB the same way:
+core may import the plugins, the plugins may import no platform module. Import
+them from here everywhere else.
+
 Example::
 
     with connect() as con:
@@ -14,24 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from derm.feast_plugins.duckdb_sql import connect, ident
 
-import duckdb
-
-
-@contextlib.contextmanager
-def connect() -> Iterator[duckdb.DuckDBPyConnection]:
-    """A private in-memory DuckDB connection whose session time zone is UTC; closed on exit."""
-    con = duckdb.connect()
-    try:
-        # TIMESTAMPTZ values come back and cast to DATE in UTC, whatever the machine's zone.
-        con.execute("SET TimeZone = 'UTC'")
-        yield con
-    finally:
-        con.close()
-
-
-def ident(name: str) -> str:
-    """A quoted SQL identifier (column or alias)."""
-    return '"' + name.replace('"', '""') + '"'
+__all__ = ["connect", "ident"]

@@ -110,7 +110,7 @@ def check_event_log(events_dir: Path) -> list[Path]:
             unknown surface, a conversion without a click, a row outside its
             ``date=`` partition, or a duplicate ``event_id``.
     """
-    import duckdb
+    from derm.core.sql import connect, ident
 
     files = event_files(events_dir)
     for path in files:
@@ -122,34 +122,34 @@ def check_event_log(events_dir: Path) -> list[Path]:
             if not _compatible(field.type, actual):
                 raise EventLogError(f"{path}: column {field.name!r} has type {actual}, expected {field.type}")
 
-    con = duckdb.connect()
-    columns = ", ".join(f"count(*) FILTER (WHERE {f.name} IS NULL) AS {f.name}" for f in EVENT_LOG_SCHEMA)
-    surfaces = ", ".join(f"'{s}'" for s in SURFACES)
-    for path in files:
-        rel = f"read_parquet('{path}')"
-        nulls = con.execute(f"SELECT {columns} FROM {rel}").fetchone()
-        for field, n in zip(EVENT_LOG_SCHEMA, nulls, strict=True):
-            if n:
-                raise EventLogError(f"{path}: column {field.name!r} has {n} null values")
-        day = path.parent.name.removeprefix("date=")
-        bad = con.execute(
-            f"""SELECT
-                  count(*) FILTER (WHERE surface NOT IN ({surfaces})),
-                  count(*) FILTER (WHERE converted AND NOT clicked),
-                  count(*) FILTER (WHERE CAST(timezone('UTC', event_timestamp) AS DATE) <> DATE '{day}')
-                FROM {rel}"""
-        ).fetchone()
-        checks = (
-            f"column 'surface' has {bad[0]} values outside {SURFACES}",
-            f"column 'converted' is true on {bad[1]} rows where 'clicked' is false",
-            f"column 'event_timestamp' has {bad[2]} rows outside partition date={day}",
-        )
-        for count, message in zip(bad, checks, strict=True):
-            if count:
-                raise EventLogError(f"{path}: {message}")
-    duplicates = con.execute(
-        f"SELECT event_id FROM read_parquet('{event_glob(events_dir)}') GROUP BY event_id HAVING count(*) > 1 LIMIT 5"
-    ).fetchall()
+    nulls_sql = ", ".join(f"count(*) FILTER (WHERE {ident(f.name)} IS NULL)" for f in EVENT_LOG_SCHEMA)
+    with connect() as con:
+        for path in files:
+            nulls = con.execute(f"SELECT {nulls_sql} FROM read_parquet($file)", {"file": str(path)}).fetchone()
+            for field, n in zip(EVENT_LOG_SCHEMA, nulls, strict=True):
+                if n:
+                    raise EventLogError(f"{path}: column {field.name!r} has {n} null values")
+            day = path.parent.name.removeprefix("date=")
+            bad = con.execute(
+                """SELECT
+                      count(*) FILTER (WHERE NOT list_contains($surfaces, surface)),
+                      count(*) FILTER (WHERE converted AND NOT clicked),
+                      count(*) FILTER (WHERE CAST(timezone('UTC', event_timestamp) AS DATE) <> $day)
+                    FROM read_parquet($file)""",
+                {"surfaces": list(SURFACES), "day": partition_day(path), "file": str(path)},
+            ).fetchone()
+            checks = (
+                f"column 'surface' has {bad[0]} values outside {SURFACES}",
+                f"column 'converted' is true on {bad[1]} rows where 'clicked' is false",
+                f"column 'event_timestamp' has {bad[2]} rows outside partition date={day}",
+            )
+            for count, message in zip(bad, checks, strict=True):
+                if count:
+                    raise EventLogError(f"{path}: {message}")
+        duplicates = con.execute(
+            "SELECT event_id FROM read_parquet($files) GROUP BY event_id HAVING count(*) > 1 LIMIT 5",
+            {"files": [str(path) for path in files]},
+        ).fetchall()
     if duplicates:
         ids = [row[0] for row in duplicates]
         raise EventLogError(f"{events_dir}: column 'event_id' has duplicate values, e.g. {ids}")

@@ -56,6 +56,8 @@ from feast.saved_dataset import SavedDatasetStorage
 from ibis.formats.pandas import PandasData
 from ibis.formats.pyarrow import PyArrowSchema
 
+from derm.feast_plugins.duckdb_sql import connect, ident
+
 STORE_TYPE = "derm.feast_plugins.asof_offline_store.AsofDuckDBOfflineStore"
 
 # Names this store adds to the query; prefixed so they cannot clash with user columns.
@@ -63,10 +65,10 @@ _ENTITY_RELATION = "__asof_entity_df"
 _ENTITY_TS = "__asof_entity_ts"
 _FEATURE_TS = "__asof_ts"
 _ASOF_KEY = "__asof_key"
-# Stand-ins for the entity dataframe's time range in the query text, replaced by literals at execution so
-# that DuckDB can push the bounds into the Parquet scan.
-_ENTITY_TS_MIN = "__ASOF_ENTITY_TS_MIN__"
-_ENTITY_TS_MAX = "__ASOF_ENTITY_TS_MAX__"
+# Parameters of the query: the entity dataframe's time range, bound at execution (DuckDB pushes bound
+# values into the Parquet scan as it does literals), and each view's source path.
+_ENTITY_TS_MIN = "__asof_entity_ts_min"
+_ENTITY_TS_MAX = "__asof_entity_ts_max"
 
 
 class AsofDuckDBOfflineStoreConfig(DuckDBOfflineStoreConfig):
@@ -85,20 +87,13 @@ class AsofDuckDBOfflineStoreConfig(DuckDBOfflineStoreConfig):
     spills the join to a temporary directory beyond it."""
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 @dataclass(frozen=True)
 class _ViewJoin:
     """What one feature view contributes to the query, resolved the way Feast's ibis join resolves it."""
 
     relation: str  # the CTE holding the view's rows
-    source_sql: str  # read_parquet(...) over the view's batch source
+    source_parameter: str  # the query parameter holding the path of the view's batch source
+    source_path: str  # the local Parquet file or folder it holds
     key_columns: dict[str, str]  # source column -> entity dataframe column
     timestamp_column: str  # source column
     created_column: str | None  # source column
@@ -125,12 +120,12 @@ def _plan_view(
     path = _parquet_path(source)
     if path is None:
         return None
-    source_sql = f"read_parquet({_literal(path)})"
 
     # Feast renames source columns by field_mapping (only those present) before it uses any name; keep a map
     # from the post-mapping name back to the column in the file instead of renaming.
-    with duckdb.connect() as connection:
-        source_columns = [row[0] for row in connection.execute(f"DESCRIBE SELECT * FROM {source_sql}").fetchall()]
+    with connect() as connection:
+        described = connection.execute("DESCRIBE SELECT * FROM read_parquet($path)", {"path": path}).fetchall()
+    source_columns = [row[0] for row in described]
     column_of = {column: column for column in source_columns}
     for old_name, new_name in source.field_mapping.items():
         if old_name in source_columns:
@@ -151,7 +146,8 @@ def _plan_view(
     join_key_map = projection.join_key_map or {column.name: column.name for column in feature_view.entity_columns}
     return _ViewJoin(
         relation=f"__asof_view_{index}",
-        source_sql=source_sql,
+        source_parameter=f"__asof_source_{index}",
+        source_path=path,
         key_columns={source_column(key): entity_column for key, entity_column in join_key_map.items()},
         timestamp_column=source_column(source.timestamp_field),
         created_column=source_column(source.created_timestamp_column) if source.created_timestamp_column else None,
@@ -168,46 +164,49 @@ def _interval(ttl: timedelta) -> str:
     return f"INTERVAL {microseconds} MICROSECONDS"
 
 
-def _view_cte(view: _ViewJoin, entity_ts_min: str, entity_ts_max: str) -> str:
+def _view_cte(view: _ViewJoin) -> str:
     # Feast casts the source timestamps to TIMESTAMPTZ (microseconds, rounding nanoseconds) before comparing:
     # do the same so boundary rows fall on the same side.
-    timestamp = f"CAST({_ident(view.timestamp_column)} AS TIMESTAMPTZ)"
+    timestamp = f"CAST({ident(view.timestamp_column)} AS TIMESTAMPTZ)"
     if view.created_column:
         # Feast keeps, among the rows at the newest event timestamp, the newest created timestamp, NULL last
         # (ORDER BY event DESC, created DESC with DuckDB's NULLS LAST). An ASOF JOIN on the pair
         # (event, created) against (entity time, +infinity) picks exactly that row without deduplicating the
         # whole source first.
-        created = f"COALESCE(CAST({_ident(view.created_column)} AS TIMESTAMPTZ), '-infinity'::TIMESTAMPTZ)"
+        created = f"COALESCE(CAST({ident(view.created_column)} AS TIMESTAMPTZ), '-infinity'::TIMESTAMPTZ)"
         asof_key = f"{{'ts': {timestamp}, 'created': {created}}}"
-    columns = [f"{_ident(column)} AS {_ident(f'__asof_key_{i}')}" for i, column in enumerate(view.key_columns)]
-    columns += [f"{_ident(column)} AS {_ident(output)}" for output, column in view.feature_columns.items()]
+    columns = [f"{ident(column)} AS {ident(f'__asof_key_{i}')}" for i, column in enumerate(view.key_columns)]
+    columns += [f"{ident(column)} AS {ident(output)}" for output, column in view.feature_columns.items()]
     columns.append(f"{timestamp} AS {_FEATURE_TS}")
     if view.created_column:
         columns.append(f"{asof_key} AS {_ASOF_KEY}")  # otherwise the ASOF JOIN is on the timestamp alone
     # Rows newer than every entity row, or expired before the oldest one, can never be picked; dropping them
     # in the scan (row-group statistics permitting) keeps them out of the join's sort.
-    window = [f"{timestamp} <= {entity_ts_max}"]
+    window = [f"{timestamp} <= CAST(${_ENTITY_TS_MAX} AS TIMESTAMPTZ)"]
     if view.ttl:
-        window.append(f"{timestamp} + {_interval(view.ttl)} >= {entity_ts_min}")
+        window.append(f"{timestamp} + {_interval(view.ttl)} >= CAST(${_ENTITY_TS_MIN} AS TIMESTAMPTZ)")
     return (
         f"{view.relation} AS (\n"
         f"  SELECT {', '.join(columns)}\n"
-        f"  FROM {view.source_sql}\n"
+        f"  FROM read_parquet(${view.source_parameter})\n"
         f"  WHERE {' AND '.join(window)}\n"
         f")"
     )
 
 
-def _asof_query(entity_columns: list[str], event_timestamp_column: str, views: list[_ViewJoin]) -> str:
-    entity_ts = f"CAST({_ident(event_timestamp_column)} AS TIMESTAMPTZ)"
+def _asof_query(
+    entity_columns: list[str], event_timestamp_column: str, views: list[_ViewJoin]
+) -> tuple[str, dict[str, str | None]]:
+    """The query and its parameters: the source paths, and the entity time bounds (None until execution)."""
+    entity_ts = f"CAST({ident(event_timestamp_column)} AS TIMESTAMPTZ)"
     ctes = [f"entity AS (\n  SELECT *, {entity_ts} AS {_ENTITY_TS} FROM {_ENTITY_RELATION}\n)"]
-    ctes += [_view_cte(view, _ENTITY_TS_MIN, _ENTITY_TS_MAX) for view in views]
-    select = [f"e.{_ident(column)}" for column in entity_columns]
+    ctes += [_view_cte(view) for view in views]
+    select = [f"e.{ident(column)}" for column in entity_columns]
     joins = []
     for alias_index, view in enumerate(views):
         alias = f"v{alias_index}"
         conditions = [
-            f"e.{_ident(entity_column)} = {alias}.{_ident(f'__asof_key_{i}')}"
+            f"e.{ident(entity_column)} = {alias}.{ident(f'__asof_key_{i}')}"
             for i, entity_column in enumerate(view.key_columns.values())
         ]
         if view.created_column:
@@ -225,10 +224,17 @@ def _asof_query(entity_columns: list[str], event_timestamp_column: str, views: l
         # is older than the TTL, in which case every row is, and Feast returns NULL.
         expired = f"{alias}.{_FEATURE_TS} + {_interval(view.ttl)} < e.{_ENTITY_TS}" if view.ttl else None
         for output in view.feature_columns:
-            value = f"{alias}.{_ident(output)}"
+            value = f"{alias}.{ident(output)}"
             select.append(f"CASE WHEN {expired} THEN NULL ELSE {value} END" if expired else value)
-            select[-1] += f" AS {_ident(output)}"
-    return "WITH " + ",\n".join(ctes) + "\nSELECT " + ",\n  ".join(select) + "\nFROM entity AS e\n" + "\n".join(joins)
+            select[-1] += f" AS {ident(output)}"
+    query = "WITH " + ",\n".join(ctes) + "\nSELECT " + ",\n  ".join(select) + "\nFROM entity AS e\n" + "\n".join(joins)
+    # DuckDB rejects parameters a query does not use: the bounds are there only when a view reads them.
+    parameters: dict[str, str | None] = {view.source_parameter: view.source_path for view in views}
+    if views:
+        parameters[_ENTITY_TS_MAX] = None
+    if any(view.ttl for view in views):
+        parameters[_ENTITY_TS_MIN] = None
+    return query, parameters
 
 
 def _entity_df_utc(entity_df: pd.DataFrame, event_timestamp_column: str) -> pd.DataFrame:
@@ -252,6 +258,7 @@ class AsofRetrievalJob(RetrievalJob):
     def __init__(
         self,
         query: str,
+        parameters: dict[str, str | None],
         entity_table: pa.Table,
         event_timestamp_column: str,
         full_feature_names: bool,
@@ -261,6 +268,7 @@ class AsofRetrievalJob(RetrievalJob):
     ) -> None:
         super().__init__()
         self.query = query
+        self.parameters = parameters
         self._entity_table = entity_table
         self._event_timestamp_column = event_timestamp_column
         self._full_feature_names = full_feature_names
@@ -268,36 +276,23 @@ class AsofRetrievalJob(RetrievalJob):
         self._repo_path = repo_path
         self._config = config
 
-    def _connect(self) -> duckdb.DuckDBPyConnection:
-        connection = duckdb.connect()
-        # Feast's ibis backend runs DuckDB in UTC: naive timestamps compare as UTC and TTL days are 24 hours.
-        connection.execute("SET TimeZone = 'UTC'").fetchall()
-        threads = getattr(self._config, "threads", None)
-        memory_limit = getattr(self._config, "memory_limit", None)
-        if threads:
-            connection.execute(f"SET threads = {int(threads)}").fetchall()
-        if memory_limit:
-            connection.execute(f"SET memory_limit = {_literal(memory_limit)}").fetchall()
-        return connection
-
-    def _bound_query(self, connection: duckdb.DuckDBPyConnection) -> str:
+    def _entity_ts_bounds(self, connection: duckdb.DuckDBPyConnection) -> dict[str, object]:
         ts_min, ts_max = connection.execute(
-            f"SELECT CAST(min(ts) AS VARCHAR), CAST(max(ts) AS VARCHAR) FROM "
-            f"(SELECT CAST({_ident(self._event_timestamp_column)} AS TIMESTAMPTZ) AS ts FROM {_ENTITY_RELATION})"
-        ).fetchall()[0]
-
-        def literal(value: str | None) -> str:
-            return "NULL::TIMESTAMPTZ" if value is None else f"{_literal(value)}::TIMESTAMPTZ"
-
-        return self.query.replace(_ENTITY_TS_MIN, literal(ts_min)).replace(_ENTITY_TS_MAX, literal(ts_max))
+            f"SELECT min(ts), max(ts) FROM "
+            f"(SELECT CAST({ident(self._event_timestamp_column)} AS TIMESTAMPTZ) AS ts FROM {_ENTITY_RELATION})"
+        ).fetchall()[0]  # fetched to the end: DuckDB runs nothing else on a connection with a pending result
+        return {_ENTITY_TS_MIN: ts_min, _ENTITY_TS_MAX: ts_max}
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
-        connection = self._connect()
-        try:
+        # Feast's ibis backend runs DuckDB in UTC too (connect() sets it): naive timestamps compare as UTC and
+        # TTL days are 24 hours.
+        threads = getattr(self._config, "threads", None) or None
+        memory_limit = getattr(self._config, "memory_limit", None) or None
+        with connect(threads=threads, memory_limit=memory_limit) as connection:
             connection.register(_ENTITY_RELATION, self._entity_table)
-            result = connection.sql(self._bound_query(connection)).to_arrow_table()
-        finally:
-            connection.close()
+            bounds = self._entity_ts_bounds(connection)
+            parameters = {name: bounds.get(name, value) for name, value in self.parameters.items()}
+            result = connection.sql(self.query, params=parameters).to_arrow_table()
         # Entity columns keep the types they came in with (e.g. the time zone of the event timestamp), as
         # ibis casts them back in the stock store; DuckDB would return TIMESTAMPTZ in UTC.
         entity_types = {field.name: field.type for field in self._entity_table.schema}
@@ -406,8 +401,10 @@ def _asof_retrieval(
     entity_table = _entity_arrow(entity_df)
 
     offline_config = config.offline_store
+    query, parameters = _asof_query(list(entity_table.column_names), event_timestamp_column, views)
     return AsofRetrievalJob(
-        query=_asof_query(list(entity_table.column_names), event_timestamp_column, views),
+        query=query,
+        parameters=parameters,
         entity_table=entity_table,
         event_timestamp_column=event_timestamp_column,
         full_feature_names=full_feature_names,

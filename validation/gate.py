@@ -317,13 +317,11 @@ def _derive_snapshot_frames(
     snapshot_dir: Path, manifest: SnapshotManifest, previous: tuple[Path, SnapshotManifest] | None
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Per-row scalar view of the vectors and, with a previous snapshot, per-dimension shift."""
-    import duckdb
-
+    from derm.core.sql import connect, ident
     from derm.validation import suites
 
-    key = manifest.join_key
-    con = duckdb.connect()
-    try:
+    key = ident(manifest.join_key)
+    with connect() as con:
         parameters = {"current": str(snapshot_dir / manifest.data_file)}
         if previous is None:
             previous_rows = f"SELECT NULL::BIGINT AS {key}, NULL::FLOAT[] AS embedding WHERE false"
@@ -381,8 +379,6 @@ def _derive_snapshot_frames(
             {**parameters, "dim": manifest.dim},
         ).df()
         return rows, dimensions
-    finally:
-        con.close()
 
 
 def validate_snapshot(

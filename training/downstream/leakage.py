@@ -25,7 +25,8 @@ catalog's promoted version, unless given explicitly.
 
 Example::
 
-    report = audit_training_set(Path("data/training_sets/ctr/run.parquet"), PlatformPaths.from_env())
+    paths = PlatformPaths.from_env()
+    report = audit_training_set(Path("data/training_sets/ctr/run.parquet"), paths)
     print(report.describe())
     sys.exit(0 if report.ok else 1)
 """
@@ -38,8 +39,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from derm.core.files import atomic_path
 from derm.core.naming import EMBEDDING_TTL, FAMILIES, feature_name, join_key
 from derm.core.paths import PlatformPaths
+from derm.core.sql import connect, ident
 from derm.core.training_set import METADATA_KEY, TrainingSetInfo, read_training_set_info
 from derm.materialization.catalog import OFFLINE_DATA_FILE, Catalog
 
@@ -103,30 +106,111 @@ def training_set_versions(path: Path) -> dict[str, str]:
     return dict(info.embedding_versions) if info else {}
 
 
-def _connect():
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    return con
-
-
-def _quote(path: Path | str) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
-def _snapshots_sql(embeddings_dir: Path, family: str, version: str) -> str:
+def _snapshots_sql(embeddings_dir: Path, family: str, version: str, name: str) -> tuple[str, dict[str, str]]:
+    """The published snapshots of ``family@version`` as ``(entity, snapshot_ts, vector)``; the glob over
+    their partitions is bound as ``$<name>``."""
     pattern = Path(embeddings_dir) / family / version / "date=*" / OFFLINE_DATA_FILE
-    key = join_key(family)
-    return (
-        f"(SELECT {key} AS entity, event_timestamp AS snapshot_ts, CAST({feature_name(family)} AS FLOAT[]) AS vector "
-        f"FROM read_parquet({_quote(pattern)}))"
+    key, feature = ident(join_key(family)), ident(feature_name(family))
+    sql = (
+        f"(SELECT {key} AS entity, event_timestamp AS snapshot_ts, CAST({feature} AS FLOAT[]) AS vector "
+        f"FROM read_parquet(${name}))"
     )
+    return sql, {name: str(pattern)}
+
+
+# Per family: the training set's rows ``t``, the published snapshots ``s``, the oracle's ASOF pick within the
+# TTL, the rows whose vector differs from it, and the snapshot each differing vector came from.
+_ORACLE_SQL = """
+    WITH t AS (
+        SELECT file_row_number AS row_nr, {event_id} AS event_id, {key} AS entity,
+               CAST(event_timestamp AS TIMESTAMPTZ) AS event_ts,
+               CAST({feature} AS FLOAT[]) AS found
+        FROM read_parquet($training_set, file_row_number = true)
+    ),
+    s AS {snapshots},
+    oracle AS (
+        SELECT t.*, s.snapshot_ts AS asof_ts, s.vector AS asof_vector
+        FROM t ASOF LEFT JOIN s ON t.entity = s.entity AND t.event_ts >= s.snapshot_ts
+    ),
+    expected AS (
+        SELECT *,
+               CASE WHEN asof_ts IS NOT NULL AND epoch_us(event_ts) - epoch_us(asof_ts) <= $ttl_us
+                    THEN asof_ts END AS expected_ts,
+               CASE WHEN asof_ts IS NOT NULL AND epoch_us(event_ts) - epoch_us(asof_ts) <= $ttl_us
+                    THEN asof_vector END AS expected_vector
+        FROM oracle
+    ),
+    bad AS (SELECT * FROM expected WHERE expected_vector IS DISTINCT FROM found),
+    located AS (
+        SELECT bad.row_nr, max(s.snapshot_ts) FILTER (WHERE s.snapshot_ts <= bad.event_ts) AS found_past,
+               min(s.snapshot_ts) FILTER (WHERE s.snapshot_ts > bad.event_ts) AS found_future
+        FROM bad JOIN s ON s.entity = bad.entity AND s.vector = bad.found
+        GROUP BY bad.row_nr
+    )
+    SELECT bad.row_nr, bad.event_id, bad.entity, bad.event_ts, bad.expected_ts,
+           coalesce(located.found_future, located.found_past) AS found_ts,
+           CASE WHEN bad.found IS NULL THEN 'missing'
+                WHEN located.found_future IS NOT NULL THEN 'future'
+                WHEN located.found_past IS NULL THEN 'unknown'
+                WHEN epoch_us(bad.event_ts) - epoch_us(located.found_past) > $ttl_us THEN 'expired'
+                ELSE 'stale' END AS kind,
+           count(*) OVER () AS total
+    FROM bad LEFT JOIN located USING (row_nr)
+    ORDER BY bad.row_nr
+    LIMIT $limit"""
+
+
+def _oracle_query(
+    path: Path, embeddings_dir: Path, family: str, version: str, *, has_event_id: bool, ttl: timedelta, limit: int
+) -> tuple[str, dict[str, object]]:
+    """The first ``limit`` rows of ``path`` whose ``family`` vector is not the oracle's (with the snapshot
+    expected, the one found, the kind of violation and the total count), and the query's parameters."""
+    snapshots, params = _snapshots_sql(embeddings_dir, family, version, "snapshots")
+    query = _ORACLE_SQL.format(
+        event_id="event_id" if has_event_id else "NULL::BIGINT",
+        key=ident(join_key(family)),
+        feature=ident(feature_name(family)),
+        snapshots=snapshots,
+    )
+    ttl_us = int(ttl / timedelta(microseconds=1))
+    return query, {**params, "training_set": str(path), "ttl_us": ttl_us, "limit": int(limit)}
+
+
+def _violations(rows: list[tuple], feature: str, version: str) -> list[Violation]:
+    """The oracle query's rows as violations of ``feature@version``."""
+    return [
+        Violation(
+            row=int(row_nr),
+            event_id=None if eid is None else int(eid),
+            feature=feature,
+            version=version,
+            entity=int(entity),
+            event_timestamp=event_ts,
+            expected_snapshot=expected_ts,
+            found_snapshot=found_ts,
+            kind=kind,
+        )
+        for row_nr, eid, entity, event_ts, expected_ts, found_ts, kind, _ in rows
+    ]
+
+
+def _audited_versions(
+    path: Path, columns: set[str], paths: PlatformPaths, versions: dict[str, str] | None
+) -> dict[str, str]:
+    """family -> version for every embedding column of the training set (explicit, else metadata, else
+    promoted)."""
+    promoted = Catalog(paths.embeddings_offline_dir).read_state().promoted
+    chosen = {**promoted, **training_set_versions(path), **(versions or {})}
+    families = [f for f in FAMILIES if feature_name(f) in columns]
+    missing_version = [f for f in families if f not in chosen]
+    if missing_version:
+        raise ValueError(f"{path}: no version known for {missing_version}; pass versions={{family: version}}")
+    return {family: chosen[family] for family in families}
 
 
 def audit_training_set(
     path: Path,
-    paths: PlatformPaths | None = None,
+    paths: PlatformPaths,
     *,
     versions: dict[str, str] | None = None,
     ttl: timedelta = EMBEDDING_TTL,
@@ -136,91 +220,38 @@ def audit_training_set(
 
     Args:
         path: the training set (Parquet) with ``event_timestamp``, the join keys and ``<family>_emb`` columns.
-        paths: platform locations (the offline store); ``PlatformPaths.from_env()`` by default.
+        paths: platform locations (the offline store).
         versions: family -> version to audit against (default: the file's metadata, else promoted).
         ttl: the embedding views' TTL.
         max_reported: violations listed per feature (all are counted).
     """
-    paths = paths or PlatformPaths.from_env()
     path = Path(path)
-    schema = pq.read_schema(path)
-    columns = set(schema.names)
-    promoted = Catalog(paths.embeddings_offline_dir).read_state().promoted
-    chosen = {**promoted, **training_set_versions(path), **(versions or {})}
-    families = [f for f in FAMILIES if feature_name(f) in columns]
-    missing_version = [f for f in families if f not in chosen]
-    if missing_version:
-        raise ValueError(f"{path}: no version known for {missing_version}; pass versions={{family: version}}")
+    columns = set(pq.read_schema(path).names)
+    audited = _audited_versions(path, columns, paths, versions)
     if "event_timestamp" not in columns:
         raise ValueError(f"{path}: no event_timestamp column; the audit needs each row's event time")
     report = AuditReport(path=path, rows=pq.ParquetFile(path).metadata.num_rows, checked={})
-    con = _connect()
-    event_id = "event_id" if "event_id" in columns else "NULL::BIGINT"
-    ttl_us = int(ttl / timedelta(microseconds=1))
-    for family in families:
-        feature, version = feature_name(family), chosen[family]
-        key = join_key(family)
-        report.checked[feature] = version
-        snapshots = _snapshots_sql(paths.embeddings_offline_dir, family, version)
-        query = f"""
-            WITH t AS (
-                SELECT file_row_number AS row_nr, {event_id} AS event_id, {key} AS entity,
-                       CAST(event_timestamp AS TIMESTAMPTZ) AS event_ts,
-                       CAST({feature} AS FLOAT[]) AS found
-                FROM read_parquet({_quote(path)}, file_row_number = true)
-            ),
-            s AS {snapshots},
-            oracle AS (
-                SELECT t.*, s.snapshot_ts AS asof_ts, s.vector AS asof_vector
-                FROM t ASOF LEFT JOIN s ON t.entity = s.entity AND t.event_ts >= s.snapshot_ts
-            ),
-            expected AS (
-                SELECT *,
-                       CASE WHEN asof_ts IS NOT NULL AND epoch_us(event_ts) - epoch_us(asof_ts) <= {ttl_us}
-                            THEN asof_ts END AS expected_ts,
-                       CASE WHEN asof_ts IS NOT NULL AND epoch_us(event_ts) - epoch_us(asof_ts) <= {ttl_us}
-                            THEN asof_vector END AS expected_vector
-                FROM oracle
-            ),
-            bad AS (SELECT * FROM expected WHERE expected_vector IS DISTINCT FROM found),
-            located AS (
-                SELECT bad.row_nr, max(s.snapshot_ts) FILTER (WHERE s.snapshot_ts <= bad.event_ts) AS found_past,
-                       min(s.snapshot_ts) FILTER (WHERE s.snapshot_ts > bad.event_ts) AS found_future
-                FROM bad JOIN s ON s.entity = bad.entity AND s.vector = bad.found
-                GROUP BY bad.row_nr
+    with connect() as con:
+        for family, version in audited.items():
+            feature = feature_name(family)
+            report.checked[feature] = version
+            query, params = _oracle_query(
+                path,
+                paths.embeddings_offline_dir,
+                family,
+                version,
+                has_event_id="event_id" in columns,
+                ttl=ttl,
+                limit=max_reported,
             )
-            SELECT bad.row_nr, bad.event_id, bad.entity, bad.event_ts, bad.expected_ts,
-                   coalesce(located.found_future, located.found_past) AS found_ts,
-                   CASE WHEN bad.found IS NULL THEN 'missing'
-                        WHEN located.found_future IS NOT NULL THEN 'future'
-                        WHEN located.found_past IS NULL THEN 'unknown'
-                        WHEN epoch_us(bad.event_ts) - epoch_us(located.found_past) > {ttl_us} THEN 'expired'
-                        ELSE 'stale' END AS kind,
-                   count(*) OVER () AS total
-            FROM bad LEFT JOIN located USING (row_nr)
-            ORDER BY bad.row_nr
-            LIMIT {int(max_reported)}"""
-        rows = con.execute(query).fetchall()
-        report.violation_counts[feature] = int(rows[0][-1]) if rows else 0
-        for row_nr, eid, entity, event_ts, expected_ts, found_ts, kind, _ in rows:
-            report.violations.append(
-                Violation(
-                    row=int(row_nr),
-                    event_id=None if eid is None else int(eid),
-                    feature=feature,
-                    version=version,
-                    entity=int(entity),
-                    event_timestamp=event_ts,
-                    expected_snapshot=expected_ts,
-                    found_snapshot=found_ts,
-                    kind=kind,
-                )
-            )
+            rows = con.execute(query, params).fetchall()
+            report.violation_counts[feature] = int(rows[0][-1]) if rows else 0
+            report.violations.extend(_violations(rows, feature, version))
     return report
 
 
 def build_leaky_training_set(
-    source: Path, out_path: Path, paths: PlatformPaths | None = None, versions: dict[str, str] | None = None
+    source: Path, out_path: Path, paths: PlatformPaths, versions: dict[str, str] | None = None
 ) -> Path:
     """A deliberately leaky copy of a training set: every embedding is the entity's *latest* snapshot.
 
@@ -228,40 +259,38 @@ def build_leaky_training_set(
     published vector of the entity, regardless of the event time (what a naive
     "join the current embedding table" pipeline does). The metadata is kept, with a note.
     """
-    paths = paths or PlatformPaths.from_env()
     source, out_path = Path(source), Path(out_path)
-    names = pq.read_schema(source).names
+    source_schema = pq.read_schema(source)
+    names = source_schema.names
     chosen = {**Catalog(paths.embeddings_offline_dir).read_state().promoted, **training_set_versions(source)}
     chosen.update(versions or {})
     families = [f for f in FAMILIES if feature_name(f) in names]
-    joins, select = [], []
+    joins, select, params = [], [], {"source": str(source)}
     for i, family in enumerate(families):
-        key = join_key(family)
-        latest = (
-            f"(SELECT entity, arg_max(vector, snapshot_ts) AS vector FROM "
-            f"{_snapshots_sql(paths.embeddings_offline_dir, family, chosen[family])} GROUP BY entity)"
+        snapshots, snapshot_params = _snapshots_sql(
+            paths.embeddings_offline_dir, family, chosen[family], f"snapshots_{i}"
         )
-        joins.append(f"LEFT JOIN {latest} l{i} ON l{i}.entity = t.{key}")
+        params.update(snapshot_params)
+        latest = f"(SELECT entity, arg_max(vector, snapshot_ts) AS vector FROM {snapshots} GROUP BY entity)"
+        joins.append(f"LEFT JOIN {latest} l{i} ON l{i}.entity = t.{ident(join_key(family))}")
     for name in names:
         family = next((f for f in families if feature_name(f) == name), None)
-        select.append(f"l{families.index(family)}.vector AS {name}" if family else f't."{name}"')
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    con = _connect()
-    table = con.sql(
-        f"""SELECT {", ".join(select)}
-            FROM read_parquet({_quote(source)}, file_row_number = true) t {" ".join(joins)}
-            ORDER BY t.file_row_number"""
-    ).to_arrow_table()
-    metadata = dict(pq.read_schema(source).metadata or {})
+        select.append(f"l{families.index(family)}.vector AS {ident(name)}" if family else f"t.{ident(name)}")
+    with connect() as con:
+        table = con.sql(
+            f"""SELECT {", ".join(select)}
+                FROM read_parquet($source, file_row_number = true) t {" ".join(joins)}
+                ORDER BY t.file_row_number""",
+            params=params,
+        ).to_arrow_table()
+    metadata = dict(source_schema.metadata or {})
     if METADATA_KEY in metadata:
         info = TrainingSetInfo.from_json(metadata[METADATA_KEY])
         leaky = info.with_note("LEAKY: latest snapshot joined regardless of event time")
         metadata[METADATA_KEY] = leaky.to_json().encode()
-    source_schema = pq.read_schema(source)
     table = table.cast(source_schema.remove_metadata()).replace_schema_metadata(metadata)
-    pq.write_table(table, tmp)
-    tmp.replace(out_path)
+    with atomic_path(out_path) as tmp:
+        pq.write_table(table, tmp)
     return out_path
 
 

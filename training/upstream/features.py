@@ -38,6 +38,7 @@ import torch
 
 from derm.core.days import day_end, day_start
 from derm.core.naming import OBJECTIVES
+from derm.core.sql import connect, ident
 from derm.events.schema import SURFACES, event_files, latest_pin_attributes_sql, partition_day
 
 
@@ -53,47 +54,50 @@ def files_between(events_dir: Path, start: datetime, end: datetime) -> list[Path
     return [p for p in event_files(events_dir) if first <= partition_day(p) <= last]
 
 
-def _ts(value: datetime) -> str:
-    return f"TIMESTAMPTZ '{value.astimezone(UTC).isoformat()}'"
+_Params = dict[str, object]
+
+# The contract accepts any time unit (pandas writes nanoseconds); the relations below carry microseconds,
+# truncated, so ``epoch_us`` and the rest see one type. A plain CAST would round, moving an event of
+# 23:59:59.9999996 onto the next midnight, outside the window its raw timestamp was filtered into.
+_EVENT_TS_US = "make_timestamptz(epoch_ns(event_timestamp) // 1000)"
 
 
-def _events_sql(files: list[Path], start: datetime, end: datetime) -> str:
-    """A relation over the events in ``[start, end)``; an empty, correctly typed one when no file overlaps."""
+def _events_sql(name: str, files: list[Path], start: datetime, end: datetime) -> tuple[str, _Params]:
+    """A relation over the events in ``[start, end)``, with its parameters (named ``<name>_*`` so that
+    relations over other windows can share a query); an empty, correctly typed one when no file overlaps."""
     if not files:
         return (
             "(SELECT NULL::BIGINT AS event_id, NULL::TIMESTAMPTZ AS event_timestamp, NULL::BIGINT AS user_id, "
             "NULL::BIGINT AS pin_id, NULL::BIGINT AS advertiser_id, NULL::BIGINT AS category_id, "
             "NULL::VARCHAR AS surface, NULL::BOOLEAN AS clicked, NULL::BOOLEAN AS converted LIMIT 0)"
-        )
-    listing = ", ".join("'" + str(p).replace("'", "''") + "'" for p in files)
-    return (
-        f"(SELECT event_id, event_timestamp, user_id, pin_id, advertiser_id, category_id, surface, clicked, "
-        f"converted FROM read_parquet([{listing}]) "
-        f"WHERE event_timestamp >= {_ts(start)} AND event_timestamp < {_ts(end)})"
+        ), {}
+    sql = (
+        f"(SELECT event_id, {_EVENT_TS_US} AS event_timestamp, user_id, pin_id, advertiser_id, category_id, "
+        f"surface, clicked, converted FROM read_parquet(${name}_files) "
+        f"WHERE event_timestamp >= ${name}_start AND event_timestamp < ${name}_end)"
     )
+    params = {f"{name}_files": [str(p) for p in files], f"{name}_start": start, f"{name}_end": end}
+    return sql, params
 
 
-def _connect():
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    return con
+def _window_events_sql(events_dir: Path, name: str, start: datetime, end: datetime) -> tuple[str, _Params]:
+    """:func:`_events_sql` over the files of ``[start, end)``."""
+    return _events_sql(name, files_between(events_dir, start, end), start, end)
 
 
-def _stats_sql(events_dir: Path, entity: str, cutoff: datetime, cfg: FeatureConfig) -> str:
+def _stats_sql(events_dir: Path, entity: str, cutoff: datetime, cfg: FeatureConfig) -> tuple[str, _Params]:
     """Per-entity counting features (and the user click sequence) from ``[cutoff - window, cutoff)``."""
-    start = cutoff - timedelta(days=cfg.count_window_days)
-    events = _events_sql(files_between(events_dir, start, cutoff), start, cutoff)
-    key = f"{entity}_id"
+    start, name = cutoff - timedelta(days=cfg.count_window_days), f"{entity}_stats"
+    events, params = _window_events_sql(events_dir, name, start, cutoff)
+    key = ident(f"{entity}_id")
     counts = (
         f"SELECT {key}, ln(1 + count(*)) AS n_imp, ln(1 + count(*) FILTER (WHERE clicked)) AS n_click, "
         f"ln(1 + count(*) FILTER (WHERE converted)) AS n_conv FROM {events} GROUP BY {key}"
     )
     if entity == "pin":
-        return counts
+        return counts, params
     # Ties broken by event_id so the sequence is deterministic.
-    return f"""
+    sql = f"""
         SELECT c.*, coalesce(s.seq, []::BIGINT[]) AS seq
         FROM ({counts}) c
         LEFT JOIN (
@@ -101,9 +105,10 @@ def _stats_sql(events_dir: Path, entity: str, cutoff: datetime, cfg: FeatureConf
             FROM (
                 SELECT user_id, pin_id, event_timestamp, event_id FROM {events} WHERE clicked
                 QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY event_timestamp DESC, event_id DESC)
-                    <= {int(cfg.seq_len)}
+                    <= ${name}_seq_len
             ) GROUP BY user_id
         ) s USING (user_id)"""
+    return sql, {**params, f"{name}_seq_len": int(cfg.seq_len)}
 
 
 def pad_sequences(sequences: pa.Array, seq_len: int) -> np.ndarray:
@@ -129,9 +134,6 @@ def _counts(table: pa.Table | pa.RecordBatch, prefix: str = "") -> np.ndarray:
     )  # (N, 3)
 
 
-_SURFACE_CASE = "CASE e.surface " + " ".join(f"WHEN '{s}' THEN {i}" for i, s in enumerate(SURFACES)) + " END"
-
-
 def training_arrays(events_dir: Path, day: date, objective: str, cfg: FeatureConfig) -> dict[str, np.ndarray]:
     """The examples of ``day`` for ``objective`` ("ctr" or "cvr") with point-in-time features.
 
@@ -146,26 +148,31 @@ def training_arrays(events_dir: Path, day: date, objective: str, cfg: FeatureCon
         raise ValueError(f"unknown objective {objective!r}: expected one of {sorted(OBJECTIVES)}")
     label, example_filter = OBJECTIVES[objective]
     start, end = day_start(day), day_end(day)
-    events = _events_sql(files_between(events_dir, start, end), start, end)
-    where = f"WHERE e.{example_filter}" if example_filter else ""
+    events, params = _window_events_sql(events_dir, "examples", start, end)
+    users, user_params = _stats_sql(events_dir, "user", start, cfg)
+    pins, pin_params = _stats_sql(events_dir, "pin", start, cfg)
+    where = f"WHERE e.{ident(example_filter)}" if example_filter else ""
+    label = ident(label)
     sql = f"""
         WITH ex AS (SELECT * FROM {events} e {where}),
         q AS (
             SELECT pin_id, ln(count(*) / sum(count(*)) OVER ()) AS logq FROM ex WHERE {label} GROUP BY pin_id
         )
         SELECT e.user_id, e.pin_id, e.category_id, e.advertiser_id,
-               {_SURFACE_CASE} AS surface, isodow(e.event_timestamp) - 1 AS day_of_week,
+               list_position($surfaces, e.surface) - 1 AS surface, isodow(e.event_timestamp) - 1 AS day_of_week,
                e.{label}::FLOAT AS label, CASE WHEN e.{label} THEN q.logq ELSE 0 END::FLOAT AS pin_logq,
                epoch_us(e.event_timestamp) AS ts_us,
                u.n_imp AS u_n_imp, u.n_click AS u_n_click, u.n_conv AS u_n_conv,
                coalesce(u.seq, []::BIGINT[]) AS seq,
                p.n_imp AS p_n_imp, p.n_click AS p_n_click, p.n_conv AS p_n_conv
         FROM ex e
-        LEFT JOIN ({_stats_sql(events_dir, "user", start, cfg)}) u USING (user_id)
-        LEFT JOIN ({_stats_sql(events_dir, "pin", start, cfg)}) p USING (pin_id)
+        LEFT JOIN ({users}) u USING (user_id)
+        LEFT JOIN ({pins}) p USING (pin_id)
         LEFT JOIN q USING (pin_id)
         ORDER BY e.event_timestamp, e.event_id"""
-    table = _connect().sql(sql).to_arrow_table()
+    params = {**params, **user_params, **pin_params, "surfaces": list(SURFACES)}
+    with connect() as con:
+        table = con.sql(sql, params=params).to_arrow_table()
 
     def col(name: str, dtype: type) -> np.ndarray:
         return table.column(name).to_numpy(zero_copy_only=False).astype(dtype)
@@ -229,8 +236,8 @@ def entity_feature_batches(
     """
     cutoff = day_end(day)
     active_start = cutoff - timedelta(days=active_window_days)
-    events = _events_sql(files_between(events_dir, active_start, cutoff), active_start, cutoff)
-    key = f"{entity}_id"
+    events, params = _window_events_sql(events_dir, "active", active_start, cutoff)
+    key = ident(f"{entity}_id")
     if entity == "user":
         active = f"SELECT DISTINCT user_id FROM {events}"
         extra = "coalesce(s.seq, []::BIGINT[]) AS seq"
@@ -239,29 +246,30 @@ def entity_feature_batches(
         extra = "a.category_id, a.advertiser_id"
     else:
         raise ValueError(f"unknown entity {entity!r}: expected 'user' or 'pin'")
+    stats, stats_params = _stats_sql(events_dir, entity, cutoff, cfg)
     sql = f"""
         SELECT a.{key}, s.n_imp, s.n_click, s.n_conv, {extra}
-        FROM ({active}) a LEFT JOIN ({_stats_sql(events_dir, entity, cutoff, cfg)}) s USING ({key})
+        FROM ({active}) a LEFT JOIN ({stats}) s USING ({key})
         ORDER BY a.{key}"""
-    con = _connect()
-    reader = con.sql(sql).to_arrow_reader(batch_rows)
-    for batch in reader:
-        if batch.num_rows == 0:
-            continue
-        ids = batch.column(key).to_numpy(zero_copy_only=False).astype(np.int64)
-        if entity == "user":
-            yield {
-                "user_id": ids,
-                "user_counts": _counts(batch),
-                "user_seq": pad_sequences(batch.column("seq"), cfg.seq_len),
-            }
-        else:
-            yield {
-                "pin_id": ids,
-                "category_id": batch.column("category_id").to_numpy(zero_copy_only=False).astype(np.int64),
-                "advertiser_id": batch.column("advertiser_id").to_numpy(zero_copy_only=False).astype(np.int64),
-                "pin_counts": _counts(batch),
-            }
+    # The connection stays open while the caller consumes the stream; closing the generator closes it.
+    with connect() as con:
+        for batch in con.sql(sql, params={**params, **stats_params}).to_arrow_reader(batch_rows):
+            if batch.num_rows == 0:
+                continue
+            ids = batch.column(f"{entity}_id").to_numpy(zero_copy_only=False).astype(np.int64)
+            if entity == "user":
+                yield {
+                    "user_id": ids,
+                    "user_counts": _counts(batch),
+                    "user_seq": pad_sequences(batch.column("seq"), cfg.seq_len),
+                }
+            else:
+                yield {
+                    "pin_id": ids,
+                    "category_id": batch.column("category_id").to_numpy(zero_copy_only=False).astype(np.int64),
+                    "advertiser_id": batch.column("advertiser_id").to_numpy(zero_copy_only=False).astype(np.int64),
+                    "pin_counts": _counts(batch),
+                }
 
 
 def events_used_window(
@@ -270,8 +278,9 @@ def events_used_window(
     """Oldest and newest event read to train on and export ``day``; ``None`` when there is none."""
     end = day_end(day)
     start = end - timedelta(days=max(active_window_days, cfg.count_window_days + 1, 1))
-    events = _events_sql(files_between(events_dir, start, end), start, end)
-    low, high = _connect().execute(f"SELECT min(event_timestamp), max(event_timestamp) FROM {events}").fetchone()
+    events, params = _window_events_sql(events_dir, "used", start, end)
+    with connect() as con:
+        low, high = con.execute(f"SELECT min(event_timestamp), max(event_timestamp) FROM {events}", params).fetchone()
     if low is None:
         return None
     return low.astimezone(UTC), high.astimezone(UTC)
