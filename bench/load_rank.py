@@ -130,7 +130,8 @@ def run(
 
     from bench.online_read import bench_platform, serve_in_thread, untrained_rankers
     from derm.core.feast_repo import feature_store
-    from derm.serving.app import RankingService, create_app
+    from derm.serving.http_api import create_app
+    from derm.serving.service import RankingService
 
     torch.set_num_threads(1)  # as `derm serve` does: requests run in parallel, one intra-op thread each
 

@@ -48,8 +48,9 @@ def serve(
     from derm.cli.runtime import online_store
     from derm.core.feast_repo import FeatureRepo
     from derm.core.paths import PlatformPaths
-    from derm.serving.app import ServingSettings, build_service, create_app
     from derm.serving.embedding_reader import RedisTimeouts
+    from derm.serving.http_api import create_app
+    from derm.serving.service import ServingSettings, build_service
     from derm.training.downstream.ranker import load_rankers
 
     torch.set_num_threads(torch_threads)
@@ -63,7 +64,10 @@ def serve(
         redis_timeouts=RedisTimeouts(connect=min(0.5, redis_timeout), read=redis_timeout),
     )
     with online_store(paths):
-        service = build_service(paths, FeatureRepo().store(), rankers, settings)  # type: ignore[arg-type]
+        try:
+            service = build_service(paths, FeatureRepo().store(), rankers, settings)  # type: ignore[arg-type]
+        except ValueError as error:  # e.g. the pin_attributes view is not registered yet
+            raise click.ClickException(str(error)) from error
         for objective, ranker in rankers.items():
             versions = ", ".join(f"{f}={v}" for f, v in ranker.embedding_versions.items())  # type: ignore[attr-defined]
             click.echo(f"{objective} ranker: {versions}", err=True)

@@ -1,4 +1,4 @@
-"""Daily counting features derived from the event log, written to the offline store.
+"""Daily counting features and Pin attributes derived from the event log, written to the offline store.
 
 One row per (entity, day) with activity, stamped with the END of that day: a
 day's counts are only known once the day is over, so a point-in-time join never
@@ -6,20 +6,37 @@ hands an event the counts of its own day. The 7-day sums are windowed over
 calendar days (``RANGE``), not over rows, so a gap in activity shortens the
 window instead of stretching it.
 
-Layout (what the Feast FileSources in ``feature_repo/counting_features.py`` read)::
+``pin_attributes`` has the same grain and stamp: one row per (Pin, day the Pin
+appeared) with its ``advertiser_id`` and ``category_id`` as of its newest event up
+to the end of that day. A Pin that appeared on a day has its newest event up to
+then on that very day (every row of a ``date=`` partition lies in that day, see
+:func:`derm.events.schema.check_event_log`), so each day's rows are
+:func:`derm.events.schema.latest_pin_attributes_sql` over that day's events: the
+definition (ties on the time go to the higher ``event_id``) the upstream Pin
+features use too. Serving reads these from the online store (feature view
+``pin_attributes``) as the rankers' context.
+
+Layout (what the Feast FileSources in ``feature_repo/`` read)::
 
     <stats_dir>/user_daily_stats/date=YYYY-MM-DD/data_0.parquet
     <stats_dir>/pin_daily_stats/date=YYYY-MM-DD/data_0.parquet
+    <stats_dir>/pin_attributes/date=YYYY-MM-DD/data_0.parquet
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 
 import duckdb
 
-from derm.events.schema import check_event_log, event_glob
+from derm.core.days import day_end
+from derm.core.files import replace_directory
+from derm.core.naming import PIN_ATTRIBUTES, PIN_ATTRIBUTES_VIEW
+from derm.core.sql import connect, ident
+from derm.events.schema import check_event_log, latest_pin_attributes_sql, partition_day
 
 STATS_TABLES: dict[str, str] = {"user_daily_stats": "user", "pin_daily_stats": "pin"}
 
@@ -30,7 +47,7 @@ WITH daily AS (
            count(*) AS impressions,
            count(*) FILTER (WHERE clicked) AS clicks,
            count(*) FILTER (WHERE converted) AS conversions
-    FROM read_parquet('{events}')
+    FROM read_parquet($files)
     GROUP BY ALL
 )
 SELECT {key},
@@ -49,27 +66,69 @@ WINDOW w AS (PARTITION BY {key} ORDER BY day RANGE BETWEEN INTERVAL 6 DAYS PRECE
 
 
 def build_counting_features(events_dir: Path, stats_dir: Path) -> dict[str, int]:
-    """Recompute the user and Pin daily stats from the whole log; return row counts per table.
+    """Recompute the user and Pin daily stats and the Pin attributes from the whole log; return rows per table.
 
-    The event log is checked first (:func:`derm.events.schema.check_event_log`), and each
-    table is written to a staging folder and swapped in, so a bad log or a killed
-    run leaves the previous offline tables as they were.
+    The event log is checked first (:func:`derm.events.schema.check_event_log`). Every table
+    is written to a staging folder beside it; once all are complete, each is swapped in whole
+    with :func:`derm.core.files.replace_directory`, so a bad log or a run killed while writing
+    leaves the previous offline tables as they were, and a reader never sees half a table.
     """
-    check_event_log(events_dir)
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    counts = {}
-    for table, entity in STATS_TABLES.items():
-        target = Path(stats_dir) / table
-        staging = target.with_name(table + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        query = _DAILY_STATS_SQL.format(key=f"{entity}_id", prefix=entity, events=event_glob(events_dir))
-        con.execute(f"COPY ({query}) TO '{staging}' (FORMAT parquet, PARTITION_BY (date))")
-        counts[table] = con.execute(f"SELECT count(*) FROM read_parquet('{staging}/*/*.parquet')").fetchone()[0]
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+    files = check_event_log(events_dir)
+    stats_dir = Path(stats_dir)
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+    counts: dict[str, int] = {}
+    try:
+        with connect() as con:
+            for table, entity in STATS_TABLES.items():
+                staging = staged[table] = _staging_dir(stats_dir, table)
+                query = _DAILY_STATS_SQL.format(key=ident(f"{entity}_id"), prefix=entity)
+                con.execute(
+                    f"COPY ({query}) TO $path (FORMAT parquet, PARTITION_BY (date))",
+                    {"files": [str(f) for f in files], "path": str(staging)},
+                )
+                counts[table] = _rows(con, staging)
+            staging = staged[PIN_ATTRIBUTES_VIEW] = _staging_dir(stats_dir, PIN_ATTRIBUTES_VIEW)
+            _write_pin_attributes(con, files, staging)
+            counts[PIN_ATTRIBUTES_VIEW] = _rows(con, staging)
+        for table, staging in staged.items():
+            replace_directory(staging, stats_dir / table)
+    finally:
+        for staging in staged.values():
+            shutil.rmtree(staging, ignore_errors=True)
     return counts
+
+
+def _write_pin_attributes(con: duckdb.DuckDBPyConnection, files: Sequence[Path], staging: Path) -> None:
+    """One partition per day: each Pin of the day, stamped end of day, with its attributes as of then."""
+    by_day: dict[date, list[str]] = {}
+    for path in files:
+        by_day.setdefault(partition_day(path), []).append(str(path))
+    attributes = ", ".join(ident(name) for name in PIN_ATTRIBUTES)
+    query = f"""
+        SELECT pin_id, CAST($end AS TIMESTAMPTZ) AS event_timestamp, {attributes}
+        FROM ({latest_pin_attributes_sql("read_parquet($files)")})
+        ORDER BY pin_id"""
+    for day, day_files in sorted(by_day.items()):
+        folder = staging / f"date={day.isoformat()}"
+        folder.mkdir(parents=True)
+        con.execute(
+            f"COPY ({query}) TO $path (FORMAT parquet)",
+            {"files": day_files, "end": day_end(day), "path": str(folder / "data_0.parquet")},
+        )
+
+
+def _staging_dir(stats_dir: Path, table: str) -> Path:
+    """A fresh staging folder beside the table (hidden; what a killed run left there is dropped first)."""
+    staging = stats_dir / f".{table}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def _rows(con: duckdb.DuckDBPyConnection, table_dir: Path) -> int:
+    return con.execute(
+        "SELECT count(*) FROM read_parquet($files)", {"files": str(table_dir / "*" / "*.parquet")}
+    ).fetchall()[0][0]
 
 
 def stats_path(stats_dir: Path, table: str) -> str:

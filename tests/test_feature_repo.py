@@ -1,17 +1,22 @@
-"""End to end on tiny data: event log -> counting features -> feast apply -> materialize -> Redis -> online read."""
+"""End to end on tiny data: event log -> counting features and Pin attributes -> feast apply -> materialize -> Redis
+-> online read."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from derm.core.days import day_end
 from derm.core.paths import FEATURE_REPO_DIR
 from derm.materialization.counting_features import build_counting_features
 
@@ -73,6 +78,99 @@ def test_bad_event_log_leaves_offline_tables_untouched(counting_features: Path, 
     assert sorted((p, p.stat().st_mtime_ns) for p in counting_features.rglob("*.parquet")) == before
 
 
+# ---------------------------------------------------------------------------------------------
+# Pin attributes: the rankers' context, one row per (Pin, day it appeared)
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_changed_and_tied_pins(source: Path, events_dir: Path) -> dict[tuple[int, date], tuple[int, int]]:
+    """A copy of the event log where the tie-break matters; returns (pin, day) -> the (advertiser, category) due.
+
+    Pin 3 moves to advertiser 901 at the very end of the first day (and is back to its own on later
+    days). Pins 5 and 6 each get two events at the same newest instant of the last day, with different
+    attributes: the higher ``event_id`` must win, whichever row comes first in the file and whichever
+    value is larger, so "first row", "last row", max and min all pick wrong on one of them.
+    """
+    shutil.copytree(source, events_dir)
+    days = sorted(date.fromisoformat(p.name.removeprefix("date=")) for p in events_dir.glob("date=*"))
+    first, last = days[0], days[-1]
+    rows = [  # (event_id, day, pin, advertiser, category), in file order
+        (9 * 10**15 + 0, first, 3, 901, 91),
+        (9 * 10**15 + 1, last, 5, 700, 70),
+        (9 * 10**15 + 2, last, 5, 600, 60),  # higher id, smaller values, written last
+        (9 * 10**15 + 4, last, 6, 900, 90),  # higher id, larger values, written first
+        (9 * 10**15 + 3, last, 6, 800, 80),
+    ]
+    for day in (first, last):
+        of_day = [row for row in rows if row[1] == day]
+        table = pa.table(
+            {
+                "event_id": [row[0] for row in of_day],
+                "event_timestamp": [day_end(day) - timedelta(microseconds=1)] * len(of_day),
+                "user_id": [0] * len(of_day),
+                "pin_id": [row[2] for row in of_day],
+                "advertiser_id": [row[3] for row in of_day],
+                "category_id": [row[4] for row in of_day],
+                "surface": ["home_feed"] * len(of_day),
+                "clicked": [False] * len(of_day),
+                "converted": [False] * len(of_day),
+            },
+            schema=pq.read_schema(next((events_dir / f"date={day.isoformat()}").glob("*.parquet"))),
+        )
+        pq.write_table(table, events_dir / f"date={day.isoformat()}" / "ties.parquet")
+    return {(3, first): (901, 91), (5, last): (600, 60), (6, last): (900, 90)}
+
+
+def _pin_attributes_oracle(events_dir: Path) -> pd.DataFrame:
+    """Per (Pin, day it appeared), stamped end of day: the attributes of its newest event up to then, ties to the
+    higher event_id -- plain pandas, independent of the shared SQL under test."""
+    events = pd.concat(pd.read_parquet(p) for p in sorted(events_dir.glob("date=*/*.parquet")))
+    events["event_timestamp"] = events["event_timestamp"].dt.tz_convert("UTC")
+    events = events.sort_values(["event_timestamp", "event_id"])
+    rows = []
+    for pin, of_pin in events.groupby("pin_id"):
+        for day in of_pin["event_timestamp"].dt.floor("D").unique():
+            end = day + pd.Timedelta(days=1)
+            newest = of_pin[of_pin["event_timestamp"] < end].iloc[-1]
+            rows.append(
+                {
+                    "pin_id": pin,
+                    "event_timestamp": end,
+                    "advertiser_id": newest["advertiser_id"],
+                    "category_id": newest["category_id"],
+                }
+            )
+    return pd.DataFrame(rows).sort_values(["pin_id", "event_timestamp"]).reset_index(drop=True)
+
+
+def _read_pin_attributes(stats_dir: Path) -> pd.DataFrame:
+    table = duckdb.sql(
+        f"SELECT pin_id, event_timestamp, advertiser_id, category_id "
+        f"FROM read_parquet('{stats_dir}/pin_attributes/*/*.parquet')"
+    ).df()
+    table["event_timestamp"] = table["event_timestamp"].dt.tz_convert("UTC")
+    return table.sort_values(["pin_id", "event_timestamp"]).reset_index(drop=True)
+
+
+def test_pin_attributes_match_the_oracle_with_changes_and_ties(tiny_event_log: Path, tmp_path: Path) -> None:
+    events_dir, stats_dir = tmp_path / "events", tmp_path / "stats"
+    due = _with_changed_and_tied_pins(tiny_event_log, events_dir)
+    counts = build_counting_features(events_dir, stats_dir)
+
+    got = _read_pin_attributes(stats_dir)
+    expected = _pin_attributes_oracle(events_dir)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False)
+    assert counts["pin_attributes"] == len(got) == counts["pin_daily_stats"], "same grain as the Pin counting stats"
+    for (pin, day), attributes in due.items():
+        row = got[(got["pin_id"] == pin) & (got["event_timestamp"] == pd.Timestamp(day_end(day)))]
+        assert tuple(row[["advertiser_id", "category_id"]].iloc[0]) == attributes, (pin, day)
+    # pin 3 is back to its own advertiser on the next day it appears: each day is "as of then"
+    later = got[(got["pin_id"] == 3) & (got["event_timestamp"] > pd.Timestamp(day_end(min(d for _, d in due))))]
+    assert len(later) and (later["advertiser_id"] != 901).all()
+    # every table was swapped in whole; nothing staged is left beside them
+    assert sorted(p.name for p in stats_dir.iterdir()) == ["pin_attributes", "pin_daily_stats", "user_daily_stats"]
+
+
 @pytest.fixture(scope="session")
 def applied_repo(counting_features: Path, feast_env: dict[str, str]):
     from derm.core.feast_repo import apply_repo, feature_store
@@ -115,7 +213,7 @@ def test_feast_cli_apply_and_materialize_incremental(applied_repo, feast_env: di
     listed = subprocess.run(
         [*feast, "feature-views", "list"], cwd=FEATURE_REPO_DIR, env=env, capture_output=True, text=True
     )
-    assert "user_daily_stats" in listed.stdout and "pin_daily_stats" in listed.stdout
+    assert all(view in listed.stdout for view in ("user_daily_stats", "pin_daily_stats", "pin_attributes"))
     materialized = subprocess.run(
         [*feast, "materialize-incremental", "2026-01-07T00:00:00"],
         cwd=FEATURE_REPO_DIR,
@@ -124,3 +222,33 @@ def test_feast_cli_apply_and_materialize_incremental(applied_repo, feast_env: di
         text=True,
     )
     assert materialized.returncode == 0, materialized.stderr
+
+
+def test_pin_attributes_view_is_registered_outside_the_ranker_services_and_materialized(
+    applied_repo, tiny_event_log: Path
+) -> None:
+    from feast.types import Int64
+
+    from derm.training.downstream.training_sets import ENTITY_COLUMNS
+
+    view = applied_repo.get_feature_view("pin_attributes")
+    assert [(f.name, f.dtype) for f in view.features] == [("advertiser_id", Int64), ("category_id", Int64)]
+    assert view.entities == ["pin"] and view.online and view.ttl == timedelta(days=90)
+    # Training sets carry advertiser_id/category_id in the entity dataframe: no feature service may add
+    # the view (or any feature of that name), or get_historical_features would join a second copy.
+    for service in applied_repo.list_feature_services():
+        assert "pin_attributes" not in {p.name for p in service.feature_view_projections}, service.name
+        names = {f.name for p in service.feature_view_projections for f in p.features}
+        assert not names & set(ENTITY_COLUMNS), service.name
+
+    end = datetime(2026, 1, 7, tzinfo=UTC)
+    applied_repo.materialize(start_date=end - timedelta(days=30), end_date=end, feature_views=["pin_attributes"])
+    latest = _pin_attributes_oracle(tiny_event_log).groupby("pin_id").tail(1).set_index("pin_id")
+    pins = [int(p) for p in latest.index]
+    online = applied_repo.get_online_features(
+        features=["pin_attributes:advertiser_id", "pin_attributes:category_id"],
+        entity_rows=[{"pin_id": p} for p in [*pins, 10**9]],
+    ).to_dict()
+    assert online["advertiser_id"][:-1] == latest["advertiser_id"].tolist()
+    assert online["category_id"][:-1] == latest["category_id"].tolist()
+    assert online["advertiser_id"][-1] is None and online["category_id"][-1] is None, "an unknown Pin has none"

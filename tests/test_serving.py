@@ -1,22 +1,28 @@
-"""Online serving: the vectorized Redis reader against Feast, training/serving consistency, the HTTP API,
-bad input and Redis faults, the Pin index rebuilt on promote, and smoke runs of the benchmarks.
+"""Online serving: the vectorized Redis reader against Feast, training/serving consistency, the Pins' context
+from the feature store, the ranking service and its HTTP API, bad input and Redis faults, the Pin index
+rebuilt on promote, and smoke runs of the benchmarks.
 
 The module serves its own small platform (own data folder, own redis-server), built
-with the benchmark's builder from the session's tiny event log: the four families
-published at v1 on the log's last day through the real publish path, the counting
-features materialized as of ``serving_time``.
+with the benchmark's builder from the session's tiny event log plus a few events that
+make the Pin-attribute tie-break matter: the four families published at v1 on the
+log's last day through the real publish path, the counting features and the Pin
+attributes materialized as of ``serving_time``.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import socket
 import threading
 import time
 from datetime import date, timedelta
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,28 +37,71 @@ from bench.online_read import (
     unit_vectors,
     untrained_rankers,
 )
+from derm.core.days import day_end
 from derm.core.paths import PlatformPaths
 
 USERS, PINS, DIM = 200, 80, 16  # the tiny event log's users and Pins
 UNKNOWN = 10**9
+# Pins 5 and 6 get two events each at the same newest instant; the higher event_id's attributes are due.
+TIED = {5: (600, 60), 6: (900, 90)}
+
+
+def _append_tied_events(events_dir: Path) -> None:
+    """Two events per tied Pin at the last instant of the log's last day, with different attributes.
+
+    The higher ``event_id`` has the smaller values and comes second for pin 5, the larger values and
+    comes first for pin 6: "first row", "last row", max and min each pick wrong on one of them.
+    """
+    day = max(date.fromisoformat(p.name.removeprefix("date=")) for p in events_dir.glob("date=*"))
+    folder = events_dir / f"date={day.isoformat()}"
+    rows = [(9 * 10**15 + 1, 5, 700, 70), (9 * 10**15 + 2, 5, 600, 60)]
+    rows += [(9 * 10**15 + 4, 6, 900, 90), (9 * 10**15 + 3, 6, 800, 80)]
+    n = len(rows)
+    table = pa.table(
+        {
+            "event_id": [r[0] for r in rows],
+            "event_timestamp": [day_end(day) - timedelta(microseconds=1)] * n,
+            "user_id": [0] * n,
+            "pin_id": [r[1] for r in rows],
+            "advertiser_id": [r[2] for r in rows],
+            "category_id": [r[3] for r in rows],
+            "surface": ["home_feed"] * n,
+            "clicked": [False] * n,
+            "converted": [False] * n,
+        },
+        schema=pq.read_schema(next(folder.glob("*.parquet"))),
+    )
+    pq.write_table(table, folder / "ties.parquet")
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory, tiny_event_log, counting_features):
+def platform(tmp_path_factory, tiny_event_log):
+    from derm.core.feast_repo import feature_store
     from derm.infra.redis_server import LocalRedisServer
+    from derm.materialization.counting_features import build_counting_features
 
+    source = tmp_path_factory.mktemp("serving_log")
+    shutil.copytree(tiny_event_log, source / "events")
+    _append_tied_events(source / "events")
+    build_counting_features(source / "events", source / "stats")
     paths = PlatformPaths(tmp_path_factory.mktemp("serving"))
     with LocalRedisServer(paths.redis_dir, persist=False) as server:
         with feast_environment(paths, server.connection_string):
-            yield build_platform(
+            platform = build_platform(
                 paths.data_dir,
                 server.connection_string,
                 users=USERS,
                 pins=PINS,
                 dim=DIM,
-                events_dir=tiny_event_log,
-                stats_dir=counting_features,
+                events_dir=source / "events",
+                stats_dir=source / "stats",
             )
+            feature_store().materialize(  # the builder materializes the counting views only
+                start_date=platform.serving_time - timedelta(days=60),
+                end_date=platform.serving_time,
+                feature_views=["pin_attributes"],
+            )
+            yield platform
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +114,12 @@ def store(platform: BenchPlatform):
 @pytest.fixture(scope="module")
 def service(platform: BenchPlatform, store):
     from derm.materialization.catalog import Catalog
-    from derm.serving.app import PinAttributes, RankingService, ServingSettings
+    from derm.serving.service import RankingService, ServingSettings
 
     return RankingService(
         store,
         untrained_rankers(store),
         catalog=Catalog(platform.paths.embeddings_offline_dir),
-        pin_attributes=PinAttributes.from_event_log(platform.paths.events_dir),
         settings=ServingSettings(max_candidates=100, max_k=50, max_body_bytes=20_000),
         clock=lambda: platform.serving_time,
     )
@@ -79,7 +127,7 @@ def service(platform: BenchPlatform, store):
 
 @pytest.fixture(scope="module")
 def server(service):
-    from derm.serving.app import create_app
+    from derm.serving.http_api import create_app
 
     with serve_in_thread(create_app(service)) as port:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -238,6 +286,93 @@ def test_served_features_equal_historical_features_at_that_time(platform: BenchP
 
 
 # ---------------------------------------------------------------------------------------------
+# The Pins' context (advertiser, category) comes from the feature store, as of their newest event
+# ---------------------------------------------------------------------------------------------
+
+
+def _latest_attributes_oracle(events_dir: Path) -> dict[int, tuple[int, int]]:
+    """Each Pin's (advertiser, category) of its newest event, ties to the higher event_id: plain pandas."""
+    import pandas as pd
+
+    events = pd.concat(pd.read_parquet(p) for p in sorted(events_dir.glob("date=*/*.parquet")))
+    newest = events.sort_values(["event_timestamp", "event_id"]).groupby("pin_id").tail(1)
+    return {int(row.pin_id): (int(row.advertiser_id), int(row.category_id)) for row in newest.itertuples()}
+
+
+def _context(frame: dict) -> list[tuple[int, int]]:
+    return list(zip(frame["advertiser_id"].tolist(), frame["category_id"].tolist(), strict=True))
+
+
+def test_pin_context_equals_the_oracle_including_ties(platform: BenchPlatform, service) -> None:
+    oracle = _latest_attributes_oracle(platform.paths.events_dir)
+    assert {pin: oracle[pin] for pin in TIED} == TIED, "the constructed ties are the Pins' newest events"
+    known = sorted(oracle)
+    frames, _ = service.model_inputs(0, np.array([*known, UNKNOWN], dtype=np.int64))
+    for objective, frame in frames.items():
+        assert _context(frame) == [*(oracle[pin] for pin in known), (-1, -1)], objective
+        assert frame["advertiser_id"].dtype == np.int64
+
+
+def test_pin_context_needs_no_event_log_and_lasts_the_views_ttl(platform: BenchPlatform, store, tmp_path: Path) -> None:
+    from derm.serving.service import build_service
+
+    # a data folder without any event log (or catalog): the context can only come from Redis
+    lone = build_service(PlatformPaths(tmp_path), store, untrained_rankers(store, ("ctr",)))
+    pins = np.array([*TIED, UNKNOWN], dtype=np.int64)
+    t0 = platform.serving_time
+    frames, _ = lone.model_inputs(0, pins, now=t0)
+    assert _context(frames["ctr"]) == [*TIED.values(), (-1, -1)]
+    # 90 days: a Pin that pauses keeps its catalogue entry for the upstream active window, then it is unknown
+    frames, _ = lone.model_inputs(0, pins, now=t0 + timedelta(days=80))
+    assert _context(frames["ctr"]) == [*TIED.values(), (-1, -1)]
+    frames, _ = lone.model_inputs(0, pins, now=t0 + timedelta(days=92))
+    assert _context(frames["ctr"]) == [(-1, -1)] * len(pins)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ranking service (no HTTP): distinct candidates, best first, limits
+# ---------------------------------------------------------------------------------------------
+
+
+def test_service_ranks_distinct_candidates_best_first(service) -> None:
+    distinct = np.array([5, 1, UNKNOWN, 9, 30], dtype=np.int64)
+    ranked = service.rank(3, [5, 1, UNKNOWN, 9, 5, 30, 1], surface="search", sort_by="cvr")
+    scored = service.score(3, distinct, surface="search", now=service.clock())
+    order = np.argsort(-scored.scores["cvr"], kind="stable")
+    assert ranked.sort_by == "cvr" and ranked.pin_ids.tolist() == distinct[order].tolist()
+    assert np.all(np.diff(ranked.score) <= 0)
+    np.testing.assert_allclose(ranked.scores["ctr"], scored.scores["ctr"][order], rtol=1e-6)
+    assert ranked.pins_missing == 1 and ranked.pin_found.tolist() == (distinct[order] != UNKNOWN).tolist()
+    assert ranked.retrieved is None and ranked.embedding_versions["cvr"]["cvr_pin"] == "v1"
+    assert service.rank(3, distinct.tolist()).sort_by == "ctr", "ctr orders by default"
+
+    retrieved = service.rank(4, k=7)
+    assert retrieved.retrieved is not None and retrieved.retrieved.k == 7 and len(retrieved.pin_ids) == 7
+    assert sorted(retrieved.pin_ids.tolist()) == sorted(retrieved.retrieved.pin_ids.tolist())
+    assert np.all(np.diff(retrieved.score) <= 0)
+
+
+@pytest.mark.parametrize(
+    ("request_", "status", "message"),
+    [
+        ({"pin_ids": []}, 422, "pin_ids is empty"),
+        ({}, 422, "give either pin_ids"),
+        ({"pin_ids": [1], "k": 3}, 422, "not both"),
+        ({"pin_ids": [1], "surface": "tv"}, 422, "unknown surface"),
+        ({"pin_ids": [1], "sort_by": "ltv"}, 422, "loaded rankers are"),
+        ({"pin_ids": [1] * 101}, 413, "101 candidate Pins is above the limit of 100"),
+        ({"k": 51}, 413, "above the limit of 50"),
+    ],
+)
+def test_service_refuses_with_a_status_and_a_message(service, request_: dict, status: int, message: str) -> None:
+    from derm.serving.service import ServingError
+
+    with pytest.raises(ServingError, match=message) as refused:
+        service.rank(1, **request_)
+    assert refused.value.status == status
+
+
+# ---------------------------------------------------------------------------------------------
 # The HTTP API
 # ---------------------------------------------------------------------------------------------
 
@@ -347,8 +482,9 @@ def silent_server():
 @pytest.mark.parametrize("redis_state", ["down", "hung"])
 def test_redis_down_or_hung_gives_503_within_the_timeout(store, platform, silent_server, redis_state) -> None:
     from derm.infra.redis_server import free_port
-    from derm.serving.app import RankingService, create_app
     from derm.serving.embedding_reader import RedisHashReader, RedisTimeouts
+    from derm.serving.http_api import create_app
+    from derm.serving.service import RankingService
 
     port = free_port() if redis_state == "down" else silent_server
     redis_reader = RedisHashReader(f"127.0.0.1:{port}", timeouts=RedisTimeouts(connect=0.3, read=0.3, cooldown=0.2))

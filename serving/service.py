@@ -1,0 +1,467 @@
+"""The serving service (no HTTP): rank, retrieve and report health over features read from Redis.
+
+:class:`RankingService` reads the user's and the candidate Pins' features from the
+online store (Feast's Redis format, at the versions the loaded rankers were trained
+on), retrieves candidates with the ANN index over the promoted Pin embeddings, scores
+with the CTR (and CVR) rankers and orders the Pins. :mod:`derm.serving.http_api` maps
+HTTP requests onto it; anything else (benchmarks, notebooks) can call it directly.
+
+Contract (the HTTP API documents the same):
+
+* :meth:`RankingService.rank` takes either candidate ``pin_ids`` (duplicates ranked once,
+  in first-seen order) or ``k`` (retrieve ``k`` candidates first) and returns the Pins
+  best first by the ``sort_by`` ranker (default ``ctr``); equal scores keep the
+  candidates' order.
+* an unknown user or Pin, or one whose stored value is older than its view's TTL, gets
+  the default the rankers were trained with: a zero embedding with its family's
+  "missing" flag set, and missing (NaN) counting features with their view's flag set.
+* the Pins' advertiser and category (the rankers' context) are read from the
+  ``pin_attributes`` feature view in the same Redis round trip as the other Pin
+  features; a Pin without a row there gets :data:`UNKNOWN_CONTEXT_ID` (``-1``).
+* refusals raise :class:`ServingError` with an HTTP-style status: 422 for a request that
+  can never succeed (both or neither of ``pin_ids``/``k``, no candidates, unknown
+  ``surface`` or ``sort_by``), 413 for one above a limit (``max_candidates``, ``max_k``).
+  Redis down or too slow raises :class:`derm.serving.embedding_reader.RedisUnavailable`.
+
+Example::
+
+    service = build_service(paths, FeatureRepo().store(), load_rankers(paths.models_dir), ServingSettings())
+    ranked = service.rank(user_id=7, pin_ids=[1, 2, 3])
+    ranked.pin_ids, ranked.score          # best first
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+from feast.errors import FeatureViewNotFoundException
+from feast.value_type import ValueType
+
+from derm.core.naming import (
+    EMBEDDING_TTL,
+    PIN_ATTRIBUTES,
+    PIN_ATTRIBUTES_VIEW,
+    feature_name,
+    feature_view_name,
+    ranker_service_name,
+)
+from derm.events.schema import SURFACES
+from derm.materialization.catalog import Catalog
+from derm.serving.ann import AnnSettings, PinIndex, PinIndexManager
+from derm.serving.embedding_reader import (
+    EmbeddingReader,
+    FeatureSpec,
+    OnlineFeatures,
+    RedisHashReader,
+    RedisTimeouts,
+    ViewSpec,
+    redis_reader_for,
+)
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_CONTEXT_ID = -1  # advertiser / category of a Pin the pin_attributes view has no (live) row of
+PIN_ATTRIBUTE_REFS = tuple(f"{PIN_ATTRIBUTES_VIEW}:{name}" for name in PIN_ATTRIBUTES)
+
+
+class Ranker(Protocol):
+    """What serving needs of a downstream ranker (``derm.training.downstream.ranker.Ranker`` provides it)."""
+
+    @property
+    def feature_refs(self) -> list[str]: ...
+
+    @property
+    def embedding_versions(self) -> dict[str, str]: ...
+
+    def score(self, frame: Mapping[str, Any]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    max_candidates: int = 1000  # Pins per /rank request
+    max_k: int = 1000  # candidates retrieved per request
+    max_body_bytes: int = 1 << 20
+    enforce_ttl: bool = True  # stale values are "missing", as in the point-in-time training set
+    retrieval_family: str = "ctr_pin"
+    default_surface: str = "home_feed"
+    redis_timeouts: RedisTimeouts = field(default_factory=RedisTimeouts)
+    ann: AnnSettings = field(default_factory=AnnSettings)
+    index_check_seconds: float = 1.0
+
+
+class ServingError(Exception):
+    """A request the service refuses, with the HTTP status and a message for the caller."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Scored:
+    """Every ranker's scores of (user, each Pin), Pins in the order they were given."""
+
+    pin_ids: np.ndarray
+    scores: dict[str, np.ndarray]  # objective -> probabilities
+    pin_found: np.ndarray  # every Pin embedding family found
+    user_missing: list[str]
+    pins_missing: int
+
+
+@dataclass
+class Retrieved:
+    """The ``k`` nearest Pins of a user (fewer when the index is smaller), best first."""
+
+    pin_ids: np.ndarray
+    scores: np.ndarray
+    user_found: bool
+    index: PinIndex
+    k: int
+
+
+@dataclass
+class Ranked:
+    """The answer of :meth:`RankingService.rank`: distinct candidates, best first by ``sort_by``."""
+
+    user_id: int
+    sort_by: str
+    pin_ids: np.ndarray  # best first
+    scores: dict[str, np.ndarray]  # objective -> probabilities, aligned with pin_ids
+    pin_found: np.ndarray  # aligned with pin_ids: every Pin embedding family found
+    embedding_versions: dict[str, dict[str, str]]  # objective -> family -> version read
+    user_missing: list[str]
+    pins_missing: int
+    retrieved: Retrieved | None = None  # when the candidates came from retrieval
+
+    @property
+    def score(self) -> np.ndarray:
+        """The ``sort_by`` ranker's scores, descending."""
+        return self.scores[self.sort_by]
+
+
+def distinct_in_order(ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``ids`` as int64 without repeats, each at its first position."""
+    values = np.asarray(ids, dtype=np.int64)
+    _, first = np.unique(values, return_index=True)
+    return values[np.sort(first)]
+
+
+class RankingService:
+    """Reads features from Redis, retrieves with the ANN index and scores with the rankers.
+
+    Args:
+        store: a ``feast.FeatureStore`` (registry: view definitions; config: project, Redis).
+        rankers: objective (``"ctr"``, ``"cvr"``) -> ranker. Each ranker's ``feature_refs`` pin the
+            versions read for it; views shared by several rankers are read once, and the Pins'
+            context (view ``pin_attributes``) is read with them.
+        catalog: the published-embeddings catalog, for retrieval (None: no /retrieve).
+        settings: limits, TTL policy, retrieval family, Redis timeouts.
+        redis_reader: the transport (default: the store's online store, with the settings' timeouts).
+        clock: "now" for TTL checks and the day-of-week context (default: the UTC wall clock).
+
+    Raises:
+        ValueError: no ranker, or the ``pin_attributes`` view is not registered.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        rankers: Mapping[str, Ranker],
+        *,
+        catalog: Catalog | None = None,
+        settings: ServingSettings | None = None,
+        redis_reader: RedisHashReader | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ):
+        if not rankers:
+            raise ValueError("no ranker to serve: train one with the downstream stage or pass --model")
+        self.store = store
+        self.clock = clock or (lambda: datetime.now(UTC))  # TTL checks and day_of_week; tests pin it
+        self.rankers = dict(rankers)
+        self.settings = settings or ServingSettings()
+        self.redis = redis_reader or redis_reader_for(store, self.settings.redis_timeouts)
+        try:
+            store.get_feature_view(PIN_ATTRIBUTES_VIEW)
+        except FeatureViewNotFoundException as error:
+            raise ValueError(
+                f"feature view {PIN_ATTRIBUTES_VIEW!r} is not registered ({error}): the rankers' Pin context "
+                "comes from it; run `derm stats`, `derm apply` and `derm materialize`"
+            ) from error
+        refs = list(dict.fromkeys(ref for ranker in self.rankers.values() for ref in ranker.feature_refs))
+        # One reader, one round trip: the Pin attributes share the Pins' Redis hash with their other views.
+        self.reader = EmbeddingReader.for_features(
+            store, [*refs, *PIN_ATTRIBUTE_REFS], self.redis, enforce_ttl=self.settings.enforce_ttl
+        )
+        self._entity_of_ref = {
+            view.ref(feature): view.join_key for view in self.reader.views for feature in view.features
+        }
+        self._vector_refs = {
+            view.ref(feature) for view in self.reader.views for feature in view.features if feature.dim
+        }
+        self.index_manager = (
+            PinIndexManager(
+                catalog, self.settings.retrieval_family, self.settings.ann, self.settings.index_check_seconds
+            )
+            if catalog is not None
+            else None
+        )
+        self._query_readers: dict[str, EmbeddingReader] = {}
+        self._query_lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------- ranking
+
+    def rank(
+        self,
+        user_id: int,
+        pin_ids: Sequence[int] | np.ndarray | None = None,
+        k: int | None = None,
+        surface: str | None = None,
+        sort_by: str | None = None,
+        now: datetime | None = None,
+    ) -> Ranked:
+        """Rank the distinct candidate ``pin_ids`` (or the ``k`` retrieved for the user), best first.
+
+        Raises:
+            ServingError: 422 for both or neither of ``pin_ids``/``k``, no candidates, an unknown
+                ``surface`` or ``sort_by``; 413 above ``max_candidates`` Pins or ``max_k``.
+        """
+        if pin_ids is None and k is None:
+            raise ServingError(422, "give either pin_ids (candidates to rank) or k (retrieve k candidates, then rank)")
+        if pin_ids is not None and k is not None:
+            raise ServingError(422, "give pin_ids or k, not both")
+        if pin_ids is not None and len(pin_ids) == 0:
+            raise ServingError(422, "pin_ids is empty: send at least one candidate Pin id, or k to retrieve candidates")
+        self._check_surface(surface)
+        sort_by = self.resolve_sort_by(sort_by)
+        now = now or self.clock()
+        retrieved = None
+        if pin_ids is not None:
+            if len(pin_ids) > self.settings.max_candidates:
+                raise ServingError(
+                    413,
+                    f"{len(pin_ids)} candidate Pins is above the limit of {self.settings.max_candidates} "
+                    "per request: split the request",
+                )
+            candidates = distinct_in_order(pin_ids)
+        else:
+            assert k is not None
+            retrieved = self.retrieve(user_id, k, now)
+            candidates = retrieved.pin_ids
+        scored = self.score(user_id, candidates, surface, now)
+        order = np.argsort(-scored.scores[sort_by], kind="stable")
+        return Ranked(
+            user_id=user_id,
+            sort_by=sort_by,
+            pin_ids=scored.pin_ids[order],
+            scores={objective: scores[order] for objective, scores in scored.scores.items()},
+            pin_found=scored.pin_found[order],
+            embedding_versions={objective: ranker.embedding_versions for objective, ranker in self.rankers.items()},
+            user_missing=scored.user_missing,
+            pins_missing=scored.pins_missing,
+            retrieved=retrieved,
+        )
+
+    def resolve_sort_by(self, sort_by: str | None) -> str:
+        """The ranker that orders the Pins: ``sort_by``, else ``ctr`` when loaded, else the first ranker."""
+        resolved = sort_by or ("ctr" if "ctr" in self.rankers else next(iter(self.rankers)))
+        if resolved not in self.rankers:
+            raise ServingError(422, f"sort_by={resolved!r}: loaded rankers are {sorted(self.rankers)}")
+        return resolved
+
+    @staticmethod
+    def _check_surface(surface: str | None) -> None:
+        if surface is not None and surface not in SURFACES:
+            raise ServingError(422, f"unknown surface {surface!r}: expected one of {list(SURFACES)}")
+
+    def _frame(
+        self, ranker: Ranker, features: OnlineFeatures, user_id: int, pin_ids: np.ndarray, context: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The columns ``ranker.score`` reads: ids, context, counting features (NaN = missing), embeddings
+        (``(B, D)``, NaN rows = missing; the ranker turns them into zeros plus the family's missing flag)."""
+        n = len(pin_ids)
+        frame: dict[str, Any] = {"user_id": np.full(n, user_id, dtype=np.int64), "pin_id": pin_ids, **context}
+        for ref in ranker.feature_refs:
+            name = ref.partition(":")[2]
+            values, found = features.columns[ref], features.found[ref]
+            if ref in self._vector_refs:
+                column = values.astype(np.float32, copy=True)
+                column[~found] = np.nan
+            else:
+                column = values.astype(np.float64, copy=True)
+                column[~found] = np.nan
+            if self._entity_of_ref[ref] == "user_id":
+                column = np.broadcast_to(column, (n, *column.shape[1:]))
+            frame[name] = column
+        return frame
+
+    @staticmethod
+    def pin_attributes(features: OnlineFeatures) -> dict[str, np.ndarray]:
+        """``advertiser_id`` / ``category_id`` of the Pins read, ``-1`` where the view has no live row."""
+        return {
+            name: np.where(features.found[ref], features.columns[ref], UNKNOWN_CONTEXT_ID).astype(np.int64)
+            for name, ref in zip(PIN_ATTRIBUTES, PIN_ATTRIBUTE_REFS, strict=True)
+        }
+
+    def model_inputs(
+        self,
+        user_id: int,
+        pin_ids: Sequence[int] | np.ndarray,
+        surface: str | None = None,
+        now: datetime | None = None,
+    ) -> tuple[dict[str, dict[str, Any]], OnlineFeatures]:
+        """Per ranker, the frame its ``score`` gets for (user, each Pin); and the features read from Redis."""
+        now = now or self.clock()
+        pins = np.asarray(pin_ids, dtype=np.int64)
+        features = self.reader.read({"user_id": np.array([user_id], dtype=np.int64), "pin_id": pins}, now=now)
+        context = {
+            **self.pin_attributes(features),
+            "surface": np.full(len(pins), surface or self.settings.default_surface, dtype=object),
+            "day_of_week": np.full(len(pins), now.weekday(), dtype=np.int64),
+        }
+        frames = {
+            objective: self._frame(ranker, features, user_id, pins, context)
+            for objective, ranker in self.rankers.items()
+        }
+        return frames, features
+
+    def score(
+        self,
+        user_id: int,
+        pin_ids: Sequence[int] | np.ndarray,
+        surface: str | None = None,
+        now: datetime | None = None,
+    ) -> Scored:
+        """Scores of every ranker for (user, each Pin); Pins keep their given order (repeats are scored again)."""
+        pins = np.asarray(pin_ids, dtype=np.int64)
+        frames, features = self.model_inputs(user_id, pins, surface, now)
+        scores = {
+            objective: np.asarray(ranker.score(frames[objective]), np.float64)
+            for objective, ranker in self.rankers.items()
+        }
+        pin_found = np.ones(len(pins), dtype=bool)
+        user_missing = []
+        for ref, found in features.found.items():
+            if self._entity_of_ref[ref] == "user_id":
+                if not found[0]:
+                    user_missing.append(ref)
+            elif ref in self._vector_refs:
+                pin_found &= found
+        return Scored(pins, scores, pin_found, sorted(user_missing), int((~pin_found).sum()))
+
+    # ----------------------------------------------------------------------------- retrieval
+
+    def _index(self) -> PinIndex:
+        if self.index_manager is None:
+            raise ServingError(503, "retrieval is not configured (no embeddings catalog)")
+        index = self.index_manager.current()
+        if index is None:
+            error = self.index_manager.last_error
+            raise ServingError(
+                503,
+                f"no Pin index: {error}"
+                if error
+                else f"nothing promoted and online for {self.index_manager.family}: publish and promote a version",
+            )
+        return index
+
+    def _query_reader(self, index: PinIndex) -> EmbeddingReader:
+        """Reader of the user family in the index's embedding space (same model version)."""
+        view_name = feature_view_name(index.query_family, index.version)
+        with self._query_lock:
+            reader = self._query_readers.get(view_name)
+            if reader is None:
+                view = ViewSpec(
+                    name=view_name,
+                    join_key="user_id",
+                    join_key_type=ValueType.INT64,
+                    features=(FeatureSpec(feature_name(index.query_family), ValueType.FLOAT_LIST, index.dim),),
+                    ttl=EMBEDDING_TTL,
+                )
+                try:  # the registry is the authority when it has the view; else the catalog's conventions
+                    view = ViewSpec.from_feature_view(
+                        self.store.get_feature_view(view_name, allow_registry_cache=False), self.store.config
+                    )
+                except Exception as error:
+                    log.info("view %s not in the registry (%s); using the catalog's naming", view_name, error)
+                reader = EmbeddingReader(
+                    [view],
+                    self.redis,
+                    project=self.store.config.project,
+                    entity_key_serialization_version=self.store.config.entity_key_serialization_version,
+                    enforce_ttl=self.settings.enforce_ttl,
+                )
+                self._query_readers[view_name] = reader
+        return reader
+
+    def retrieve(self, user_id: int, k: int, now: datetime | None = None) -> Retrieved:
+        """The ``k`` Pins nearest the user's embedding (the Pin centroid for an unknown user).
+
+        Raises:
+            ServingError: 422 for ``k < 1``, 413 above ``max_k``, 503 without a Pin index.
+        """
+        if k < 1:
+            raise ServingError(422, f"k={k}: retrieve at least one candidate")
+        if k > self.settings.max_k:
+            raise ServingError(413, f"k={k} is above the limit of {self.settings.max_k} candidates per request")
+        index = self._index()
+        reader = self._query_reader(index)
+        features = reader.read({"user_id": np.array([user_id], dtype=np.int64)}, now=now or self.clock())
+        ref = next(iter(features.columns))
+        user_found = bool(features.found[ref][0])
+        query = features.columns[ref][0] if user_found else index.centroid
+        ids, scores = index.search(query[None, :], k)
+        keep = ids[0] >= 0
+        return Retrieved(ids[0][keep], scores[0][keep].astype(np.float64), user_found, index, k)
+
+    # ----------------------------------------------------------------------------- health
+
+    def feature_service_drift(self) -> dict[str, dict[str, str]]:
+        """Per ranker: families whose feature service now points at another version than it was trained on."""
+        drift: dict[str, dict[str, str]] = {}
+        for objective, ranker in self.rankers.items():
+            service_name = getattr(getattr(ranker, "spec", None), "feature_service", None) or ranker_service_name(
+                objective
+            )
+            try:
+                service = self.store.get_feature_service(service_name, allow_cache=True)
+            except Exception:
+                continue
+            now_serving = {key.removesuffix("_version"): value for key, value in service.tags.items()}
+            moved = {
+                family: f"{trained} -> {now_serving[family]}"
+                for family, trained in ranker.embedding_versions.items()
+                if family in now_serving and now_serving[family] != trained
+            }
+            if moved:
+                drift[objective] = moved
+        return drift
+
+    def health(self) -> dict[str, Any]:
+        redis_ok = self.redis.ping()
+        return {
+            "status": "ok" if redis_ok else "unavailable",
+            "redis": "ok" if redis_ok else f"unreachable at {self.redis.connection_string.split(',', 1)[0]}",
+            "models": {
+                objective: {"embedding_versions": ranker.embedding_versions, "features": len(ranker.feature_refs)}
+                for objective, ranker in self.rankers.items()
+            },
+            "feature_service_drift": self.feature_service_drift(),
+            "retrieval": self.index_manager.describe() if self.index_manager else None,
+        }
+
+
+def build_service(
+    paths: Any,
+    store: Any,
+    rankers: Mapping[str, Ranker],
+    settings: ServingSettings | None = None,
+) -> RankingService:
+    """A service over a Feast store (``feast.FeatureStore``) and the embeddings catalog under ``paths``."""
+    return RankingService(store, rankers, catalog=Catalog(paths.embeddings_offline_dir), settings=settings)
