@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from derm.core.naming import COUNTING_VIEWS, PIN_ATTRIBUTES_VIEW
 from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV, PlatformPaths
 
 FAMILIES = ("ctr_user", "ctr_pin", "cvr_user", "cvr_pin")
@@ -150,7 +151,7 @@ def build_platform(
     feature_store().materialize(
         start_date=serving_time - timedelta(days=60),
         end_date=serving_time,
-        feature_views=["user_daily_stats", "pin_daily_stats"],
+        feature_views=[*COUNTING_VIEWS, PIN_ATTRIBUTES_VIEW],
     )
     return BenchPlatform(paths, connection_string, users, pins, dim, day, serving_time)
 
@@ -305,8 +306,9 @@ def measure(
 ) -> dict[str, Any]:
     """All four measurements against a built platform (inside its :func:`feast_environment`)."""
     from derm.core.feast_repo import feature_store
-    from derm.serving.app import RankingService, create_app
     from derm.serving.embedding_reader import EmbeddingReader
+    from derm.serving.http_api import create_app
+    from derm.serving.service import RankingService
 
     store = feature_store()
     rankers = untrained_rankers(store)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from derm.core.feast_repo import FeatureRepo
-from derm.core.naming import feature_view_name
+from derm.core.naming import COUNTING_VIEWS, PIN_ATTRIBUTES_VIEW, feature_view_name
 from derm.core.paths import PlatformPaths
 from derm.core.snapshot import file_sha256, read_manifest, snapshot_dir
 from derm.materialization.catalog import Catalog
@@ -283,4 +283,4 @@ def test_publish_killed_mid_way_keeps_promoted_version_served_and_completes_on_r
     np.testing.assert_array_equal(np.asarray(_online(list(range(USERS))), np.float32), vectors)
     assert catalog.read_state().online["ctr_user"]["v1"] == day3.isoformat()
     views = {v.name for v in feature_store().list_feature_views()}
-    assert views == {"user_daily_stats", "pin_daily_stats"} | {p.feature_view for p in catalog.versions()}
+    assert views == {*COUNTING_VIEWS, PIN_ATTRIBUTES_VIEW} | {p.feature_view for p in catalog.versions()}
