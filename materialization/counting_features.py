@@ -34,13 +34,38 @@ import duckdb
 
 from derm.core.days import day_end
 from derm.core.files import replace_directory
-from derm.core.naming import PIN_ATTRIBUTES, PIN_ATTRIBUTES_VIEW
+from derm.core.naming import (
+    COUNTING_SUFFIXES,
+    COUNTING_VIEWS,
+    ENTITIES,
+    PIN_ATTRIBUTES,
+    PIN_ATTRIBUTES_VIEW,
+    counting_features,
+)
 from derm.core.sql import connect, ident
 from derm.events.schema import check_event_log, latest_pin_attributes_sql, partition_day
 
-STATS_TABLES: dict[str, str] = {"user_daily_stats": "user", "pin_daily_stats": "pin"}
+# The expression of each counting feature over an entity's days; the feature names (``<entity>_<suffix>``)
+# and the views come from derm.core.naming, which the Feast views and the rankers read too.
+_COUNTING_EXPRESSIONS = {
+    "impressions_1d": "impressions",
+    "clicks_1d": "clicks",
+    "conversions_1d": "conversions",
+    "impressions_7d": "CAST(sum(impressions) OVER w AS BIGINT)",
+    "clicks_7d": "CAST(sum(clicks) OVER w AS BIGINT)",
+    # Smoothed towards the global click rate so sparse entities do not get 0 or 1.
+    "ctr_7d": "(sum(clicks) OVER w + 1.0) / (sum(impressions) OVER w + 10.0)",
+}
 
-_DAILY_STATS_SQL = """
+
+def _daily_stats_sql(view: str) -> str:
+    """One row per (entity, day with activity) of a counting view, stamped end of day, partitioned by date."""
+    key = ident(ENTITIES[COUNTING_VIEWS[view]])
+    features = ",\n       ".join(
+        f"{_COUNTING_EXPRESSIONS[suffix]} AS {ident(name)}"
+        for suffix, name in zip(COUNTING_SUFFIXES, counting_features(view), strict=True)
+    )
+    return f"""
 WITH daily AS (
     SELECT {key},
            CAST(timezone('UTC', event_timestamp) AS DATE) AS day,
@@ -52,13 +77,7 @@ WITH daily AS (
 )
 SELECT {key},
        timezone('UTC', CAST(day + 1 AS TIMESTAMP)) AS event_timestamp,
-       impressions AS {prefix}_impressions_1d,
-       clicks AS {prefix}_clicks_1d,
-       conversions AS {prefix}_conversions_1d,
-       CAST(sum(impressions) OVER w AS BIGINT) AS {prefix}_impressions_7d,
-       CAST(sum(clicks) OVER w AS BIGINT) AS {prefix}_clicks_7d,
-       -- Smoothed towards the global click rate so sparse entities do not get 0 or 1.
-       (sum(clicks) OVER w + 1.0) / (sum(impressions) OVER w + 10.0) AS {prefix}_ctr_7d,
+       {features},
        strftime(day, '%Y-%m-%d') AS date
 FROM daily
 WINDOW w AS (PARTITION BY {key} ORDER BY day RANGE BETWEEN INTERVAL 6 DAYS PRECEDING AND CURRENT ROW)
@@ -80,11 +99,10 @@ def build_counting_features(events_dir: Path, stats_dir: Path) -> dict[str, int]
     counts: dict[str, int] = {}
     try:
         with connect() as con:
-            for table, entity in STATS_TABLES.items():
+            for table in COUNTING_VIEWS:
                 staging = staged[table] = _staging_dir(stats_dir, table)
-                query = _DAILY_STATS_SQL.format(key=ident(f"{entity}_id"), prefix=entity)
                 con.execute(
-                    f"COPY ({query}) TO $path (FORMAT parquet, PARTITION_BY (date))",
+                    f"COPY ({_daily_stats_sql(table)}) TO $path (FORMAT parquet, PARTITION_BY (date))",
                     {"files": [str(f) for f in files], "path": str(staging)},
                 )
                 counts[table] = _rows(con, staging)
