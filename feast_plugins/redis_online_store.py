@@ -17,14 +17,17 @@ Configured in ``feature_store.yaml``::
       max_pending_batches: 2      # encoded chunks waiting for the writer (bounds memory)
 
 Reads, ``update`` and ``teardown`` are inherited unchanged, so everything
-stock Feast can read, it reads from here. Format notes (checked against Feast
-0.67): a null or NaN scalar is written as an empty ``Value`` (zero bytes), the
-field is still set; an empty vector is ``float_list_val`` with no elements; a
-null element inside a vector becomes NaN; when no value of a Bytes column in
-the batch Feast converts is a non-empty ``bytes``, every row of it is written as
-null (Feast's type inference finds no sample). The stored ``_ts`` has microsecond
-precision (Feast goes through ``datetime``). Dedup is stock ``online_write_batch``'s:
-a row is skipped when its event time is not newer than the stored ``_ts``.
+stock Feast can read, it reads from here. The format itself (keys, field names,
+``Value``/``Timestamp`` bytes) is :mod:`derm.feast_plugins.redis_format`, shared with
+the serving reader; the RESP pieces and the hiredis reply loop are
+:mod:`derm.feast_plugins.resp`. Format notes (checked against Feast 0.67): a null
+or NaN scalar is written as an empty ``Value`` (zero bytes), the field is still
+set; an empty vector is ``float_list_val`` with no elements; a null element inside
+a vector becomes NaN; when no value of a Bytes column in the batch Feast converts
+is a non-empty ``bytes``, every row of it is written as null (Feast's type
+inference finds no sample). The stored ``_ts`` has microsecond precision (Feast
+goes through ``datetime``). Dedup is stock ``online_write_batch``'s: a row is
+skipped when its event time is not newer than the stored ``_ts``.
 
 Known differences: an Int64 column that contains nulls goes through float64 in
 stock Feast, so integers beyond 2**53 lose precision there; here they are written
@@ -34,41 +37,35 @@ exactly. Feast applies the Bytes rule above per write batch (the whole window, o
 
 from __future__ import annotations
 
-import itertools
 import queue
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from feast import FeatureView, RepoConfig
-from feast.infra.key_encoding_utils import serialize_entity_key
-from feast.infra.online_stores.helpers import _mmh3
-from feast.infra.online_stores.redis import (
-    RedisOnlineStore,
-    RedisOnlineStoreConfig,
-    _versioned_fv_name,
-)
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from feast.type_map import python_values_to_proto_values
-from feast.utils import _validate_vector_field_lengths
+from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 from feast.value_type import ValueType
-from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import PositiveInt
 from redis import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-try:  # hiredis parses replies in C; without it the writer uses redis-py pipelines.
-    import hiredis
-except ImportError:  # pragma: no cover - feast[redis] installs it
-    hiredis = None
+from derm.feast_plugins import compat, resp
+from derm.feast_plugins.redis_format import (
+    RaggedBytes,
+    concat_rows,
+    encode_entity_keys,
+    encode_timestamps,
+    encode_values,
+    event_time_micros,
+    feature_field,
+    stored_view_name,
+    timestamp_parts,
+    ts_field,
+)
 
 
 class FastRedisOnlineStoreConfig(RedisOnlineStoreConfig):
@@ -87,379 +84,12 @@ class FastRedisOnlineStoreConfig(RedisOnlineStoreConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# Ragged byte arrays: n byte strings back to back, so whole columns are encoded with NumPy.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RaggedBytes:
-    """``n`` byte strings stored back to back: row ``i`` is ``data[offsets[i]:offsets[i + 1]]``.
-
-    ``width`` is set when every row has the same length, which keeps the common case
-    (fixed-width keys, vectors, one timestamp) on plain 2-D array operations.
-    """
-
-    data: np.ndarray  # uint8, exactly offsets[-1] bytes
-    offsets: np.ndarray  # int64, n + 1, offsets[0] == 0
-    width: int | None
-
-    @classmethod
-    def fixed(cls, matrix: np.ndarray) -> RaggedBytes:
-        rows, width = matrix.shape
-        data = np.ascontiguousarray(matrix, dtype=np.uint8).reshape(-1)
-        return cls(data, np.arange(rows + 1, dtype=np.int64) * width, width)
-
-    @classmethod
-    def constant(cls, value: bytes, rows: int) -> RaggedBytes:
-        return cls.fixed(np.tile(np.frombuffer(value, dtype=np.uint8), (rows, 1)))
-
-    @classmethod
-    def from_lengths(cls, data: np.ndarray, lengths: np.ndarray) -> RaggedBytes:
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        width = None
-        if len(lengths) == 0:
-            width = 0
-        elif (lengths == lengths[0]).all():
-            width = int(lengths[0])
-        return cls(np.ascontiguousarray(data, dtype=np.uint8), offsets, width)
-
-    @classmethod
-    def from_list(cls, rows: Sequence[bytes]) -> RaggedBytes:
-        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        return cls.from_lengths(np.frombuffer(b"".join(rows), dtype=np.uint8), lengths)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def matrix(self) -> np.ndarray:
-        assert self.width is not None
-        return self.data.reshape(len(self), self.width)
-
-    def take(self, rows: np.ndarray) -> RaggedBytes:
-        if self.width is not None:
-            return RaggedBytes.fixed(self.matrix()[rows])
-        lengths = self.lengths[rows]
-        out = RaggedBytes.from_lengths(np.empty(0, np.uint8), lengths)
-        source = np.repeat(self.offsets[:-1][rows] - out.offsets[:-1], lengths) + np.arange(out.offsets[-1])
-        return RaggedBytes(self.data[source], out.offsets, out.width)
-
-    def spread(self, valid: np.ndarray) -> RaggedBytes:
-        """These rows placed at the True positions of ``valid``; the other rows are empty."""
-        if valid.all():
-            return self
-        lengths = np.zeros(len(valid), dtype=np.int64)
-        lengths[valid] = self.lengths
-        return RaggedBytes.from_lengths(self.data, lengths)
-
-    def to_list(self) -> list[bytes]:
-        buffer = self.data.tobytes()
-        offsets = self.offsets.tolist()
-        return [buffer[start:end] for start, end in itertools.pairwise(offsets)]
-
-
-def concat_rows(parts: Sequence[RaggedBytes]) -> RaggedBytes:
-    """Row-wise concatenation: row ``i`` of the result is row ``i`` of every part, in order."""
-    rows = len(parts[0])
-    if all(part.width is not None for part in parts):
-        return RaggedBytes.fixed(np.hstack([part.matrix() for part in parts]))
-    lengths = np.zeros(rows, dtype=np.int64)
-    for part in parts:
-        lengths += part.lengths
-    result = RaggedBytes.from_lengths(np.empty(0, np.uint8), lengths)
-    out = np.empty(int(result.offsets[-1]), dtype=np.uint8)
-    cursor = result.offsets[:-1].copy()
-    for part in parts:
-        if part.width == 0:
-            continue
-        if part.width is not None:
-            out[cursor[:, None] + np.arange(part.width)] = part.matrix()
-            cursor += part.width
-        else:
-            part_lengths = part.lengths
-            out[np.repeat(cursor - part.offsets[:-1], part_lengths) + np.arange(len(part.data))] = part.data
-            cursor += part_lengths
-    return RaggedBytes(out, result.offsets, result.width)
-
-
-def lookup(table: Sequence[bytes], codes: np.ndarray) -> RaggedBytes:
-    """Row ``i`` is ``table[codes[i]]``: how per-distinct-value encodings are broadcast."""
-    return RaggedBytes.from_list(table).take(codes)
-
-
-def varints(values: np.ndarray) -> RaggedBytes:
-    """Protobuf base-128 varints of int64 values (negative ones take 10 bytes, as protobuf does)."""
-    unsigned = np.asarray(values, dtype=np.int64).view(np.uint64)
-    sizes = np.ones(len(unsigned), dtype=np.int64)
-    for k in range(1, 10):
-        sizes += unsigned >= np.uint64(1 << (7 * k))
-    shifts = np.arange(10, dtype=np.uint64) * np.uint64(7)
-    groups = ((unsigned[:, None] >> shifts) & np.uint64(0x7F)).astype(np.uint8)
-    position = np.arange(10)
-    groups[position[None, :] < (sizes - 1)[:, None]] |= 0x80
-    return RaggedBytes.from_lengths(groups[position[None, :] < sizes[:, None]], sizes)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    value &= (1 << 64) - 1
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _tag(field_name: str, wire_type: int) -> bytes:
-    return _varint(ValueProto.DESCRIPTOR.fields_by_name[field_name].number << 3 | wire_type)
-
-
-_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
-
-
-# ---------------------------------------------------------------------------------------------
-# Column encoders: Arrow column -> serialized feast Value per row, byte-identical to Feast.
-# ---------------------------------------------------------------------------------------------
-
-
-def _valid_mask(column: pa.Array) -> np.ndarray:
-    if column.null_count == 0:
-        return np.ones(len(column), dtype=bool)
-    return np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def _numbers(column: pa.Array, dtype: str) -> np.ndarray:
-    return np.asarray(column.fill_null(0).to_numpy(zero_copy_only=False)).astype(dtype, copy=False)
-
-
-def _binary_rows(column: pa.Array) -> RaggedBytes:
-    """The raw bytes of every row of a string/binary column (null rows empty)."""
-    column = column.cast(pa.large_binary())
-    _, offsets_buffer, data_buffer = column.buffers()
-    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[column.offset : column.offset + len(column) + 1]
-    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
-    return RaggedBytes.from_lengths(data[offsets[0] : offsets[-1]], np.diff(offsets))
-
-
-def _scalar_value(tag: bytes, payload: RaggedBytes, valid: np.ndarray) -> RaggedBytes:
-    return concat_rows([RaggedBytes.constant(tag, len(payload)), payload]).spread(valid)
-
-
-def _list_offsets(lists: pa.Array) -> np.ndarray:
-    """Element offsets (into ``lists.values``) of every row of a list, large list or fixed-size list array."""
-    rows = len(lists)
-    if pa.types.is_fixed_size_list(lists.type):
-        return (np.arange(rows + 1, dtype=np.int64) + lists.offset) * lists.type.list_size
-    if rows == 0:
-        return np.zeros(1, dtype=np.int64)
-    width = np.int64 if pa.types.is_large_list(lists.type) else np.int32
-    raw = np.frombuffer(lists.buffers()[1], dtype=width)[lists.offset : lists.offset + rows + 1]
-    return raw.astype(np.int64)
-
-
-def _encode_float_list(column: pa.Array, element: str, field: str) -> RaggedBytes | None:
-    if not (
-        pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type)
-    ):
-        return None
-    item = np.float32 if element == "float32" else np.float64
-    if column.type.value_type != pa.from_numpy_dtype(item):
-        return None
-    valid = _valid_mask(column)
-    lists = column.filter(pa.array(valid)) if not valid.all() else column
-    offsets = _list_offsets(lists)
-    flat = lists.values.slice(offsets[0], offsets[-1] - offsets[0])
-    if flat.null_count:
-        flat = flat.fill_null(np.nan)  # a null element inside a vector is NaN in stock Feast (via NumPy)
-    items = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=f"<{np.dtype(item).str[1:]}")
-    counts = np.diff(offsets)
-    item_size = np.dtype(item).itemsize
-    # Value{<field>: List{val: [packed]}}: the prefix only depends on the element count.
-    distinct, codes = np.unique(counts, return_inverse=True)
-    prefixes = []
-    for count in distinct.tolist():
-        if count == 0:
-            prefixes.append(_tag(field, _LENGTH_DELIMITED) + b"\x00")
-            continue
-        packed = b"\x0a" + _varint(count * item_size)
-        prefixes.append(_tag(field, _LENGTH_DELIMITED) + _varint(len(packed) + count * item_size) + packed)
-    raw_bytes = items.view(np.uint8)
-    if len(distinct) == 1:
-        raw = RaggedBytes.fixed(raw_bytes.reshape(len(counts), int(distinct[0]) * item_size))
-    else:
-        raw = RaggedBytes.from_lengths(raw_bytes, counts * item_size)
-    return concat_rows([lookup(prefixes, codes), raw]).spread(valid)
-
-
-def _encode_natively(column: pa.Array, value_type: ValueType, empty_bytes_are_null: bool | None) -> RaggedBytes | None:
-    """Vectorized Value bytes for the common type pairs; None when Feast's own converter must run."""
-    arrow_type = column.type
-    if value_type == ValueType.FLOAT_LIST:
-        return _encode_float_list(column, "float32", "float_list_val")
-    if value_type == ValueType.DOUBLE_LIST:
-        return _encode_float_list(column, "float64", "double_list_val")
-    valid = _valid_mask(column)
-    if value_type in (ValueType.INT64, ValueType.INT32):
-        expected = {
-            ValueType.INT64: (pa.int64(), pa.int32(), pa.int16(), pa.int8()),
-            ValueType.INT32: (pa.int32(), pa.int16(), pa.int8()),
-        }[value_type]
-        if arrow_type not in expected:
-            return None
-        field = "int64_val" if value_type == ValueType.INT64 else "int32_val"
-        return _scalar_value(_tag(field, _VARINT), varints(_numbers(column, "int64")[valid]), valid)
-    if value_type in (ValueType.DOUBLE, ValueType.FLOAT):
-        expected_type, dtype, field, wire = {
-            ValueType.DOUBLE: (pa.float64(), "<f8", "double_val", _FIXED64),
-            ValueType.FLOAT: (pa.float32(), "<f4", "float_val", _FIXED32),
-        }[value_type]
-        if arrow_type != expected_type:
-            return None
-        numbers = _numbers(column, dtype)
-        valid &= ~np.isnan(numbers)  # stock Feast writes NaN as null (pd.isnull)
-        payload = RaggedBytes.fixed(numbers[valid].view(np.uint8).reshape(-1, np.dtype(dtype).itemsize))
-        return _scalar_value(_tag(field, wire), payload, valid)
-    if value_type == ValueType.BOOL:
-        if arrow_type != pa.bool_():
-            return None
-        flags = np.asarray(column.fill_null(False).to_numpy(zero_copy_only=False), dtype=np.uint8)
-        return _scalar_value(_tag("bool_val", _VARINT), RaggedBytes.fixed(flags[valid][:, None]), valid)
-    if value_type in (ValueType.STRING, ValueType.BYTES):
-        accepted = (
-            (pa.string(), pa.large_string()) if value_type == ValueType.STRING else (pa.binary(), pa.large_binary())
-        )
-        if arrow_type not in accepted:
-            return None
-        field = "string_val" if value_type == ValueType.STRING else "bytes_val"
-        payload = _binary_rows(column).take(np.flatnonzero(valid))
-        if value_type == ValueType.BYTES and (
-            not payload.lengths.any() if empty_bytes_are_null is None else empty_bytes_are_null
-        ):
-            return RaggedBytes.from_lengths(np.empty(0, np.uint8), np.zeros(len(column), dtype=np.int64))
-        return _scalar_value(_tag(field, _LENGTH_DELIMITED), concat_rows([varints(payload.lengths), payload]), valid)
-    return None
-
-
-def encode_values(
-    column: pa.Array | pa.ChunkedArray, value_type: ValueType, empty_bytes_are_null: bool | None = None
-) -> RaggedBytes:
-    """Serialized ``feast.types.Value`` of every row, exactly as stock materialization writes it.
-
-    ``empty_bytes_are_null`` reproduces a quirk of Feast's converter for Bytes columns: when
-    no value of the whole batch it converts is a non-empty ``bytes`` (b"" counts as empty
-    there, "" does not), it writes every row as null. None decides from this column alone;
-    callers that encode one stock batch in several chunks decide once for the batch.
-    """
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    encoded = _encode_natively(column, value_type, empty_bytes_are_null)
-    if encoded is not None:
-        return encoded
-    protos = python_values_to_proto_values(column.to_numpy(zero_copy_only=False), value_type)
-    return RaggedBytes.from_list([proto.SerializeToString() for proto in protos])
-
-
-def _entity_value_bytes(column: pa.Array, value_type: ValueType) -> RaggedBytes | None:
-    """``_serialize_val`` of every row (type, length, value), or None when not vectorizable."""
-    if column.null_count:
-        return None
-    rows = len(column)
-    if value_type == ValueType.INT64 and column.type in (pa.int64(), pa.int32(), pa.int16(), pa.int8()):
-        values = _numbers(column, "<i8").view(np.uint8).reshape(rows, 8)
-        return concat_rows(
-            [RaggedBytes.constant(struct.pack("<II", ValueType.INT64.value, 8), rows), RaggedBytes.fixed(values)]
-        )
-    if value_type == ValueType.INT32 and column.type in (pa.int32(), pa.int16(), pa.int8()):
-        values = _numbers(column, "<i4").view(np.uint8).reshape(rows, 4)
-        return concat_rows(
-            [RaggedBytes.constant(struct.pack("<II", ValueType.INT32.value, 4), rows), RaggedBytes.fixed(values)]
-        )
-    if value_type == ValueType.STRING and column.type in (pa.string(), pa.large_string()):
-        text = _binary_rows(column)
-        lengths = text.lengths.astype("<u4").view(np.uint8).reshape(rows, 4)
-        return concat_rows(
-            [RaggedBytes.constant(struct.pack("<I", ValueType.STRING.value), rows), RaggedBytes.fixed(lengths), text]
-        )
-    return None
-
-
-def encode_entity_keys(
-    batch: pa.RecordBatch, join_keys: dict[str, ValueType], project: str, serialization_version: int
-) -> RaggedBytes:
-    """Redis keys (``serialize_entity_key(...) + project``) of every row."""
-    rows = batch.num_rows
-    names = sorted(join_keys)
-    columns = {name: batch.column(name) for name in names}
-    parts: list[RaggedBytes] | None = None
-    if serialization_version == 3:
-        values = [_entity_value_bytes(columns[name], join_keys[name]) for name in names]
-        if all(value is not None for value in values):
-            header = [struct.pack("<I", len(names))]
-            for name in names:
-                encoded_name = name.encode("utf8")
-                header.append(struct.pack("<II", ValueType.STRING.value, len(encoded_name)) + encoded_name)
-            parts = [RaggedBytes.constant(b"".join(header), rows), *values]  # type: ignore[list-item]
-    if parts is None:
-        # Anything else (other key types, nulls, older versions) goes through Feast's own code, row by row.
-        protos = {
-            name: python_values_to_proto_values(batch.column(name).to_numpy(zero_copy_only=False), value_type)
-            for name, value_type in join_keys.items()
-        }
-        keys = [
-            serialize_entity_key(
-                EntityKeyProto(join_keys=list(join_keys), entity_values=[protos[name][i] for name in join_keys]),
-                entity_key_serialization_version=serialization_version,
-            )
-            for i in range(rows)
-        ]
-        parts = [RaggedBytes.from_list(keys)]
-    return concat_rows([*parts, RaggedBytes.constant(project.encode("utf-8"), rows)])
-
-
-def event_time_micros(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Event times as int64 microseconds since the epoch, truncated like ``pd.Timestamp.to_pydatetime``."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if pa.types.is_timestamp(column.type) and column.null_count == 0:
-        per_unit = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": None}[column.type.unit]
-        raw = np.asarray(column.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
-        return raw // 1000 if per_unit is None else raw * per_unit
-    nanos = pd.to_datetime(column.to_numpy(zero_copy_only=False)).asi8
-    return nanos // 1000
-
-
-def encode_timestamps(micros: np.ndarray) -> RaggedBytes:
-    """Serialized ``google.protobuf.Timestamp`` per row, encoded once per distinct event time."""
-    distinct, codes = np.unique(micros, return_inverse=True)
-    table = [
-        Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000).SerializeToString()
-        for us in distinct.tolist()
-    ]
-    return lookup(table, codes)
-
-
-# ---------------------------------------------------------------------------------------------
 # Encoded chunks and the RESP commands that write them.
 # ---------------------------------------------------------------------------------------------
 
 
-def _bulk(strings: RaggedBytes) -> list[RaggedBytes]:
-    """RESP bulk strings (``$<len>\\r\\n<bytes>\\r\\n``) of every row."""
-    rows = len(strings)
-    distinct, codes = np.unique(strings.lengths, return_inverse=True)
-    headers = lookup([b"$%d\r\n" % length for length in distinct.tolist()], codes)
-    return [headers, strings, RaggedBytes.constant(b"\r\n", rows)]
-
-
 def _bulk_constant(value: bytes, rows: int) -> RaggedBytes:
-    return RaggedBytes.constant(b"$%d\r\n%s\r\n" % (len(value), value), rows)
+    return RaggedBytes.constant(resp.bulk(value), rows)
 
 
 # Reads every key's stored _ts in one command: one reply to parse instead of one per row.
@@ -468,18 +98,11 @@ _READ_TIMESTAMPS_SCRIPT = (
 )
 
 
-def _read_timestamps_command(keys: RaggedBytes, ts_field: bytes) -> bytes:
+def _read_timestamps_command(keys: RaggedBytes, timestamp_field: bytes) -> bytes:
     """RESP of ``EVAL <script> n key_1 .. key_n _ts:<view>`` (an HGET per key, run server side)."""
     rows = len(keys)
-    head = b"*%d\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$%d\r\n%d\r\n" % (
-        rows + 4,
-        len(_READ_TIMESTAMPS_SCRIPT),
-        _READ_TIMESTAMPS_SCRIPT,
-        len(str(rows)),
-        rows,
-    )
-    keys_part = concat_rows(_bulk(keys)).data.tobytes() if rows else b""
-    return head + keys_part + b"$%d\r\n%s\r\n" % (len(ts_field), ts_field)
+    head = resp.command_head(b"EVAL", rows + 3) + resp.bulk(_READ_TIMESTAMPS_SCRIPT) + resp.bulk(b"%d" % rows)
+    return head + resp.keyed_commands(b"", keys, b"") + resp.bulk(timestamp_field)
 
 
 @dataclass
@@ -545,7 +168,7 @@ def encode_rows(
             if batch.num_rows
             else pa.RecordBatch.from_pylist([], schema=batch.schema)
         )
-    _validate_vector_field_lengths(batch, feature_view)
+    compat.validate_vector_field_lengths(batch, feature_view)
     if feature_view.batch_source is None:
         raise ValueError(f"Feature view '{feature_view.name}' has no batch_source and cannot be converted to proto.")
     join_keys = {field.name: field.dtype.to_value_type() for field in feature_view.entity_columns}
@@ -553,10 +176,10 @@ def encode_rows(
         if name not in batch.schema.names:
             raise ValueError(f"Column {name} not found in table")
 
-    view_name = _versioned_fv_name(feature_view, config)
+    view_name = stored_view_name(feature_view, config)
     keys = encode_entity_keys(batch, join_keys, config.project, config.entity_key_serialization_version)
     micros = event_time_micros(batch.column(feature_view.batch_source.timestamp_field))
-    fields = [f"_ts:{view_name}".encode()] + [_mmh3(f"{view_name}:{field.name}") for field in feature_view.features]
+    fields = [ts_field(view_name)] + [feature_field(view_name, field.name) for field in feature_view.features]
     values = [encode_timestamps(micros)] + [
         encode_values(
             batch.column(field.name),
@@ -569,13 +192,13 @@ def encode_rows(
     if with_commands:
         store_config = config.online_store
         rows = len(keys)
-        hset = [RaggedBytes.constant(b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * len(fields)), rows), *_bulk(keys)]
+        hset = [RaggedBytes.constant(resp.command_head(b"HSET", 1 + 2 * len(fields)), rows), *resp.bulk_rows(keys)]
         for field, column in zip(fields, values, strict=True):
-            hset += [_bulk_constant(field, rows), *_bulk(column)]
+            hset += [_bulk_constant(field, rows), *resp.bulk_rows(column)]
         if store_config.key_ttl_seconds:
             hset += [
-                RaggedBytes.constant(b"*3\r\n$6\r\nEXPIRE\r\n", rows),
-                *_bulk(keys),
+                RaggedBytes.constant(resp.command_head(b"EXPIRE", 2), rows),
+                *resp.bulk_rows(keys),
                 _bulk_constant(str(store_config.key_ttl_seconds).encode(), rows),
             ]
         encoded.hset_commands = concat_rows(hset)
@@ -599,9 +222,8 @@ def _stored_nanos(stored: Sequence[bytes | None]) -> np.ndarray:
             continue
         nanos = cache.get(value)
         if nanos is None:
-            parsed = Timestamp()
-            parsed.ParseFromString(value)
-            nanos = cache[value] = parsed.seconds * 1_000_000_000 + parsed.nanos
+            seconds, nanos_part = timestamp_parts(value)
+            nanos = cache[value] = seconds * 1_000_000_000 + nanos_part
         out[i] = nanos
     return out
 
@@ -632,7 +254,7 @@ def rows_to_write(encoded: EncodedRows, stored: Sequence[bytes | None]) -> np.nd
 
 
 class _SocketWriter:
-    """Sends whole chunks of prebuilt RESP over one pooled connection and parses replies with hiredis.
+    """Sends whole chunks of prebuilt RESP over one pooled connection (:class:`resp.RespConnection`).
 
     The HSET replies of a chunk are only read once the next chunk's commands are on their
     way, so Redis always has queued work instead of idling while Python encodes and parses.
@@ -644,30 +266,20 @@ class _SocketWriter:
         self.pool = client.connection_pool
         self.store_config = store_config
         self.connection = self.pool.get_connection()
-        self.reader = hiredis.Reader()
+        self.channel = resp.RespConnection(self.connection)
         self.unread_replies = 0  # replies of commands already sent, not read yet
-        self.error: Exception | None = None
+        self.error: ResponseError | None = None
 
     def _send(self, payload: bytes, replies: int) -> None:
-        self.connection.send_packed_command([payload], check_health=False)
+        self.channel.send(payload)
         self.unread_replies += replies
 
     def _read(self, replies: int) -> list[Any]:
         """Read the next ``replies`` replies; error replies are kept and raised once all are read."""
-        sock = self.connection._sock
-        received: list[Any] = []
-        while len(received) < replies:
-            reply = self.reader.gets()
-            if reply is False:
-                data = sock.recv(1 << 20)
-                if not data:
-                    raise RedisConnectionError("Connection closed by server.")
-                self.reader.feed(data)
-                continue
-            self.unread_replies -= 1
-            if isinstance(reply, hiredis.ReplyError) and self.error is None:
-                self.error = ResponseError(str(reply))
-            received.append(reply)
+        received, error = self.channel.read(replies)
+        self.unread_replies -= replies
+        if error is not None and self.error is None:
+            self.error = error
         return received
 
     def _raise_error(self) -> None:
@@ -818,8 +430,8 @@ class FastRedisOnlineStore(RedisOnlineStore):
     """Redis online store (Feast format) that also writes Arrow data without per-row protobuf objects."""
 
     def _writer(self, config: RepoConfig) -> _SocketWriter | _PipelineWriter:
-        client = self._get_client(config.online_store)
-        if hiredis is not None and isinstance(client, Redis):
+        client = compat.redis_client(self, config.online_store)
+        if resp.HIREDIS and isinstance(client, Redis):
             return _SocketWriter(client, config.online_store)
         return _PipelineWriter(client, config.online_store)
 

@@ -31,9 +31,9 @@ from feast.infra.offline_stores.offline_store import OfflineStore, RetrievalJob
 from feast.infra.online_stores.online_store import OnlineStore
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import FeastConfigBaseModel
-from feast.utils import _get_column_names
 from pydantic import PositiveInt
 
+from derm.feast_plugins import compat
 from derm.feast_plugins.redis_online_store import FastRedisOnlineStore
 
 
@@ -58,12 +58,12 @@ def _duckdb_batches(expression: Any, rows: int) -> pa.RecordBatchReader | None:
     a relation's ``to_arrow_reader``: DuckDB produces the next batches while the current one is written.
     """
     try:
-        backend = expression._find_backend()
+        backend = compat.ibis_backend(expression)
     except Exception:
         return None
     if getattr(backend, "name", None) != "duckdb":
         return None
-    backend._run_pre_execute_hooks(expression)
+    compat.run_ibis_pre_execute_hooks(backend, expression)
     return backend.con.sql(backend.compile(expression.as_table())).to_arrow_reader(rows)
 
 
@@ -119,6 +119,7 @@ class VectorMaterializationEngine(LocalComputeEngine):
     def _materialize_one(
         self, registry: BaseRegistry, task: MaterializationTask, **kwargs: Any
     ) -> LocalMaterializationJob:
+        # Feast's private per-task hook (ComputeEngine.materialize calls it); tests/test_feast_compat.py checks it.
         if not self.uses_fast_path(task):
             return super()._materialize_one(registry, task, **kwargs)
         job_id = f"{task.feature_view.name}-{task.start_time}-{task.end_time}"
@@ -133,7 +134,7 @@ class VectorMaterializationEngine(LocalComputeEngine):
         """Write the latest row per entity in ``[start, end]`` to the online store; returns rows written."""
         view = task.feature_view
         entities = [registry.get_entity(name, task.project) for name in view.entities]
-        join_keys, feature_columns, timestamp_column, created_column = _get_column_names(view, entities)
+        join_keys, feature_columns, timestamp_column, created_column = compat.get_column_names(view, entities)
         job = self.offline_store.pull_latest_from_table_or_query(
             config=self.repo_config,
             data_source=view.batch_source,

@@ -2,20 +2,23 @@
 
 Stock ``get_online_features`` parses every stored ``Value`` into a protobuf object
 and every float into a Python ``float``; for 500 candidate Pins x 64-d that is the
-whole cost of a ranking request. This reader reads the very same Redis data
-(Feast's format, see ``derm.feast_plugins.redis_online_store``):
+whole cost of a ranking request. This reader reads the very same Redis data,
+with the codec the writer uses (``derm.feast_plugins.redis_format``, Feast's
+format) and the same RESP pieces and reply loop (``derm.feast_plugins.resp``):
 
 * the Redis key of an entity is Feast's ``serialize_entity_key(...) + project``
-  (built for all ids at once with the online store's vectorized key encoder);
+  (``redis_format.int64_key_layout``: an int64 id's 8 bytes filled into a layout
+  cut once from the writer's key encoder and checked against Feast's);
 * each feature lives in the hash field ``mmh3("<view>:<feature>")`` and the
-  view's event time in ``_ts:<view>``;
+  view's event time in ``_ts:<view>`` (``redis_format.feature_field``/``ts_field``);
 * one pipelined ``HMGET`` per entity fetches every requested field of every
   view of that entity (all of a Pin's views share one hash), and the replies of
   a whole request are sent and parsed in one round trip with hiredis;
-* a fixed-dimension ``Value{float_list_val}`` always starts with the same bytes,
-  so the replies are joined and viewed as a ``(B, D)`` float32 matrix after one
-  vectorized check of that prefix; anything else (another encoding, a null
-  value, another dimension) falls back to protobuf parsing, row by row.
+* a fixed-dimension ``Value{float_list_val}`` always starts with the same bytes
+  (``redis_format.vector_value_prefix``), so the replies are joined and viewed as
+  a ``(B, D)`` float32 matrix after one vectorized check of that prefix; anything
+  else (another encoding, a null value, another dimension) falls back to protobuf
+  parsing, row by row.
 
 Semantics, matched against ``get_online_features`` by ``tests/test_serving.py``:
 an entity (or a field) absent from Redis or holding an empty ``Value`` is *not
@@ -26,7 +29,7 @@ found*: its row is zeros and its ``found`` flag is False, where Feast returns
 default) reproduces that exactly; ``enforce_ttl=True`` treats a value older than
 its view's TTL at ``now`` as not found, which is what ``get_historical_features``
 does offline, so a ranker trained on historical features sees the same
-"missing" at serving time. The serving app uses ``enforce_ttl=True``.
+"missing" at serving time. The serving service uses ``enforce_ttl=True``.
 
 Example::
 
@@ -39,8 +42,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
-import struct
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -51,22 +52,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import redis
-from feast.infra.key_encoding_utils import serialize_entity_key
-from feast.infra.online_stores.helpers import _mmh3
-from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.value_type import ValueType
-from google.protobuf.timestamp_pb2 import Timestamp
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from derm.feast_plugins.redis_online_store import RaggedBytes, concat_rows, encode_entity_keys
-
-try:  # hiredis parses a whole pipeline's replies in C; feast[redis] installs it.
-    import hiredis
-except ImportError:  # pragma: no cover
-    hiredis = None
+from derm.feast_plugins import compat, redis_format, resp
+from derm.feast_plugins.redis_format import RaggedBytes
 
 
 class RedisUnavailable(RuntimeError):
@@ -77,9 +69,10 @@ class RedisUnavailable(RuntimeError):
 # What to read
 # ---------------------------------------------------------------------------------------------
 
-_LIST_ELEMENT = {ValueType.FLOAT_LIST: ("float_list_val", "<f4"), ValueType.DOUBLE_LIST: ("double_list_val", "<f8")}
-_SCALAR_FIXED = {ValueType.DOUBLE: ("double_val", "<f8"), ValueType.FLOAT: ("float_val", "<f4")}
-_SCALAR_VARINT = {ValueType.INT64: "int64_val", ValueType.INT32: "int32_val"}
+# The Value field and element dtype per type, as the codec defines them (kept under the reader's old names).
+_LIST_ELEMENT = redis_format.VECTOR_VALUE_FIELDS
+_SCALAR_FIXED = redis_format.FIXED_SCALAR_FIELDS
+_SCALAR_VARINT = redis_format.VARINT_SCALAR_FIELDS
 
 
 @dataclass(frozen=True)
@@ -112,10 +105,10 @@ class ViewSpec:
 
     @property
     def ts_field(self) -> bytes:
-        return f"_ts:{self.redis_name}".encode()
+        return redis_format.ts_field(self.redis_name)
 
     def field(self, feature: FeatureSpec) -> bytes:
-        return _mmh3(f"{self.redis_name}:{feature.name}")
+        return redis_format.feature_field(self.redis_name, feature.name)
 
     def ref(self, feature: FeatureSpec) -> str:
         return f"{self.name}:{feature.name}"
@@ -139,7 +132,7 @@ class ViewSpec:
         ttl = feature_view.ttl if feature_view.ttl and feature_view.ttl.total_seconds() > 0 else None
         return cls(
             name=feature_view.name,
-            stored_name=_versioned_fv_name(feature_view, config),
+            stored_name=redis_format.stored_view_name(feature_view, config),
             join_key=entity_columns[0].name,
             join_key_type=entity_columns[0].dtype.to_value_type(),
             features=tuple(specs),
@@ -194,7 +187,7 @@ class RedisHashReader:
         self.connection_string = connection_string
         self.redis_type = str(getattr(redis_type, "value", redis_type))
         self.timeouts = timeouts or RedisTimeouts()
-        nodes, params = RedisOnlineStore._parse_connection_string(connection_string)
+        nodes, params = compat.parse_redis_connection_string(connection_string)
         if not nodes:
             raise ValueError(f"Redis connection string {connection_string!r} names no host:port")
         params.update(
@@ -222,7 +215,7 @@ class RedisHashReader:
 
     @property
     def raw_socket(self) -> bool:
-        return self._pool is not None and hiredis is not None
+        return self._pool is not None and resp.HIREDIS
 
     def _unavailable(self, error: BaseException) -> RedisUnavailable:
         with self._lock:
@@ -242,27 +235,17 @@ class RedisHashReader:
     def execute_packed(self, payload: bytes, replies: int) -> list[Any]:
         """Send RESP ``payload`` (``replies`` commands) and return their replies in order."""
         self._check_cooldown()
-        assert self._pool is not None and hiredis is not None
+        assert self._pool is not None and resp.HIREDIS
         try:
             connection = self._pool.get_connection()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
             raise self._unavailable(error) from error
         try:
-            connection.send_packed_command([payload], check_health=False)
-            reader = hiredis.Reader()
-            sock = connection._sock
-            received: list[Any] = []
-            while len(received) < replies:
-                reply = reader.gets()
-                if reply is False:
-                    data = sock.recv(1 << 20)
-                    if not data:
-                        raise redis.ConnectionError("connection closed by server")
-                    reader.feed(data)
-                    continue
-                if isinstance(reply, hiredis.ReplyError):
-                    raise redis.ResponseError(str(reply))
-                received.append(reply)
+            channel = resp.RespConnection(connection)
+            channel.send(payload)
+            received, reply_error = channel.read(replies)
+            if reply_error is not None:
+                raise reply_error
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
             # socket.timeout is an OSError: a Redis that accepts but never answers ends here.
             connection.disconnect()  # replies may be left unread: never reuse this connection
@@ -336,12 +319,7 @@ class DecodeStats:
     unusable: int = 0
 
 
-@functools.lru_cache(maxsize=256)
-def vector_prefix(value_type: ValueType, dim: int) -> bytes:
-    """The bytes every stored ``Value`` of a ``dim``-long vector starts with (tag, lengths, packed tag)."""
-    kind, dtype = _LIST_ELEMENT[value_type]
-    sample = ValueProto(**{kind: {"val": [0.0] * dim}}).SerializeToString()
-    return sample[: len(sample) - dim * np.dtype(dtype).itemsize]
+vector_prefix = redis_format.vector_value_prefix  # the bytes every stored Value of a dim-long vector starts with
 
 
 def decode_vectors(
@@ -390,8 +368,7 @@ def decode_scalars(
     if value_type in _SCALAR_FIXED:
         kind, dtype = _SCALAR_FIXED[value_type]
         out: np.ndarray = np.zeros(n, dtype=np.float64)
-        sample = ValueProto(**{kind: 1.0}).SerializeToString()
-        prefix = sample[: len(sample) - np.dtype(dtype).itemsize]
+        prefix = redis_format.value_tag(value_type)
         rows, payload = _fixed_width_rows(raw, lengths, prefix, np.dtype(dtype).itemsize)
         if len(rows):
             out[rows] = np.ascontiguousarray(payload).view(dtype).reshape(-1)
@@ -399,7 +376,7 @@ def decode_scalars(
     elif value_type in _SCALAR_VARINT:
         kind = _SCALAR_VARINT[value_type]
         out = np.zeros(n, dtype=np.int64)
-        tag = ValueProto(**{kind: 1}).SerializeToString()[:-1]
+        tag = redis_format.value_tag(value_type)
         candidates = (lengths >= len(tag) + 1) & (lengths <= len(tag) + 10)
         if candidates.any():
             rows = np.flatnonzero(candidates)
@@ -465,8 +442,8 @@ class _TimestampCache:
             if value:
                 seconds = cache.get(value)
                 if seconds is None:
-                    parsed = Timestamp.FromString(value)
-                    seconds = parsed.seconds + parsed.nanos / 1e9
+                    whole, nanos = redis_format.timestamp_parts(value)
+                    seconds = whole + nanos / 1e9
                 local[value] = seconds
         if len(cache) + len(local) > self._limit:
             cache.clear()  # bounded memory; entries are cheap to parse again
@@ -524,10 +501,7 @@ class _EntityPlan:
     views: tuple[ViewSpec, ...]
     fields: tuple[bytes, ...]  # every view's feature fields then its _ts field, views in order
     fields_resp: bytes  # the same fields as RESP bulk strings, appended to every HMGET
-
-
-def _bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
+    hmget_head: bytes  # ``*<n>\r\n$5\r\nHMGET\r\n``: what every HMGET starts with, before its key
 
 
 class EmbeddingReader:
@@ -566,10 +540,11 @@ class EmbeddingReader:
                 join_key_type=views_of_entity[0].join_key_type,
                 views=tuple(views_of_entity),
                 fields=fields,
-                fields_resp=b"".join(map(_bulk, fields)),
+                fields_resp=b"".join(map(resp.bulk, fields)),
+                hmget_head=resp.command_head(b"HMGET", 1 + len(fields)),
             )
-        self._key_templates = {
-            join_key: self._int64_key_template(join_key)
+        self._key_layouts = {
+            join_key: redis_format.int64_key_layout(join_key, self.project, self.serialization_version)
             for join_key, plan in self.plans.items()
             if plan.join_key_type == ValueType.INT64
         }
@@ -603,63 +578,24 @@ class EmbeddingReader:
         """Feast's Redis keys of these entity ids.
 
         An int64 key is ``<constant head> + <8 little-endian bytes> + <project>``; the head and
-        tail are cut once from a key the online store's encoder built (``_int64_key_template``,
+        tail are cut once from a key the codec's encoder built (``redis_format.int64_key_layout``,
         checked against Feast's ``serialize_entity_key``), then every request fills in ids
-        with one NumPy assignment. Other key types go through the online store's encoder.
+        with one NumPy assignment. Other key types go through the codec's encoder.
         """
         plan = self.plans[join_key]
-        template = self._key_templates.get(join_key) if plan.join_key_type == ValueType.INT64 else None
-        if template is None:
+        layout = self._key_layouts.get(join_key) if plan.join_key_type == ValueType.INT64 else None
+        if layout is None:
             arrow_type = pa.int64() if plan.join_key_type == ValueType.INT64 else None
             batch = pa.record_batch({join_key: pa.array(ids, type=arrow_type)})
-            return encode_entity_keys(batch, {join_key: plan.join_key_type}, self.project, self.serialization_version)
-        head, tail = template
-        values = np.asarray(ids, dtype="<i8")
-        keys = np.empty((len(values), len(head) + 8 + len(tail)), dtype=np.uint8)
-        keys[:, : len(head)] = np.frombuffer(head, np.uint8)
-        keys[:, len(head) : len(head) + 8] = values.view(np.uint8).reshape(-1, 8)
-        keys[:, len(head) + 8 :] = np.frombuffer(tail, np.uint8)
-        return RaggedBytes.fixed(keys)
-
-    def _int64_key_template(self, join_key: str) -> tuple[bytes, bytes] | None:
-        """(head, tail) around the 8 id bytes of an int64 entity key, or None if the layout is not that."""
-        probes = np.array([0, -2, 2**62 + 12345], dtype=np.int64)
-        batch = pa.record_batch({join_key: pa.array(probes, type=pa.int64())})
-        encoded = encode_entity_keys(batch, {join_key: ValueType.INT64}, self.project, self.serialization_version)
-        keys = encoded.to_list()
-        head_length = len(keys[0]) - 8 - len(self.project.encode())
-        head, tail = keys[0][:head_length], keys[0][head_length + 8 :]
-        for value, key in zip(probes.tolist(), keys, strict=True):
-            feast_key = (
-                serialize_entity_key(
-                    EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=value)]),
-                    entity_key_serialization_version=self.serialization_version,
-                )
-                + self.project.encode()
+            return redis_format.encode_entity_keys(
+                batch, {join_key: plan.join_key_type}, self.project, self.serialization_version
             )
-            if key != feast_key or key != head + struct.pack("<q", value) + tail:
-                return None
-        return head, tail
+        return redis_format.int64_redis_keys(layout, ids)
 
     def hmget_payload(self, join_key: str, keys: RaggedBytes) -> bytes:
         """RESP for ``HMGET <key> <fields...>`` of every key, built with NumPy in one piece."""
         plan = self.plans[join_key]
-        rows = len(keys)
-        if rows == 0:
-            return b""
-        head = b"*%d\r\n$5\r\nHMGET\r\n" % (2 + len(plan.fields))
-        tail = b"\r\n" + plan.fields_resp
-        if keys.width is not None:
-            # Every command is the same bytes around its key: fill one (rows, width) array.
-            key_head = head + b"$%d\r\n" % keys.width
-            start, end = len(key_head), len(key_head) + keys.width
-            commands = np.empty((rows, end + len(tail)), dtype=np.uint8)
-            commands[:, :start] = np.frombuffer(key_head, np.uint8)
-            commands[:, start:end] = keys.matrix()
-            commands[:, end:] = np.frombuffer(tail, np.uint8)
-            return commands.tobytes()
-        key_heads = RaggedBytes.from_list([head + b"$%d\r\n" % n for n in keys.lengths.tolist()])
-        return concat_rows([key_heads, keys, RaggedBytes.constant(tail, rows)]).data.tobytes()
+        return resp.keyed_commands(plan.hmget_head, keys, plan.fields_resp)
 
     def read(
         self,

@@ -3,7 +3,10 @@
 Every comparison is against stock Feast itself on a real redis-server: the local
 engine + ``redis`` online store into db 0, the vector engine + fast store into
 db 1 (or per-row ``_convert_arrow_to_proto`` + ``online_write_batch`` against
-``FastRedisOnlineStore.write_arrow`` for the many random cases).
+``FastRedisOnlineStore.write_arrow`` for the many random cases). The codec the
+writer and the serving reader share (``redis_format``: keys, field names, ``Value``
+prefixes; ``resp``: commands and the reply loop) is checked piece by piece against
+Feast's own functions and redis-py's command packer.
 """
 
 from __future__ import annotations
@@ -33,14 +36,21 @@ from feast.types import Array, Bool, Bytes, Float32, Float64, Int32, Int64, Stri
 from feast.utils import _convert_arrow_to_proto, make_tzaware  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
-from derm.feast_plugins.redis_online_store import FastRedisOnlineStore, _PipelineWriter, encode_rows  # noqa: E402
+from derm.feast_plugins import compat, redis_format, resp  # noqa: E402
+from derm.feast_plugins.redis_online_store import (  # noqa: E402
+    _READ_TIMESTAMPS_SCRIPT,
+    FastRedisOnlineStore,
+    _PipelineWriter,
+    _read_timestamps_command,
+    encode_rows,
+)
 
 
 class _PipelineFastRedisOnlineStore(FastRedisOnlineStore):
     """The writer used for Redis Cluster (redis-py pipelines), forced on a plain Redis."""
 
     def _writer(self, config: RepoConfig) -> _PipelineWriter:
-        return _PipelineWriter(self._get_client(config.online_store), config.online_store)
+        return _PipelineWriter(compat.redis_client(self, config.online_store), config.online_store)
 
 
 PROJECT = "fastmat"
@@ -427,6 +437,127 @@ def test_versioned_view_names_are_respected(redis_server: LocalRedisServer) -> N
     written = _dump(_client(redis_server, 5))
     assert written == _dump(_client(redis_server, 4))
     assert all(b"_ts:all_types_v3" in fields for fields in written.values())
+
+
+# --------------------------------------------------------------------------------------------
+# the shared codec (redis_format, resp) against Feast and redis-py
+# --------------------------------------------------------------------------------------------
+
+_names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=20)
+_int64s = st.integers(-(2**63), 2**63 - 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(view=_names, feature=_names, project=_names, ids=st.lists(_int64s, min_size=1, max_size=20))
+def test_field_names_and_keys_match_feast(view: str, feature: str, project: str, ids: list[int]) -> None:
+    assert redis_format.feature_field(view, feature) == _mmh3(f"{view}:{feature}")
+    assert redis_format.ts_field(view) == f"_ts:{view}".encode()
+    feast_keys = [_redis_key(project, _entity_key_of("user_id", i), 3) for i in ids]
+    assert [redis_format.redis_key(_entity_key_of("user_id", i), project, 3) for i in ids] == feast_keys
+    layout = redis_format.int64_key_layout("user_id", project, 3)
+    assert layout is not None
+    assert redis_format.int64_redis_keys(layout, np.array(ids, dtype=np.int64)).to_list() == feast_keys
+
+
+def _entity_key_of(join_key: str, value: int) -> EntityKeyProto:
+    return EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=value)])
+
+
+def test_stored_view_name_is_feasts() -> None:
+    view = _ALL_TYPES_VIEW.__copy__()
+    view.current_version_number = 3
+    for versioning in (False, True):
+        config = RepoConfig(
+            project=PROJECT, provider="local", entity_key_serialization_version=3,
+            registry={"path": "unused-registry.db", "enable_online_feature_view_versioning": versioning},
+        )  # fmt: skip
+        expected = "all_types_v3" if versioning else "all_types"
+        assert redis_format.stored_view_name(view, config) == expected
+
+
+@pytest.mark.parametrize("value_type", [ValueType.FLOAT_LIST, ValueType.DOUBLE_LIST])
+@pytest.mark.parametrize("dim", [1, 2, 15, 16, 64, 127, 128, 300, 2049, 100_000])
+def test_vector_prefix_is_protobufs(value_type: ValueType, dim: int) -> None:
+    field, dtype = redis_format.VECTOR_VALUE_FIELDS[value_type]
+    serialized = ValueProto(**{field: {"val": [0.5] * dim}}).SerializeToString()
+    prefix = redis_format.vector_value_prefix(value_type, dim)
+    assert serialized == prefix + np.full(dim, 0.5, dtype=dtype).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("value_type", "value", "payload"),
+    [
+        (ValueType.DOUBLE, 1.5, np.array([1.5], "<f8").tobytes()),
+        (ValueType.FLOAT, 1.5, np.array([1.5], "<f4").tobytes()),
+        (ValueType.INT64, 5, b"\x05"),
+        (ValueType.INT32, 5, b"\x05"),
+    ],
+)
+def test_scalar_tags_are_protobufs(value_type: ValueType, value: float, payload: bytes) -> None:
+    field = {**redis_format.FIXED_SCALAR_FIELDS, **redis_format.VARINT_SCALAR_FIELDS}[value_type]
+    field = field if isinstance(field, str) else field[0]
+    assert ValueProto(**{field: value}).SerializeToString() == redis_format.value_tag(value_type) + payload
+
+
+def test_timestamp_parts_read_what_encode_timestamps_writes() -> None:
+    micros = np.array([0, 1_767_225_600_123_456, 1_767_225_600_123_456, 1], dtype=np.int64)
+    stored = redis_format.encode_timestamps(micros).to_list()
+    assert [redis_format.timestamp_parts(value) for value in stored] == [
+        (us // 1_000_000, us % 1_000_000 * 1000) for us in micros.tolist()
+    ]
+
+
+def _packed(*args: bytes) -> bytes:
+    return b"".join(redis.connection.Connection().pack_command(*args))
+
+
+@pytest.mark.parametrize("fixed_width", [True, False])
+def test_resp_commands_are_redis_pys(fixed_width: bool) -> None:
+    keys = [b"k%03d" % i for i in range(40)] if fixed_width else [b"k" * (i % 7) + b"\r\n$" for i in range(40)]
+    ragged = redis_format.RaggedBytes.from_list(keys)
+    assert (ragged.width is not None) == fixed_width
+    fields = [b"_ts:view", b"\x00\x01\x02\x03", b""]
+    hmget = resp.keyed_commands(resp.command_head(b"HMGET", 1 + len(fields)), ragged, b"".join(map(resp.bulk, fields)))
+    assert hmget == b"".join(_packed(b"HMGET", key, *fields) for key in keys)
+    assert resp.keyed_commands(b"", ragged, b"") == b"".join(resp.bulk(key) for key in keys)
+    assert resp.keyed_commands(b"HEAD", redis_format.RaggedBytes.from_list([]), b"TAIL") == b""
+    assert _read_timestamps_command(ragged, b"_ts:view") == _packed(
+        b"EVAL", _READ_TIMESTAMPS_SCRIPT, b"%d" % len(keys), *keys, b"_ts:view"
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(table=random_tables(), ttl=st.sampled_from([None, 3600]))
+def test_hset_commands_are_redis_pys(table: pa.Table, ttl: int | None) -> None:
+    config = _config({"type": FAST_STORE, "key_ttl_seconds": ttl})
+    encoded = encode_rows(config, _ALL_TYPES_VIEW, table, with_commands=True)
+    assert encoded.hset_commands is not None
+    expected = []
+    for key, mapping in encoded.rows():
+        command = _packed(b"HSET", key, *[part for item in mapping.items() for part in item])
+        if ttl:
+            command += _packed(b"EXPIRE", key, str(ttl).encode())
+        expected.append(command)
+    assert encoded.hset_commands.to_list() == expected
+
+
+def test_reply_loop_reads_every_reply_and_returns_the_first_error(redis_server: LocalRedisServer) -> None:
+    client = _client(redis_server, 6)
+    client.flushdb()
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        channel = resp.RespConnection(connection)
+        channel.send(_packed(b"SET", b"s", b"1") + _packed(b"HGET", b"s", b"f") + _packed(b"LPUSH", b"s", b"x"))
+        channel.send(_packed(b"PING"))
+        first, error = channel.read(2)
+        assert first[0] == b"OK" and isinstance(error, redis.ResponseError) and "WRONGTYPE" in str(error)
+        rest, second_error = channel.read(2)  # the replies left over from the same socket reads
+        assert rest[1] == b"PONG" and "WRONGTYPE" in str(second_error)
+        assert channel.read(0) == ([], None)
+    finally:
+        pool.release(connection)
+        client.close()
 
 
 # --------------------------------------------------------------------------------------------
