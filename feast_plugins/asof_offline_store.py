@@ -41,13 +41,9 @@ import pyarrow as pa
 from feast.data_format import ParquetFormat
 from feast.feature_view import FeatureView
 from feast.infra.offline_stores import offline_utils
-from feast.infra.offline_stores.duckdb import (
-    DuckDBOfflineStore,
-    DuckDBOfflineStoreConfig,
-    _write_data_source,
-)
+from feast.infra.offline_stores.duckdb import DuckDBOfflineStore, DuckDBOfflineStoreConfig
 from feast.infra.offline_stores.file_source import FileSource
-from feast.infra.offline_stores.ibis import _get_entity_df_event_timestamp_range, list_s3_files
+from feast.infra.offline_stores.ibis import list_s3_files
 from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMetadata
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.on_demand_feature_view import OnDemandFeatureView
@@ -56,6 +52,7 @@ from feast.saved_dataset import SavedDatasetStorage
 from ibis.formats.pandas import PandasData
 from ibis.formats.pyarrow import PyArrowSchema
 
+from derm.feast_plugins.compat import get_entity_df_event_timestamp_range, write_data_source
 from derm.feast_plugins.duckdb_sql import connect, ident
 
 STORE_TYPE = "derm.feast_plugins.asof_offline_store.AsofDuckDBOfflineStore"
@@ -319,7 +316,7 @@ class AsofRetrievalJob(RetrievalJob):
         return self._metadata
 
     def persist(self, storage: SavedDatasetStorage, allow_overwrite: bool = False, timeout: int | None = None) -> None:
-        _write_data_source(
+        write_data_source(
             ibis.memtable(self.to_arrow(timeout=timeout)),
             storage.to_data_source(),
             self._repo_path,
@@ -396,7 +393,7 @@ def _asof_retrieval(
 
     entity_schema = dict(zip(entity_df.columns, entity_df.dtypes, strict=True))
     event_timestamp_column = offline_utils.infer_event_timestamp_from_entity_df(entity_schema=entity_schema)
-    timestamp_range = _get_entity_df_event_timestamp_range(entity_df, event_timestamp_column)
+    timestamp_range = get_entity_df_event_timestamp_range(entity_df, event_timestamp_column)
     entity_df = _entity_df_utc(entity_df, event_timestamp_column)
     entity_table = _entity_arrow(entity_df)
 

@@ -23,7 +23,6 @@ import importlib.metadata
 import inspect
 import socket
 import struct
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -256,8 +255,6 @@ def test_offline_store_helpers(tmp_path: Path) -> None:
 
 _LIBRARIES = {"feast", "redis", "hiredis", "ibis"}
 _PRIVATE_ATTRIBUTES = {"_sock", "_find_backend", "_run_pre_execute_hooks", "_get_client", "_parse_connection_string"}
-# asof_offline_store.py (another owner) still imports these two itself; compat has them ready to switch to.
-_PENDING = {"derm.feast_plugins/asof_offline_store.py": {"_write_data_source", "_get_entity_df_event_timestamp_range"}}
 
 
 def _is_private(name: str) -> bool:
@@ -326,11 +323,7 @@ def test_only_compat_touches_private_library_names() -> None:
     for name, path in modules.items():
         if name == "derm.feast_plugins/compat.py":
             continue
-        uses = private_uses(path.read_text())
-        pending = _PENDING.get(name, set())
-        offenders += [f"{name}:{line}: {what}" for line, private, what in uses if private not in pending]
-        if pending and not {private for _, private, _ in uses} & pending:
-            warnings.warn(f"{name} no longer uses {sorted(pending)}: drop its allowance in _PENDING", stacklevel=1)
+        offenders += [f"{name}:{line}: {what}" for line, _, what in private_uses(path.read_text())]
     assert not offenders, (
         "private Feast/redis-py/Ibis names used outside derm.feast_plugins.compat (add a public wrapper there "
         "and a check here):\n  " + "\n  ".join(offenders)
