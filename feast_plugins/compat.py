@@ -36,8 +36,7 @@ Checked against feast 0.67.0, redis (redis-py) 7.4.1 and ibis-framework 12.0.0
   (feast 0.67.0): the as-of offline store's ``persist``.
 * :func:`get_entity_df_event_timestamp_range` <- ``_get_entity_df_event_timestamp_range`` in
   ``feast.infra.offline_stores.ibis`` (feast 0.67.0): the as-of offline store's
-  historical retrieval. (``asof_offline_store`` still imports these two itself; the
-  compat test allows exactly those two until it switches to the names here.)
+  historical retrieval.
 
 One private name cannot move here: ``VectorMaterializationEngine`` overrides the
 hook ``LocalComputeEngine._materialize_one`` (``feast.infra.compute_engines``),
