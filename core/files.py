@@ -9,6 +9,7 @@ Example::
     with atomic_path(out_path) as tmp:           # any writer that takes a path
         pq.write_table(table, tmp)
     replace_directory(staging_dir, table_dir)    # swap a whole folder in one step
+    publish_directory(staging_dir, day_dir)      # a new folder appears whole; an existing one is never replaced
 """
 
 from __future__ import annotations
@@ -45,6 +46,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def publish_directory(staging: Path, target: Path) -> None:
+    """Put the complete folder ``staging`` at ``target``, which must not exist yet: it appears whole or not at all.
+
+    For what is immutable once written (a published day, a snapshot): a second writer gets
+    :class:`FileExistsError` instead of replacing the first one's folder.
+    """
+    staging, target = Path(staging), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(staging, target)
+    except OSError as error:
+        if target.exists():
+            message = "already exists: published folders are never replaced"
+            raise FileExistsError(errno.EEXIST, message, str(target)) from error
+        raise
 
 
 def replace_directory(staging: Path, target: Path) -> None:

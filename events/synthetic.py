@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from derm.core.files import replace_directory
 from derm.events.schema import EVENT_LOG_SCHEMA, SURFACES
 
 
@@ -198,6 +199,5 @@ def generate_event_log(cfg: SyntheticConfig, events_dir: Path, progress: bool = 
             for chunk in _day_chunks(cfg, world, day_index, day_rng):
                 writer.write_table(chunk)
         files.append(events_dir / path.relative_to(staging))
-    shutil.rmtree(events_dir, ignore_errors=True)
-    staging.rename(events_dir)
+    replace_directory(staging, events_dir)
     return files

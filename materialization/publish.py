@@ -32,6 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from derm.core.feast_repo import FeatureRepo
+from derm.core.files import publish_directory
 from derm.core.model_versions import ModelVersions
 from derm.core.naming import FAMILIES, feature_name, feature_view_name, objective_of
 from derm.core.paths import PlatformPaths
@@ -134,9 +135,7 @@ def write_offline_partition(catalog: Catalog, manifest: SnapshotManifest, source
             {"source": str(source / manifest.data_file), "target": str(staging / OFFLINE_DATA_FILE)},
         )
     (staging / MANIFEST_FILE).write_text((source / MANIFEST_FILE).read_text())
-    target = catalog.partition_dir(manifest.family, manifest.model_version, manifest.snapshot_date)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(staging, target)  # the day appears whole or not at all
+    publish_directory(staging, catalog.partition_dir(manifest.family, manifest.model_version, manifest.snapshot_date))
 
 
 def _ensure_registered(repo: FeatureRepo, view: str) -> None:

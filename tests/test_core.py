@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from derm.core.files import atomic_path, atomic_write_text, replace_directory
+from derm.core.files import atomic_path, atomic_write_text, publish_directory, replace_directory
 from derm.core.model_versions import ModelVersions
 from derm.core.naming import (
     FAMILIES,
@@ -61,6 +61,18 @@ def test_replace_directory_swaps_a_whole_folder(tmp_path: Path) -> None:
         assert (target / "date=2026-01-01" / "data_0.parquet").read_text() == f"generation {generation}"
         assert not staging.exists(), "the previous generation is removed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["user_daily_stats"]
+
+
+def test_publish_directory_never_replaces_what_was_published(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for staging, content in ((first, "first"), (second, "second")):
+        staging.mkdir()
+        (staging / "data.parquet").write_text(content)
+    target = tmp_path / "ctr_user" / "v1" / "date=2026-01-02"
+    publish_directory(first, target)
+    with pytest.raises(FileExistsError, match="published folders are never replaced"):
+        publish_directory(second, target)
+    assert (target / "data.parquet").read_text() == "first" and (second / "data.parquet").exists()
 
 
 def test_a_reader_never_finds_the_swapped_folder_missing(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from derm.core.days import day_end
+from derm.core.files import publish_directory
 from derm.core.model_versions import ModelVersions
 from derm.core.naming import objective_of
 from derm.core.paths import PlatformPaths
@@ -211,8 +212,7 @@ def write_snapshot(
         if directory.exists():  # a concurrent run finished first; its snapshot is the same version
             shutil.rmtree(tmp)
             return read_manifest(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, directory)
+        publish_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
