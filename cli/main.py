@@ -11,6 +11,7 @@ commands so ``derm --help`` answers at once.
 
 from __future__ import annotations
 
+import shlex
 from datetime import UTC, datetime, timedelta
 
 import click
@@ -132,7 +133,7 @@ def env() -> None:
     if connection is None:
         raise click.ClickException("no Redis: run `derm redis up` first, or set " + REDIS_CONNECTION_ENV)
     for name, value in feast_environment(paths, connection).items():
-        click.echo(f"export {name}='{value}'")
+        click.echo(f"export {name}={shlex.quote(value)}")  # a password or path may hold quotes
 
 
 @cli.group()
