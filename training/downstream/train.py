@@ -62,6 +62,7 @@ class DownstreamConfig:
     seed: int = 0  # initial weights, shuffling and bootstrap
     bootstrap: int = 1000  # resamples for the 95% confidence intervals
     gate: bool = True  # run the Great Expectations training-set gate; refuse to train when it fails
+    gate_thresholds: Path | None = None  # the gate's YAML (None: validation/thresholds.yaml)
     model: RankerModelConfig = field(default_factory=RankerModelConfig)
 
 
@@ -362,7 +363,7 @@ def run_downstream(
     gate_summary = ""
     if cfg.gate:
         table, _ = read_training_set(path)
-        report = gate_training_set(table, info, docs_dir=paths.validation_dir)
+        report = gate_training_set(table, info, docs_dir=paths.validation_dir, thresholds_path=cfg.gate_thresholds)
         gate_summary = report.summary
         if log:
             log(f"  gate: {report.summary}")

@@ -229,9 +229,12 @@ def embedding_columns(info: TrainingSetInfo) -> list[str]:
     return [feature_name(f) for f in info.embedding_versions]
 
 
-def gate_training_set(table: pa.Table, info: TrainingSetInfo, docs_dir: Path):
-    """Run the training-set gate (:func:`derm.validation.gate.validate_training_set`) on a training set."""
-    from derm.validation.gate import validate_training_set
+def gate_training_set(table: pa.Table, info: TrainingSetInfo, docs_dir: Path, thresholds_path: Path | None = None):
+    """Run the training-set gate (:func:`derm.validation.gate.validate_training_set`) on a training set.
+
+    ``thresholds_path`` is the gate's YAML (default: the thresholds shipped with the gate).
+    """
+    from derm.validation.gate import load_thresholds, validate_training_set
 
     frame = table.to_pandas()
     for column in embedding_columns(info):  # list cells stay lists (or None): the gate measures their length
@@ -242,6 +245,7 @@ def gate_training_set(table: pa.Table, info: TrainingSetInfo, docs_dir: Path):
         embedding_columns=embedding_columns(info),
         required_columns=["event_id", "user_id", "pin_id", "advertiser_id", "category_id", "surface"],
         window=(datetime.fromisoformat(info.window_start), datetime.fromisoformat(info.window_end)),
+        thresholds=load_thresholds(thresholds_path),
         docs_dir=docs_dir,
     )
 
