@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from derm.cli.publishing import thresholds_option
+
 
 def _parse_versions(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
     versions = {}
@@ -22,11 +24,26 @@ def _parse_versions(_ctx: click.Context, _param: click.Parameter, values: tuple[
     return versions
 
 
-def downstream_config(epochs: int, eval_days: int, batch_size: int, bootstrap: int, seed: int, gate: bool = True):
+def downstream_config(
+    epochs: int,
+    eval_days: int,
+    batch_size: int,
+    bootstrap: int,
+    seed: int,
+    gate: bool = True,
+    thresholds: Path | None = None,
+):
+    """The DownstreamConfig of the training options; ``thresholds`` is the training-set gate's YAML."""
     from derm.training.downstream.train import DownstreamConfig
 
     return DownstreamConfig(
-        epochs=epochs, eval_days=eval_days, batch_size=batch_size, bootstrap=bootstrap, seed=seed, gate=gate
+        epochs=epochs,
+        eval_days=eval_days,
+        batch_size=batch_size,
+        bootstrap=bootstrap,
+        seed=seed,
+        gate=gate,
+        gate_thresholds=thresholds,
     )
 
 
@@ -68,11 +85,13 @@ def training_options(function):
 )
 @click.option("--run", "run_name", default=None, help="Run name (default: a UTC timestamp).")
 @click.option("--no-gate", is_flag=True, help="Skip the training-set gate (not recommended).")
+@thresholds_option
 @training_options
 def train_downstream(
     objective: str,
     run_name: str | None,
     no_gate: bool,
+    thresholds: Path | None,
     epochs: int,
     eval_days: int,
     batch_size: int,
@@ -80,7 +99,11 @@ def train_downstream(
     seed: int,
     threads: int | None,
 ) -> None:
-    """Train the CTR/CVR ranker on the promoted feature service (point-in-time, through Feast); print metrics."""
+    """Train the CTR/CVR ranker on the promoted feature service (point-in-time, through Feast); print metrics.
+
+    The training set is gated first (--thresholds, --no-gate); a refusal lists the failed expectations
+    and the Data Docs link and exits 1.
+    """
     import torch
     from rich.console import Console
 
@@ -94,7 +117,7 @@ def train_downstream(
         torch.set_num_threads(threads)
     console = Console(stderr=True)
     paths = PlatformPaths.from_env()
-    cfg = downstream_config(epochs, eval_days, batch_size, bootstrap, seed, gate=not no_gate)
+    cfg = downstream_config(epochs, eval_days, batch_size, bootstrap, seed, gate=not no_gate, thresholds=thresholds)
     run_name = run_name or default_run_name()
     with online_store(paths):
         for name in ("ctr", "cvr") if objective == "both" else (objective,):

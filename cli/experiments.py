@@ -5,11 +5,15 @@ Heavy imports (torch, Feast, DuckDB) happen inside the commands, so ``derm --hel
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 
 import click
 
 from derm.cli.downstream import downstream_config, training_options
+from derm.cli.publishing import thresholds_option
 
 
 @click.command("ablation")
@@ -22,10 +26,12 @@ from derm.cli.downstream import downstream_config, training_options
     help="Rankers of the embedding-family ablation.",
 )
 @click.option("--skip-aggregation", is_flag=True, help="Skip the moving-average vs overwrite ablation.")
+@thresholds_option
 @training_options
 def ablation(
     objective: str,
     skip_aggregation: bool,
+    thresholds: Path | None,
     epochs: int,
     eval_days: int,
     batch_size: int,
@@ -33,7 +39,12 @@ def ablation(
     seed: int,
     threads: int | None,
 ) -> None:
-    """The paper's ablations: embedding families (none/user/user+pin/all four) and moving average vs overwrite."""
+    """The paper's ablations: embedding families (none/user/user+pin/all four) and moving average vs overwrite.
+
+    Every training set is gated with --thresholds (the overwrite version's snapshots are published with the
+    gate's drift checks relaxed, as that ablation requires); a refusal lists the failed expectations and the
+    Data Docs link and exits 1.
+    """
     import torch
     from rich.console import Console
 
@@ -49,9 +60,9 @@ def ablation(
     paths, repo = PlatformPaths.from_env(), FeatureRepo()
     cfg = AblationConfig(
         objectives=("ctr", "cvr") if objective == "both" else (objective,),
-        train=downstream_config(epochs, eval_days, batch_size, bootstrap, seed),
+        train=downstream_config(epochs, eval_days, batch_size, bootstrap, seed, thresholds=thresholds),
     )
-    with online_store(paths):
+    with online_store(paths), _refusals_end_cleanly():
         console.rule("embedding families")
         comparisons = embedding_ablation(paths, repo, cfg, log=partial(console.print, markup=False, highlight=False))
         report = write_report(paths, "ablation_embeddings", "Downstream ablation: DERM embedding families", comparisons)
@@ -70,14 +81,27 @@ def ablation(
             click.echo(f"wrote {report} and {report.with_suffix('.png')}")
 
 
+@contextlib.contextmanager
+def _refusals_end_cleanly() -> Iterator[None]:
+    """A gate refusal ends the command with its failures and Data Docs link (exit 1), not a traceback."""
+    from derm.materialization.publish import PublishError
+    from derm.validation.gate import ValidationFailed
+
+    try:
+        yield
+    except (ValidationFailed, PublishError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @click.command("leakage-experiment")
 @click.option("--objective", type=click.Choice(["ctr", "cvr"]), default="ctr", show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--eval-days", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--bootstrap", type=click.IntRange(min=10), default=1000, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+@thresholds_option
 def leakage_experiment_command(
-    objective: str, epochs: int, eval_days: int, bootstrap: int, threads: int | None
+    objective: str, epochs: int, eval_days: int, bootstrap: int, threads: int | None, thresholds: Path | None
 ) -> None:
     """Train on a point-in-time and on a deliberately leaky training set; report the AUC inflation and audit both."""
     import torch
@@ -94,11 +118,11 @@ def leakage_experiment_command(
         torch.set_num_threads(threads)
     console = Console(stderr=True)
     paths = PlatformPaths.from_env()
-    with online_store(paths):
+    with online_store(paths), _refusals_end_cleanly():
         experiment = leakage_experiment(
             paths,
             FeatureRepo(),
-            DownstreamConfig(epochs=epochs, eval_days=eval_days, bootstrap=bootstrap),
+            DownstreamConfig(epochs=epochs, eval_days=eval_days, bootstrap=bootstrap, gate_thresholds=thresholds),
             objective,
             log=partial(console.print, markup=False, highlight=False),
         )

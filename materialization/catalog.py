@@ -7,7 +7,12 @@ Published embeddings live in the offline store, one folder per (family, version,
         manifest.json   the snapshot's manifest, as validated
     <offline_dir>/embeddings/catalog.json
         {"promoted": {family: version}, "history": {family: [earlier promoted versions]},
-         "retired": {family: [versions]}, "online": {family: {version: newest day fully in Redis}}}
+         "retired": {family: [versions]}, "online": {family: {version: newest day fully in Redis}},
+         "accepted": {family: {version: {day: {"reason", "gate", "data_docs", "accepted_at"}}}}}
+
+``accepted`` records the days published by ``derm accept`` although the gate refused them: the
+operator's reason and the gate's one-line summary. Catalogs written before it existed lack the key
+and read as "nothing accepted".
 
 A day folder appears only by an atomic rename, so every folder here is complete.
 ``feature_repo/embedding_views.py`` turns this catalog into one Feast feature view
@@ -53,6 +58,12 @@ class CatalogState:
     history: dict[str, list[str]] = field(default_factory=dict)
     retired: dict[str, list[str]] = field(default_factory=dict)
     online: dict[str, dict[str, str]] = field(default_factory=dict)
+    # family -> version -> ISO day -> {"reason", "gate", "data_docs", "accepted_at"}
+    accepted: dict[str, dict[str, dict[str, dict[str, str]]]] = field(default_factory=dict)
+
+    def accepted_days(self, family: str, version: str) -> dict[str, dict[str, str]]:
+        """The days of (family, version) published despite the gate, by ISO day."""
+        return self.accepted.get(family, {}).get(version, {})
 
 
 class Catalog:

@@ -284,3 +284,215 @@ def test_publish_killed_mid_way_keeps_promoted_version_served_and_completes_on_r
     assert catalog.read_state().online["ctr_user"]["v1"] == day3.isoformat()
     views = {v.name for v in feature_store().list_feature_views()}
     assert views == {*COUNTING_VIEWS, PIN_ATTRIBUTES_VIEW} | {p.feature_view for p in catalog.versions()}
+
+
+# --------------------------------------------------------------------------- issue 11: chains, accept, discard
+#
+# An isolated platform (own data directory, own Redis database on the session server) so that the chains
+# below never meet the session platform's views: DERM-CTR refreshed for real over a tiny log, and
+# precomputed DERM-CVR snapshots.
+
+CHAIN_START = date(2026, 1, 1)
+SMALL_UPSTREAM_DAYS = 4
+
+
+def _small_upstream():
+    from derm.training.upstream.config import RefreshConfig, TrainConfig, UpstreamConfig
+    from derm.training.upstream.features import FeatureConfig
+    from derm.training.upstream.model import DermConfig
+
+    model = DermConfig(
+        dim=DIM,
+        token_dim=8,
+        mlp_hidden=16,
+        user_id_buckets=512,
+        pin_id_buckets=128,
+        category_buckets=16,
+        advertiser_buckets=16,
+        interaction_hidden=(16,),
+    )
+    return UpstreamConfig(
+        model=model,
+        features=FeatureConfig(count_window_days=7, seq_len=5),
+        train=TrainConfig(epochs=1, batch_size=256),
+        refresh=RefreshConfig(inference_batch_size=64),
+    )
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory: pytest.TempPathFactory) -> PlatformPaths:
+    """Tiny log, counting features and DERM-CTR (ctr_user, ctr_pin) refreshed for four days."""
+    import torch
+
+    from derm.events.synthetic import SyntheticConfig, generate_event_log
+    from derm.materialization.counting_features import build_counting_features
+    from derm.training.upstream.refresh import refresh
+
+    torch.set_num_threads(1)
+    paths = PlatformPaths(tmp_path_factory.mktemp("chains"))
+    generate_event_log(
+        SyntheticConfig.preset("tiny", start_date=CHAIN_START, n_days=SMALL_UPSTREAM_DAYS), paths.events_dir
+    )
+    build_counting_features(paths.events_dir, paths.stats_dir)
+    refresh(paths, ("ctr",), _small_upstream())
+    return paths
+
+
+@pytest.fixture
+def on_chains(chains: PlatformPaths, redis_server, monkeypatch: pytest.MonkeyPatch) -> PlatformPaths:
+    from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV
+
+    monkeypatch.setenv(DATA_DIR_ENV, str(chains.data_dir))
+    monkeypatch.setenv(REDIS_CONNECTION_ENV, f"{redis_server.connection_string},db=6")
+    monkeypatch.setenv(REDIS_TYPE_ENV, "redis")
+    return chains
+
+
+def break_snapshot(source: Path, seed: int = 77) -> None:
+    """Replace every vector by an unrelated unit vector (a broken export); the manifest agrees with the data."""
+    data = source / "embeddings.parquet"
+    table = pq.read_table(data)
+    vectors = np.random.default_rng(seed).normal(size=(table.num_rows, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    table = table.set_column(2, "embedding", pa.array(list(vectors), pa.list_(pa.float32())))
+    pq.write_table(table, data)
+    manifest = replace(read_manifest(source), row_count=table.num_rows, data_sha256=file_sha256(data))
+    (source / "manifest.json").write_text(manifest.to_json())
+
+
+def _days(paths: PlatformPaths, family: str, n: int = SMALL_UPSTREAM_DAYS) -> list[Path]:
+    return [snapshot_dir(paths.snapshots_dir, family, "v1", CHAIN_START + timedelta(days=i)) for i in range(n)]
+
+
+def test_refusal_blocks_only_its_chain_then_discard_and_refresh_rederive_it(on_chains: PlatformPaths) -> None:
+    from derm.materialization.publish import PublishError, discard_snapshots, pending_snapshots, publish_batch
+    from derm.training.upstream.refresh import refresh
+    from derm.training.upstream.train import checkpoint_path
+
+    paths = on_chains
+    users, pins = _days(paths, "ctr_user"), _days(paths, "ctr_pin")
+    good_sha = {d: read_manifest(d).data_sha256 for d in users}
+    break_snapshot(users[1])
+    # The later days would be refused too if they were validated (unreadable): they must only be blocked.
+    (users[2] / "embeddings.parquet").write_bytes(b"not parquet")
+
+    batch = publish_batch(pending_snapshots(paths), paths, repo=FeatureRepo())
+    assert not batch.ok
+    assert [(r.family, r.day) for r in batch.published] == sorted(
+        [("ctr_pin", read_manifest(d).snapshot_date) for d in pins] + [("ctr_user", CHAIN_START)],
+        key=lambda fd: (fd[1], fd[0]),
+    )
+    (refusal,) = batch.refused
+    assert (refusal.family, refusal.day, refusal.source) == ("ctr_user", CHAIN_START + timedelta(days=1), users[1])
+    assert "expectations passed; failed: expect_" in refusal.summary and "\n" not in refusal.summary
+    assert refusal.data_docs is not None and refusal.data_docs.exists()
+    assert [(b.source, b.behind) for b in batch.blocked] == [(users[2], refusal.day), (users[3], refusal.day)]
+    table = batch.table()
+    assert "published 5, refused 1, blocked 2" in table and f"Data Docs: {refusal.data_docs}" in table
+    assert "derm accept SNAPSHOT_DIR --reason TEXT" in table and "derm discard SNAPSHOT_DIR" in table
+    catalog = Catalog(paths.embeddings_offline_dir)
+    assert catalog.read_state().online == {"ctr_pin": {"v1": "2026-01-04"}, "ctr_user": {"v1": "2026-01-01"}}
+
+    # A re-run tries the refused day again (still refused) and nothing behind it.
+    again = publish_batch(pending_snapshots(paths), paths, repo=FeatureRepo())
+    assert (again.published, [r.day for r in again.refused]) == ([], [refusal.day])
+    assert [b.source for b in again.blocked] == users[2:]
+
+    # Never a published day: discarding day 1 would take the published day with it.
+    with pytest.raises(PublishError, match="2026-01-01 already published; a published day is never discarded"):
+        discard_snapshots(users[0], paths)
+    assert all(d.exists() for d in users)
+
+    checkpoints = [checkpoint_path(paths.models_dir, "ctr", "v1", CHAIN_START + timedelta(days=i)) for i in range(4)]
+    before = [c.stat().st_mtime_ns for c in checkpoints]
+    discarded = discard_snapshots(users[1], paths)
+    assert [source for source, _ in discarded.moved] == [users[3], users[2], users[1]]
+    assert all(not d.exists() for d in users[1:]) and all(target.exists() for _, target in discarded.moved)
+    assert "derm train-upstream" in discarded.describe()
+
+    # The refresh re-derives the chain from the last day left: the same bytes as before the export broke.
+    refresh(paths, ("ctr",), _small_upstream())
+    assert {d: read_manifest(d).data_sha256 for d in users} == good_sha
+    assert [c.stat().st_mtime_ns for c in checkpoints] == before, "days are re-exported, not retrained"
+    final = publish_batch(pending_snapshots(paths), paths, repo=FeatureRepo())
+    assert final.ok and [r.day for r in final.published] == [CHAIN_START + timedelta(days=i) for i in (1, 2, 3)]
+    assert not final.blocked and pending_snapshots(paths) == []
+
+
+def test_accept_publishes_a_refused_day_with_its_reason_and_unblocks_its_chain(on_chains: PlatformPaths) -> None:
+    from derm.materialization.publish import (
+        PublishError,
+        accept_snapshot,
+        freshness,
+        pending_snapshots,
+        publish_batch,
+        publish_snapshot,
+    )
+    from derm.validation.gate import ValidationFailed
+
+    paths = on_chains
+    day1 = _unit_rows(31)
+    days = [
+        make_snapshot(paths, CHAIN_START, day1, family="cvr_user"),
+        make_snapshot(paths, CHAIN_START + timedelta(days=1), _unit_rows(32), family="cvr_user"),  # sudden drift
+    ]
+    days.append(make_snapshot(paths, CHAIN_START + timedelta(days=2), drifted(_unit_rows(32), 33), family="cvr_user"))
+    batch = publish_batch(days, paths, repo=FeatureRepo())
+    assert [r.day for r in batch.published] == [CHAIN_START] and [b.source for b in batch.blocked] == days[2:]
+
+    with pytest.raises(PublishError, match="needs a reason"):
+        accept_snapshot(days[1], paths, repo=FeatureRepo(), reason="  ")
+    with pytest.raises(PublishError, match="earlier day 2026-01-02 of cvr_user v1 is not published"):
+        accept_snapshot(days[2], paths, repo=FeatureRepo(), reason="later day first")
+    with pytest.raises(PublishError, match=r"already published .*nothing to accept"):
+        accept_snapshot(days[0], paths, repo=FeatureRepo(), reason="passed anyway")
+
+    result = accept_snapshot(days[1], paths, repo=FeatureRepo(), reason="model retrained on purpose (ticket 42)")
+    assert result.offline_written and result.accepted and "expectations passed; failed:" in result.accepted
+    assert "ACCEPTED despite the gate" in result.summary()
+    entry = Catalog(paths.embeddings_offline_dir).read_state().accepted["cvr_user"]["v1"]["2026-01-02"]
+    assert entry["reason"] == "model retrained on purpose (ticket 42)" and entry["gate"] == result.accepted
+    assert Path(entry["data_docs"]).exists()
+    report = {f.family: f for f in freshness(paths)}["cvr_user"]
+    assert report.accepted == ((CHAIN_START + timedelta(days=1), "model retrained on purpose (ticket 42)"),)
+    assert "accepted 2026-01-02: model retrained on purpose (ticket 42)" in report.describe()
+
+    final = publish_batch(pending_snapshots(paths), paths, repo=FeatureRepo())
+    assert final.ok and [r.day for r in final.published if r.family == "cvr_user"] == [CHAIN_START + timedelta(days=2)]
+
+    # A snapshot that is not readable as one cannot be served, so it cannot be accepted.
+    broken = make_snapshot(paths, CHAIN_START + timedelta(days=3), drifted(_unit_rows(32), 34), family="cvr_user")
+    (broken / "embeddings.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValidationFailed):
+        publish_snapshot(broken, paths, repo=FeatureRepo())
+    with pytest.raises(PublishError, match="not readable as a snapshot, so it cannot be served"):
+        accept_snapshot(broken, paths, repo=FeatureRepo(), reason="try anyway")
+    assert Catalog(paths.embeddings_offline_dir).published("cvr_user", "v1", CHAIN_START + timedelta(days=3)) is None
+    shutil.rmtree(broken)
+
+
+def test_catalog_without_accepted_key_still_reads(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path)
+    catalog.state_path.write_text('{"promoted": {"ctr_user": "v1"}, "history": {}, "retired": {}, "online": {}}')
+    state = catalog.read_state()
+    assert state.promoted == {"ctr_user": "v1"} and state.accepted == {}
+    assert state.accepted_days("ctr_user", "v1") == {}
+
+
+def test_freshness_collapses_long_gaps_into_ranges() -> None:
+    from derm.materialization.publish import FamilyFreshness
+
+    gap = tuple(date(2025, 1, 3) + timedelta(days=i) for i in range(300))
+    singles = tuple(date(2026, 1, 1) + timedelta(days=2 * i) for i in range(8))
+    report = FamilyFreshness("ctr_user", "v1", date(2025, 1, 2), timedelta(hours=3), gap)
+    assert report.gaps == [(gap[0], gap[-1])] and report.missing_days == gap
+    assert report.describe() == (
+        "ctr_user v1: newest 2025-01-02, age 3.0 h, MISSING 300 days: 2025-01-03..2025-10-29 (300 days)"
+    )
+    many = replace(report, missing_days=gap + singles, accepted=((date(2025, 1, 2), "known outage"),))
+    first, second = many.describe().splitlines()
+    assert first.endswith(
+        "MISSING 308 days: 2025-01-03..2025-10-29 (300 days), 2026-01-01, 2026-01-03, 2026-01-05, 2026-01-07, "
+        "... 4 more gaps"
+    )
+    assert second == "  accepted 2025-01-02: known outage"
