@@ -11,15 +11,26 @@ commands so ``derm --help`` answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import click
 from rich.console import Console
 
 from derm.cli.downstream import audit_leakage, train_downstream
 from derm.cli.experiments import ablation, leakage_experiment_command
-from derm.cli.publishing import freshness_command, promote_command, publish, retire_command, rollback_command
+from derm.cli.publishing import (
+    accept_command,
+    discard_command,
+    freshness_command,
+    promote_command,
+    publish,
+    retire_command,
+    rollback_command,
+)
 from derm.cli.runtime import online_store, resolve_redis
 from derm.cli.serving import serve
 from derm.cli.upstream import train_upstream
@@ -65,13 +76,47 @@ def generate(preset: str, days: int | None, events_per_day: int | None, start_da
     console.print(f"wrote {cfg.n_days * cfg.events_per_day:,} events in {len(files)} days to {paths.events_dir}")
 
 
+class EventLogRefused(click.ClickException):
+    """A log that breaks the event-log contract: one line naming the file, column and rule; exit code 2."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def _event_log_boundary() -> Iterator[None]:
+    from derm.events.schema import EventLogError
+
+    try:
+        yield
+    except EventLogError as error:
+        raise EventLogRefused(f"event log refused: {error}") from error
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path, file_okay=False, exists=True))
+def ingest(source: Path) -> None:
+    """Check the event log in SOURCE against the contract and import it as the platform's log.
+
+    Whatever the contract accepts (any timestamp unit and zone, dictionary strings, several
+    files a day, missing days) is written once in the canonical types under
+    $DERM_DATA_DIR/events; a log that breaks it is refused (exit code 2) with nothing written.
+    """
+    from derm.events.schema import import_event_log
+
+    paths = _paths()
+    with _event_log_boundary():
+        files = import_event_log(source, paths.events_dir)
+    console.print(f"imported {len(files)} days from {source} into {paths.events_dir}")
+
+
 @cli.command()
 def stats() -> None:
-    """Derive daily user/Pin counting features from the event log into the offline store."""
+    """Derive daily user/Pin counting features and Pin attributes from the event log into the offline store."""
     from derm.materialization.counting_features import build_counting_features
 
     paths = _paths()
-    counts = build_counting_features(paths.events_dir, paths.stats_dir)
+    with _event_log_boundary():
+        counts = build_counting_features(paths.events_dir, paths.stats_dir)
     console.print(f"counting features: {counts} rows under {paths.stats_dir}")
 
 
@@ -167,14 +212,24 @@ def redis_down() -> None:
 
 @cli.command("run-all")
 @click.option("--preset", type=click.Choice(["tiny", "local"]), default="local", show_default=True)
+@click.option(
+    "--events",
+    "events_source",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Run on this existing event log (imported with `derm ingest`) instead of generating one.",
+)
 @click.pass_context
-def run_all(ctx: click.Context, preset: str) -> None:
-    """The whole job end to end on the current profile."""
+def run_all(ctx: click.Context, preset: str, events_source: Path | None) -> None:
+    """The whole job end to end on the current profile: on a synthetic log, or on yours with --events."""
     from derm.core.feast_repo import apply_repo, materialize_incremental
 
     paths = _paths()
-    console.rule("1/8 generate event log")
-    ctx.invoke(generate, preset=preset)
+    if events_source is None:
+        console.rule("1/8 generate event log")
+        ctx.invoke(generate, preset=preset)
+    else:
+        console.rule(f"1/8 import event log {events_source}")
+        ctx.invoke(ingest, source=events_source)
     console.rule("2/8 counting features")
     ctx.invoke(stats)
     console.rule("3/8 upstream DERM-CTR and DERM-CVR, daily refresh")
@@ -197,6 +252,8 @@ for _command in (
     train_upstream,
     validate,
     publish,
+    accept_command,
+    discard_command,
     promote_command,
     rollback_command,
     retire_command,

@@ -23,6 +23,7 @@ raises :class:`EventLogError` naming the file and column at fault otherwise.
 
 from __future__ import annotations
 
+import shutil
 from datetime import date
 from pathlib import Path
 
@@ -48,6 +49,11 @@ EVENT_LOG_SCHEMA = pa.schema(
 
 class EventLogError(ValueError):
     """The event log does not match :data:`EVENT_LOG_SCHEMA`; the message names the file and column."""
+
+
+# ``event_timestamp`` in microseconds whatever the file's unit, truncated, never rounded: a plain CAST of
+# a nanosecond 23:59:59.9999996 gives the next midnight, moving the event out of its own day.
+EVENT_TIMESTAMP_US_SQL = "make_timestamptz(epoch_ns(event_timestamp) // 1000)"
 
 
 def event_files(events_dir: Path) -> list[Path]:
@@ -131,10 +137,10 @@ def check_event_log(events_dir: Path) -> list[Path]:
                     raise EventLogError(f"{path}: column {field.name!r} has {n} null values")
             day = path.parent.name.removeprefix("date=")
             bad = con.execute(
-                """SELECT
+                f"""SELECT
                       count(*) FILTER (WHERE NOT list_contains($surfaces, surface)),
                       count(*) FILTER (WHERE converted AND NOT clicked),
-                      count(*) FILTER (WHERE CAST(timezone('UTC', event_timestamp) AS DATE) <> $day)
+                      count(*) FILTER (WHERE CAST(timezone('UTC', {EVENT_TIMESTAMP_US_SQL}) AS DATE) <> $day)
                     FROM read_parquet($file)""",
                 {"surfaces": list(SURFACES), "day": partition_day(path), "file": str(path)},
             ).fetchone()
@@ -147,10 +153,66 @@ def check_event_log(events_dir: Path) -> list[Path]:
                 if count:
                     raise EventLogError(f"{path}: {message}")
         duplicates = con.execute(
-            "SELECT event_id FROM read_parquet($files) GROUP BY event_id HAVING count(*) > 1 LIMIT 5",
+            """SELECT event_id, min(filename) FROM read_parquet($files, filename = true)
+               GROUP BY event_id HAVING count(*) > 1 ORDER BY event_id LIMIT 5""",
             {"files": [str(path) for path in files]},
         ).fetchall()
     if duplicates:
         ids = [row[0] for row in duplicates]
-        raise EventLogError(f"{events_dir}: column 'event_id' has duplicate values, e.g. {ids}")
+        raise EventLogError(f"{duplicates[0][1]}: column 'event_id' has duplicate values, e.g. {ids}")
     return files
+
+
+# The canonical types every later stage reads: microseconds in UTC, plain strings, the contract's
+# integer and boolean columns as they are.
+_CANONICAL_COLUMNS = {"event_timestamp": EVENT_TIMESTAMP_US_SQL, "surface": "CAST(surface AS VARCHAR)"}
+_IMPORT_BATCH_ROWS = 262_144  # rows in memory at once while a day is rewritten
+
+
+def import_event_log(source_dir: Path, events_dir: Path) -> list[Path]:
+    """Check a log against the contract, then write it once in the canonical types under ``events_dir``.
+
+    The boundary of the platform: whatever the contract accepts (any timestamp unit and
+    zone, dictionary or large strings, several files and row groups a day, missing
+    calendar days) becomes ``date=YYYY-MM-DD/part-0.parquet`` files of exactly
+    :data:`EVENT_LOG_SCHEMA`, ordered by time, so no later stage meets another type.
+    A log that breaks the contract raises :class:`EventLogError` before anything is
+    written; the new log replaces the old one in one step. ``source_dir`` may be
+    ``events_dir`` itself (normalising in place).
+
+    Returns:
+        The files written, in day order.
+    """
+    from derm.core.files import replace_directory
+    from derm.core.sql import connect, ident
+
+    files = check_event_log(source_dir)
+    by_day: dict[date, list[str]] = {}
+    for path in files:
+        by_day.setdefault(partition_day(path), []).append(str(path))
+    columns = ", ".join(
+        f"{_CANONICAL_COLUMNS.get(field.name, ident(field.name))} AS {ident(field.name)}" for field in EVENT_LOG_SCHEMA
+    )
+    events_dir = Path(events_dir)
+    staging = events_dir.with_name(f".{events_dir.name}.importing")
+    shutil.rmtree(staging, ignore_errors=True)
+    written = []
+    try:
+        with connect() as con:
+            for day, day_files in sorted(by_day.items()):
+                target = staging / f"date={day.isoformat()}" / "part-0.parquet"
+                target.parent.mkdir(parents=True)
+                result = con.sql(
+                    f"SELECT {columns} FROM read_parquet($files) ORDER BY event_timestamp, event_id",
+                    params={"files": day_files},
+                )
+                # Streamed in batches and cast to the contract's exact schema (DuckDB's own COPY would
+                # mark columns required or not depending on the source files).
+                with pq.ParquetWriter(target, EVENT_LOG_SCHEMA) as writer:
+                    for batch in result.to_arrow_reader(batch_size=_IMPORT_BATCH_ROWS):
+                        writer.write_batch(batch.cast(EVENT_LOG_SCHEMA))
+                written.append(events_dir / target.relative_to(staging))
+        replace_directory(staging, events_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written

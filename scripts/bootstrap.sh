@@ -2,12 +2,15 @@
 # Set up everything from a fresh clone, then run the pipeline or the tests.
 #
 #   scripts/bootstrap.sh run    the main job end to end on the local profile
+#                               (run --events PATH: on your own event log instead of a synthetic one)
 #   scripts/bootstrap.sh test   the test suite (what .ci/run calls)
 #
 # Idempotent: the virtual environment is reinstalled only when pyproject.toml changes.
 set -euo pipefail
 
+caller_dir=$PWD  # paths the caller passes (run --events PATH) are relative to where they stand
 cd "$(dirname "$0")/.."
+root=$PWD
 mode="${1:-}"
 case "$mode" in
   run|test) ;;
@@ -60,7 +63,7 @@ if [ ! -f "$stamp" ]; then
 fi
 
 case "$mode" in
-  run) exec .venv/bin/derm run-all ;;
+  run) shift; cd "$caller_dir"; exec "$root/.venv/bin/derm" run-all "$@" ;;  # e.g. run --events PATH
   test)
     # Every import runs with the data flow (contracts in pyproject.toml), then the suite.
     .venv/bin/lint-imports --no-cache

@@ -39,7 +39,7 @@ import torch
 from derm.core.days import day_end, day_start
 from derm.core.naming import OBJECTIVES
 from derm.core.sql import connect, ident
-from derm.events.schema import SURFACES, event_files, latest_pin_attributes_sql, partition_day
+from derm.events.schema import EVENT_TIMESTAMP_US_SQL, SURFACES, event_files, latest_pin_attributes_sql, partition_day
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,7 @@ def files_between(events_dir: Path, start: datetime, end: datetime) -> list[Path
 _Params = dict[str, object]
 
 # The contract accepts any time unit (pandas writes nanoseconds); the relations below carry microseconds,
-# truncated, so ``epoch_us`` and the rest see one type. A plain CAST would round, moving an event of
-# 23:59:59.9999996 onto the next midnight, outside the window its raw timestamp was filtered into.
-_EVENT_TS_US = "make_timestamptz(epoch_ns(event_timestamp) // 1000)"
+# truncated (see EVENT_TIMESTAMP_US_SQL), so ``epoch_us`` and the rest see one type.
 
 
 def _events_sql(name: str, files: list[Path], start: datetime, end: datetime) -> tuple[str, _Params]:
@@ -72,7 +70,7 @@ def _events_sql(name: str, files: list[Path], start: datetime, end: datetime) ->
             "NULL::VARCHAR AS surface, NULL::BOOLEAN AS clicked, NULL::BOOLEAN AS converted LIMIT 0)"
         ), {}
     sql = (
-        f"(SELECT event_id, {_EVENT_TS_US} AS event_timestamp, user_id, pin_id, advertiser_id, category_id, "
+        f"(SELECT event_id, {EVENT_TIMESTAMP_US_SQL} AS event_timestamp, user_id, pin_id, advertiser_id, category_id, "
         f"surface, clicked, converted FROM read_parquet(${name}_files) "
         f"WHERE event_timestamp >= ${name}_start AND event_timestamp < ${name}_end)"
     )
