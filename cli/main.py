@@ -50,7 +50,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--preset", type=click.Choice(["tiny", "local", "bench"]), default="local", show_default=True)
+@click.option("--preset", type=click.Choice(["tiny", "local", "real", "bench"]), default="local", show_default=True)
 @click.option("--days", type=int, help="Number of days (default: the preset's).")
 @click.option("--events-per-day", type=int, help="Impressions per day (default: the preset's).")
 @click.option(
@@ -61,6 +61,8 @@ def cli() -> None:
 @click.option("--seed", type=int, default=7, show_default=True)
 def generate(preset: str, days: int | None, events_per_day: int | None, start_date: datetime | None, seed: int) -> None:
     """Write the synthetic multi-surface event log (day-partitioned Parquet)."""
+    import pyarrow.parquet as pq
+
     from derm.events.synthetic import SyntheticConfig, generate_event_log
 
     overrides: dict[str, object] = {"seed": seed}
@@ -73,7 +75,8 @@ def generate(preset: str, days: int | None, events_per_day: int | None, start_da
     cfg = SyntheticConfig.preset(preset, **overrides, start_date=first_day)
     paths = _paths()
     files = generate_event_log(cfg, paths.events_dir, progress=True)
-    console.print(f"wrote {cfg.n_days * cfg.events_per_day:,} events in {len(files)} days to {paths.events_dir}")
+    events = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
+    console.print(f"wrote {events:,} events in {len(files)} days to {paths.events_dir}")
 
 
 class EventLogRefused(click.ClickException):

@@ -52,12 +52,30 @@ class SyntheticConfig:
     surface_share: tuple[float, ...] = (0.55, 0.25, 0.20)
     chunk_rows: int = 1_000_000  # bounded memory: rows generated and written at once
     seed: int = 7
+    # Shapes of real logs (all off by default):
+    events_per_day_max: int | None = None  # each day's volume log-uniform in [events_per_day, this]
+    empty_day_share: float = 0.0  # share of calendar days with no events at all (no partition is written)
+    user_burst_days: int | None = None  # each user is active only on this many consecutive days
 
     PRESETS = {  # noqa: RUF012 - class-level table of named sizes
         "tiny": dict(n_users=200, n_pins=80, n_advertisers=10, n_categories=5, n_days=6, events_per_day=2_000),
         "local": {},
         "bench": dict(
             n_users=1_000_000, n_pins=200_000, n_advertisers=5_000, n_categories=50, n_days=30, events_per_day=333_334
+        ),
+        # The shape of a public interaction log converted to the contract: ~1k users active in short
+        # bursts, ~2k items, 215 days of 30 to 3,500 events with a few empty days, click rate ~0.55.
+        "real": dict(
+            n_users=1_000,
+            n_pins=1_900,
+            n_advertisers=80,
+            n_categories=20,
+            n_days=215,
+            events_per_day=30,
+            events_per_day_max=3_500,
+            empty_day_share=0.02,
+            user_burst_days=5,
+            click_base_logit=0.3,
         ),
     }
 
@@ -71,12 +89,22 @@ class SyntheticConfig:
     def days(self) -> list[date]:
         return [self.start_date + timedelta(days=i) for i in range(self.n_days)]
 
+    def day_volume(self, rng: np.random.Generator) -> int:
+        """Events of one day: fixed, or log-uniform between the bounds; zero on an empty day."""
+        if self.empty_day_share and rng.random() < self.empty_day_share:
+            return 0
+        if self.events_per_day_max is None:
+            return self.events_per_day
+        low, high = np.log(self.events_per_day), np.log(max(self.events_per_day, self.events_per_day_max))
+        return int(np.rint(np.exp(rng.uniform(low, high))))
+
 
 @dataclass
 class _World:
     """Static entity attributes and the current latent state."""
 
     user_activity: np.ndarray  # (U,) sampling weights
+    user_first_day: np.ndarray  # (U,) first day of the user's burst (0 when users are always active)
     user_bias: np.ndarray  # (U,)
     pin_popularity: np.ndarray  # (P,) sampling weights
     pin_bias: np.ndarray  # (P,)
@@ -96,6 +124,11 @@ def _init_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
     pin_factor = (category_center[pin_category] + rng.normal(size=(cfg.n_pins, k))) / np.sqrt(2 * k)
     return _World(
         user_activity=rng.lognormal(0.0, 1.0, cfg.n_users),
+        user_first_day=(
+            rng.integers(-cfg.user_burst_days + 1, cfg.n_days, cfg.n_users)
+            if cfg.user_burst_days
+            else np.zeros(cfg.n_users, dtype=np.int64)
+        ),
         user_bias=rng.normal(0.0, 0.3, cfg.n_users),
         pin_popularity=rng.lognormal(0.0, 1.2, cfg.n_pins),
         pin_bias=rng.normal(0.0, 0.3, cfg.n_pins),
@@ -118,17 +151,23 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _day_chunks(cfg: SyntheticConfig, world: _World, day_index: int, rng: np.random.Generator) -> Iterator[pa.Table]:
+def _day_chunks(
+    cfg: SyntheticConfig, world: _World, day_index: int, volume: int, rng: np.random.Generator
+) -> Iterator[pa.Table]:
     day_start = datetime.combine(cfg.days[day_index], datetime.min.time(), tzinfo=UTC)
     day_start_us = int(day_start.timestamp() * 1_000_000)
     # Offsets sorted once per day so the log is in time order across chunks.
-    offsets_us = np.sort(rng.integers(0, 86_400_000_000, cfg.events_per_day))
-    user_p = world.user_activity / world.user_activity.sum()
+    offsets_us = np.sort(rng.integers(0, 86_400_000_000, volume))
+    activity = world.user_activity
+    if cfg.user_burst_days:
+        active = (world.user_first_day <= day_index) & (day_index < world.user_first_day + cfg.user_burst_days)
+        activity = np.where(active, activity, 0.0) if active.any() else activity
+    user_p = activity / activity.sum()
     pin_p = world.pin_popularity / world.pin_popularity.sum()
     half = cfg.latent_dim // 2
     surface_bias = np.asarray(cfg.surface_click_bias)
-    for start in range(0, cfg.events_per_day, cfg.chunk_rows):
-        n = min(cfg.chunk_rows, cfg.events_per_day - start)
+    for start in range(0, volume, cfg.chunk_rows):
+        n = min(cfg.chunk_rows, volume - start)
         users = rng.choice(cfg.n_users, size=n, p=user_p)
         pins = rng.choice(cfg.n_pins, size=n, p=pin_p)
         surface = rng.choice(len(SURFACES), size=n, p=np.asarray(cfg.surface_share))
@@ -180,6 +219,7 @@ def generate_event_log(cfg: SyntheticConfig, events_dir: Path, progress: bool = 
     # Write next to the target and swap in, so a killed run never leaves a half log.
     staging = events_dir.with_name(events_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     rng = np.random.default_rng(cfg.seed)
     world = _init_world(cfg, rng)
     files = []
@@ -193,10 +233,13 @@ def generate_event_log(cfg: SyntheticConfig, events_dir: Path, progress: bool = 
         if day_index:
             world.user_factor = _drift(world.user_factor, cfg.drift, day_rng)
             world.pin_factor = _drift(world.pin_factor, cfg.drift, day_rng)
+        volume = cfg.day_volume(day_rng)
+        if volume == 0:  # an empty calendar day has no partition, as in a real export
+            continue
         path = staging / f"date={cfg.days[day_index].isoformat()}" / "part-0.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         with pq.ParquetWriter(path, EVENT_LOG_SCHEMA) as writer:
-            for chunk in _day_chunks(cfg, world, day_index, day_rng):
+            for chunk in _day_chunks(cfg, world, day_index, volume, day_rng):
                 writer.write_table(chunk)
         files.append(events_dir / path.relative_to(staging))
     replace_directory(staging, events_dir)

@@ -246,3 +246,31 @@ def test_run_all_on_an_own_log_of_every_accepted_shape(tmp_path: Path, redis_ser
         p.parent.parent.name for p in (tmp_path / "data" / "models" / "downstream").glob("*/*/ranker.json")
     )
     assert rankers == ["ctr", "cvr"], "both rankers trained on the own log"
+
+
+def test_the_real_preset_has_the_shape_of_a_real_log(tmp_path: Path) -> None:
+    """Bursty users, heavy day-to-day variance, empty calendar days, click rate ~0.55 (issue 11's log)."""
+    import duckdb
+
+    from derm.events.synthetic import SyntheticConfig, generate_event_log
+
+    cfg = SyntheticConfig.preset("real", start_date=date(2026, 1, 1))
+    files = generate_event_log(cfg, tmp_path / "events")
+    check_event_log(tmp_path / "events")
+    con = duckdb.connect()
+    con.read_parquet([str(f) for f in files]).create_view("e")
+    rates = "SELECT avg(clicked::INT), sum(converted::INT) / sum(clicked::INT) FROM e"
+    clicks, per_click = con.execute(rates).fetchone()
+    low, high = con.execute(
+        "SELECT min(n), max(n) FROM (SELECT count(*) AS n FROM e GROUP BY CAST(event_timestamp AS DATE))"
+    ).fetchone()
+    longest_user_span = con.execute(
+        "SELECT max(span) FROM (SELECT max(CAST(event_timestamp AS DATE)) - min(CAST(event_timestamp AS DATE)) "
+        "AS span FROM e GROUP BY user_id)"
+    ).fetchone()[0]
+    assert 0.45 < clicks < 0.65 and 0.1 < per_click < 0.4
+    assert low >= cfg.events_per_day and high <= cfg.events_per_day_max and high > 20 * low
+    assert longest_user_span < cfg.user_burst_days, "every user is active in one short burst"
+    assert len(files) < cfg.n_days, "some calendar days have no events at all"
+    again = generate_event_log(cfg, tmp_path / "again")
+    assert [f.read_bytes() for f in files] == [f.read_bytes() for f in again], "same config, same log"
