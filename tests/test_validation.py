@@ -72,7 +72,7 @@ def write_snapshot(
             {
                 "user_id": ids if ids is not None else list(range(rows)),
                 "event_timestamp": timestamps or [stamp] * rows,
-                "embedding": [list(map(float, v)) for v in vectors],
+                "embedding": [[None if x is None else float(x) for x in v] for v in vectors],
                 "model_version": [VERSION] * rows,
             },
             schema=snapshot_schema(FAMILY),
@@ -131,7 +131,15 @@ def test_first_snapshot_of_a_version_passes_without_drift_checks(tmp_path: Path,
     folder = write_snapshot(tmp_path, DAY, unit_vectors(np.random.default_rng(3)))
     report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
     assert report.success, report.failures
-    assert any("drift checks skipped" in note for note in report.notes)
+    (note,) = [note for note in report.notes if "drift checks skipped" in note]
+    assert "no earlier snapshot" in note and "skipped coverage change" in note
+
+
+def test_first_snapshot_still_refuses_broken_vectors(tmp_path: Path, docs_dir: Path) -> None:
+    vectors = _corrupt_rows(unit_vectors(np.random.default_rng(3)), {2: [0.0] * DIM})
+    report = validate_snapshot(write_snapshot(tmp_path, DAY, vectors), docs_dir=docs_dir, now=NOW)
+    assert not report.success
+    assert [2] in [f.entity_ids for f in report.failures if f.column == "has_nonzero_value"]
 
 
 def _corrupt_rows(vectors: np.ndarray, rows: dict[int, list[float]]) -> list:
@@ -162,11 +170,23 @@ BAD_SNAPSHOTS = {
         "all_values_finite",
         [4],
     ),
-    "zero_vector": (lambda root, v: write_snapshot(root, DAY, _corrupt_rows(v, {5: [0.0] * DIM})), "l2_norm", [5]),
-    "duplicate_keys": (
-        lambda root, v: write_snapshot(root, DAY, v, ids=[*range(ENTITIES - 1), 9]),
-        "user_id, event_timestamp",
-        [9],
+    "zero_vector": (
+        lambda root, v: write_snapshot(root, DAY, _corrupt_rows(v, {5: [0.0] * DIM})),
+        "has_nonzero_value",
+        [5],
+    ),
+    "null_element": (
+        lambda root, v: write_snapshot(root, DAY, _corrupt_rows(v, {6: [None, *_unit(DIM - 1)]})),
+        "no_null_values",
+        [6],
+    ),
+    "duplicate_keys": (lambda root, v: write_snapshot(root, DAY, v, ids=[*range(ENTITIES - 1), 9]), "user_id", [9]),
+    "timestamp_not_manifest": (
+        lambda root, v: write_snapshot(
+            root, DAY, v, timestamps=[availability(DAY)] * (ENTITIES - 1) + [availability(DAY) + timedelta(hours=1)]
+        ),
+        "event_timestamp",
+        [ENTITIES - 1],
     ),
     "future_timestamps": (
         lambda root, v: write_snapshot(
@@ -289,7 +309,7 @@ def test_cli_prints_failures_docs_path_and_exits_non_zero(
     result = CliRunner().invoke(validate, [str(folder), "--docs-dir", str(docs_dir)])
 
     assert result.exit_code == 1, result.output
-    assert "l2_norm" in result.output and "11" in result.output
+    assert "has_nonzero_value" in result.output and "11" in result.output
     assert "index.html" in result.output
     assert "ctr_user v1 2026-01-05:" in result.output
 
@@ -385,3 +405,215 @@ def test_remapped_entity_ids_are_rejected(history: tuple[Path, np.ndarray], docs
     report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
     assert not report.success
     assert any(f.expectation == "expect_column_values_to_not_be_null" for f in report.failures), report.failures
+
+
+# --------------------------------------------------------------------------- issue 11: real-log shapes
+# Each distribution check tolerates outliers and small populations; each change comes with a minimal
+# input that fails exactly that expectation beside a positive control.
+
+
+def _failed(report) -> set[tuple[str, str | None]]:
+    return {(f.expectation, f.column) for f in report.failures}
+
+
+def _populations(tmp_path: Path, previous_n: int, current_n: int, seed: int = 0) -> Path:
+    """Previous day with ``previous_n`` entities; current day: the same entities moved a little plus new ones."""
+    rng = np.random.default_rng(seed)
+    previous = unit_vectors(rng, n=previous_n)
+    write_snapshot(tmp_path, DAY - timedelta(days=1), previous)
+    kept = next_day(previous)
+    new = unit_vectors(rng, n=current_n - previous_n)
+    return write_snapshot(tmp_path, DAY, np.concatenate([kept, new]))
+
+
+def test_real_log_day_two_small_population_growth_passes(tmp_path: Path, docs_dir: Path) -> None:
+    # ctr_user v1, second day of the log: 11 -> 20 users (+82% against +50%) was refused.
+    report = validate_snapshot(_populations(tmp_path, 11, 20), docs_dir=docs_dir, now=NOW)
+    assert report.success, report.failures
+    assert any("fewer than min_population_for_relative_checks=50" in note for note in report.notes)
+
+
+def test_coverage_change_beyond_the_absolute_floor_fails_alone(tmp_path: Path, docs_dir: Path) -> None:
+    report = validate_snapshot(_populations(tmp_path, 100, 200), docs_dir=docs_dir, now=NOW)
+    assert _failed(report) == {("expect_table_row_count_to_be_between", None)}, report.failures
+    assert "at most 50 entities" in report.failures[0].description
+
+
+def test_coverage_change_within_the_absolute_floor_passes(tmp_path: Path, docs_dir: Path) -> None:
+    report = validate_snapshot(_populations(tmp_path, 100, 150), docs_dir=docs_dir, now=NOW)
+    assert report.success, report.failures
+
+
+def _scaled(vectors: np.ndarray, rows: range | list[int], norm: float) -> np.ndarray:
+    scaled = vectors.copy()
+    scaled[list(rows)] *= norm
+    return scaled
+
+
+def test_real_log_day_124_one_low_norm_row_among_509_passes(tmp_path: Path, docs_dir: Path) -> None:
+    previous = unit_vectors(np.random.default_rng(5), n=509)
+    write_snapshot(tmp_path, DAY - timedelta(days=1), previous)
+    folder = write_snapshot(tmp_path, DAY, _scaled(next_day(previous), [123], 0.494))
+    report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
+    assert report.success, report.failures
+
+
+def test_too_many_rows_outside_norm_bounds_fail_alone(tmp_path: Path, docs_dir: Path) -> None:
+    previous = unit_vectors(np.random.default_rng(5), n=200)
+    write_snapshot(tmp_path, DAY - timedelta(days=1), previous)
+    folder = write_snapshot(tmp_path, DAY, _scaled(next_day(previous), range(4), 0.3))  # 2% > 1%
+    report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
+    assert _failed(report) == {("expect_column_values_to_be_between", "l2_norm")}, report.failures
+    assert report.failures[0].entity_ids == [0, 1, 2, 3]
+
+
+def test_unnormalised_export_fails_norm_bounds(history: tuple[Path, np.ndarray], docs_dir: Path) -> None:
+    root, previous = history
+    folder = write_snapshot(root, DAY, _scaled(next_day(previous), range(ENTITIES), 3.0))
+    report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
+    assert ("expect_column_values_to_be_between", "l2_norm") in _failed(report)
+
+
+BROKEN_ALONE = {
+    # case: corrupt the 200-entity next day -> (expectation, column, words of its description, offending ids)
+    "null_element": (
+        lambda v: {"vectors": _corrupt_rows(v, {6: [None, *_unit(DIM - 1)]})},
+        ("expect_column_values_to_be_in_set", "no_null_values"),
+        "NULL element",
+        [6],
+    ),
+    "zero_vector": (
+        lambda v: {"vectors": _corrupt_rows(v, {5: [0.0] * DIM})},
+        ("expect_column_values_to_be_in_set", "has_nonzero_value"),
+        "all zeros",
+        [5],
+    ),
+    "duplicate_key": (
+        lambda v: {"vectors": v, "ids": [*range(199), 9]},
+        ("expect_column_values_to_be_unique", "user_id"),
+        "duplicate keys",
+        [9],
+    ),
+    "timestamp_not_manifest": (
+        lambda v: {"vectors": v, "timestamps": [availability(DAY)] * 199 + [availability(DAY) + timedelta(hours=1)]},
+        ("expect_column_values_to_be_between", "event_timestamp"),
+        "equals the manifest's event_timestamp",
+        [199],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", [None, *sorted(BROKEN_ALONE)])
+def test_each_broken_vector_check_fails_alone(case: str | None, tmp_path: Path, docs_dir: Path) -> None:
+    previous = unit_vectors(np.random.default_rng(7), n=200)
+    write_snapshot(tmp_path, DAY - timedelta(days=1), previous)
+    if case is None:  # positive control: the same day, unbroken
+        report = validate_snapshot(write_snapshot(tmp_path, DAY, next_day(previous)), docs_dir=docs_dir, now=NOW)
+        assert report.success, report.failures
+        return
+    corrupt, failed, words, ids = BROKEN_ALONE[case]
+    arguments = corrupt(next_day(previous))
+    folder = write_snapshot(tmp_path, DAY, arguments.pop("vectors"), **arguments)
+    report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
+    assert _failed(report) == {failed}, report.failures
+    (failure,) = report.failures
+    assert words in failure.description and failure.entity_ids == ids
+
+
+def test_previous_snapshot_with_a_null_element_is_excluded_from_dimension_stats(tmp_path: Path, docs_dir: Path) -> None:
+    previous = unit_vectors(np.random.default_rng(8), n=200)
+    write_snapshot(tmp_path, DAY - timedelta(days=1), _corrupt_rows(previous, {0: [None] * DIM}))
+    report = validate_snapshot(write_snapshot(tmp_path, DAY, next_day(previous)), docs_dir=docs_dir, now=NOW)
+    assert report.success, report.failures
+
+
+# --------------------------------------------------------------------------- issue 11: training sets
+
+
+def cold_start_training_set(rng: np.random.Generator, n: int = 1000, click_rate: float = 0.55) -> pd.DataFrame:
+    """A CTR set shaped like the real log: many one-day users, a few returning ones, click rate 0.55.
+
+    A row has the user embedding exactly when its user appeared at least 48 h earlier in the set
+    (point in time: the first day's snapshot is published after that day).
+    """
+    start = pd.Timestamp(WINDOW[0])
+    stamps = start + pd.to_timedelta(np.sort(rng.uniform(0, 7 * 24, size=n)), unit="h")
+    returning = rng.random(n) < 0.35
+    users = np.where(returning, rng.integers(0, 30, size=n), 1000 + np.arange(n))
+    frame = pd.DataFrame({"user_id": users.astype(np.int64), "event_timestamp": stamps})
+    first_seen = frame.groupby("user_id")["event_timestamp"].transform("min")
+    warm = frame["event_timestamp"] >= first_seen + pd.Timedelta(hours=48)
+    vectors = unit_vectors(rng, n)
+    return frame.assign(
+        pin_id=np.arange(n, dtype=np.int64) + 5000,
+        clicked=(rng.random(n) < click_rate).astype(np.int64),
+        ctr_user_embedding=[list(v) if w else None for v, w in zip(vectors, warm, strict=True)],
+    )
+
+
+def _validate_cold_start(df: pd.DataFrame, docs_dir: Path, expected_label_rate: float | None = None):
+    return validate_training_set(
+        df,
+        label="clicked",
+        embedding_columns=["ctr_user_embedding"],
+        required_columns=["user_id", "pin_id", "event_timestamp", "clicked"],
+        window=WINDOW,
+        docs_dir=docs_dir,
+        entity_columns={"ctr_user_embedding": "user_id"},
+        expected_label_rate=expected_label_rate,
+    )
+
+
+def test_real_log_ctr_training_set_with_cold_start_rows_passes(docs_dir: Path) -> None:
+    df = cold_start_training_set(np.random.default_rng(11))
+    assert 0.7 < df["ctr_user_embedding"].isna().mean() < 0.85 and 0.5 < df["clicked"].mean() < 0.6
+    report = _validate_cold_start(df, docs_dir, expected_label_rate=float(df["clicked"].mean()))
+    assert report.success, report.failures
+    assert any("cold start" in note and "judged on" in note for note in report.notes), report.notes
+
+
+def test_same_training_set_judged_on_every_row_fails(docs_dir: Path) -> None:
+    # Without the entity (old behaviour), the cold-start rows count: this is what refused the real set.
+    report = _validate_training(cold_start_training_set(np.random.default_rng(11)), docs_dir)
+    assert _failed(report) == {("expect_column_values_to_not_be_null", "ctr_user_embedding")}, report.failures
+
+
+def test_missing_embeddings_of_warm_rows_fail_alone(docs_dir: Path) -> None:
+    df = cold_start_training_set(np.random.default_rng(11))
+    warm = df["ctr_user_embedding"].notna().to_numpy().nonzero()[0]
+    df.loc[warm[::3], "ctr_user_embedding"] = None  # a third of the warm rows lose their embedding
+    report = _validate_cold_start(df, docs_dir)
+    assert _failed(report) == {("expect_column_values_to_not_be_null", "ctr_user_embedding")}, report.failures
+    assert "cold-start rows" in report.failures[0].description
+
+
+def test_all_embeddings_missing_fails_with_cold_start_rule(docs_dir: Path) -> None:
+    df = cold_start_training_set(np.random.default_rng(11)).assign(ctr_user_embedding=None)
+    report = _validate_cold_start(df, docs_dir)
+    assert _failed(report) == {("expect_column_values_to_not_be_null", "ctr_user_embedding")}, report.failures
+
+
+def test_label_rate_far_from_the_event_log_fails_alone(docs_dir: Path) -> None:
+    df = cold_start_training_set(np.random.default_rng(11))
+    report = _validate_cold_start(df, docs_dir, expected_label_rate=float(df["clicked"].mean()) - 0.1)
+    assert _failed(report) == {("expect_column_mean_to_be_between", "clicked")}, report.failures
+    assert "event log" in report.failures[0].description
+
+
+def test_label_rate_sanity_bounds_refuse_a_single_class(docs_dir: Path) -> None:
+    df = cold_start_training_set(np.random.default_rng(11)).assign(clicked=1)
+    report = _validate_cold_start(df, docs_dir)
+    assert _failed(report) == {("expect_column_mean_to_be_between", "clicked")}, report.failures
+    assert "both classes" in report.failures[0].description
+
+
+def test_new_threshold_keys_are_loaded(tmp_path: Path) -> None:
+    override = tmp_path / "thresholds.yaml"
+    override.write_text(
+        "snapshot:\n  coverage_change_min_entities: 5\n  max_fraction_outside_norm_bounds: 0.0\n"
+        "training_set:\n  cold_start_hours: 24\n  max_label_rate_difference: 0.02\n"
+    )
+    loaded = GateThresholds.load(override)
+    assert loaded.snapshot.coverage_change_min_entities == 5 and loaded.training_set.cold_start_hours == 24
+    defaults = GateThresholds.load()
+    assert defaults.training_set.label_rate_max == 0.9999 and defaults.snapshot.max_fraction_outside_norm_bounds == 0.01

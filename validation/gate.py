@@ -9,7 +9,18 @@ expectations (``derm.validation.suites``) so that Data Docs stay readable. Every
 result in a file-backed GE project under ``docs_dir`` (the pipeline passes ``PlatformPaths.validation_dir``)
 and rebuilds Data Docs at ``<root>/gx/uncommitted/data_docs/local_site/index.html``.
 
-Thresholds come from one YAML file, ``validation/thresholds.yaml`` (:mod:`derm.validation.thresholds`).
+Thresholds come from one YAML file, ``validation/thresholds.yaml`` (:mod:`derm.validation.thresholds`),
+whose comments state the policy: one broken vector or row (NaN/Inf or NULL element, wrong dimension,
+all zeros, duplicate key, timestamp other than the manifest's) fails a snapshot; distribution checks
+tolerate a fraction of outliers and are judged against the previous snapshot of the same family and
+version with absolute floors for small populations; a version's first snapshot runs the per-row
+checks only (:data:`FIRST_SNAPSHOT_POLICY`, recorded in the report's notes). Training sets: label
+rate within sanity bounds (and, given the event log's rate, close to it); missing embeddings counted
+only on rows whose entity could have had a snapshot (not cold start).
+
+Data Docs: the index lists the newest :data:`DATA_DOCS_INDEX_RESULTS` results only. GE 1.24's index
+builder deserialises every result it lists on every build, so an unlimited index made each publish
+slower with history (measured: 0.42 s with 10 stored results, 1.53 s with 300).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from derm.core.snapshot import (
     snapshot_schema,
 )
 from derm.validation.thresholds import (
+    DEFAULT_THRESHOLDS_PATH,
     GateThresholds,
     SnapshotThresholds,
     TrainingSetThresholds,
@@ -41,6 +53,15 @@ if TYPE_CHECKING:
     import pandas as pd
 
 MAX_OFFENDING_IDS = 5
+# The Data Docs index lists (and GE deserialises, on every build) only the newest results; older
+# result pages stay on disk. Without a limit each publish got slower as validation history grew.
+DATA_DOCS_INDEX_RESULTS = 100
+
+FIRST_SNAPSHOT_POLICY = (
+    "ran the per-row checks (dimension, NaN/Inf, NULL elements, all-zero vectors, duplicate keys, "
+    "timestamps equal to the manifest's, model version, row count) and the norm bounds; skipped coverage change, "
+    "overlap with the previous snapshot, cosine drift and per-dimension mean shift / std ratio"
+)
 
 _DATASOURCE = "derm_validation"
 _STRUCTURE_CHECK = "snapshot_is_readable"
@@ -113,6 +134,9 @@ class _GXProject:
                 context = gx.get_context(mode="file", project_root_dir=root)
                 # tqdm bars on stderr would drown the CLI's own report.
                 context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+                for site in context.variables.data_docs_sites.values():
+                    index_builder = site.setdefault("site_index_builder", {"class_name": "DefaultSiteIndexBuilder"})
+                    index_builder["validation_results_limit"] = DATA_DOCS_INDEX_RESULTS
                 cls._contexts[root] = context
             return cls._contexts[root]
 
@@ -314,7 +338,10 @@ def _read_snapshot_structure(snapshot_dir: Path) -> tuple[SnapshotManifest | Non
 
 
 def _derive_snapshot_frames(
-    snapshot_dir: Path, manifest: SnapshotManifest, previous: tuple[Path, SnapshotManifest] | None
+    snapshot_dir: Path,
+    manifest: SnapshotManifest,
+    previous: tuple[Path, SnapshotManifest] | None,
+    norm_bounds: tuple[float, float],
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Per-row scalar view of the vectors and, with a previous snapshot, per-dimension shift."""
     from derm.core.sql import connect, ident
@@ -332,9 +359,11 @@ def _derive_snapshot_frames(
             previous_rows = (
                 f"SELECT {key}, any_value(embedding) AS embedding FROM read_parquet($previous) GROUP BY {key}"
             )
-            # list_cosine_similarity rejects lists of unequal length; wrong dims fail their own check.
+            # list_cosine_similarity rejects lists of unequal length or with NULL elements; those fail
+            # their own checks.
             cosine = (
-                ", CASE WHEN len(c.embedding) = len(p.embedding) "
+                ", CASE WHEN len(c.embedding) = len(p.embedding) AND list_count(c.embedding) = len(c.embedding) "
+                "AND list_count(p.embedding) = len(p.embedding) "
                 "THEN list_cosine_similarity(c.embedding::DOUBLE[], p.embedding::DOUBLE[]) END "
                 f"AS {suites.COSINE_TO_PREVIOUS}"
             )
@@ -344,8 +373,12 @@ def _derive_snapshot_frames(
             SELECT c.{key}, c.event_timestamp, c.model_version,
                    len(c.embedding) AS {suites.EMBEDDING_DIM},
                    sqrt(list_sum(list_transform(c.embedding, lambda x: x::DOUBLE * x::DOUBLE))) AS {suites.L2_NORM},
-                   coalesce(list_bool_and(list_transform(c.embedding, lambda x: isfinite(x))), false)
-                       AS {suites.ALL_VALUES_FINITE}
+                   -- NULL elements are their own check, not a non-finite value.
+                   coalesce(list_bool_and(list_transform(c.embedding, lambda x: x IS NULL OR isfinite(x))), false)
+                       AS {suites.ALL_VALUES_FINITE},
+                   coalesce(list_count(c.embedding) = len(c.embedding), false) AS {suites.NO_NULL_VALUES},
+                   coalesce(list_bool_or(list_transform(c.embedding, lambda x: x <> 0)), false)
+                       AS {suites.HAS_NONZERO_VALUE}
                    {cosine}
             FROM read_parquet($current) AS c LEFT JOIN p USING ({key})
             """,
@@ -353,7 +386,8 @@ def _derive_snapshot_frames(
         ).df()
         if previous is None:
             return rows, None
-        # Only well-formed vectors say something about the distribution; broken ones fail above.
+        # Only well-formed vectors within the norm bounds say something about the distribution:
+        # broken ones fail above, and outliers are counted (and tolerated) by the norm check.
         dimensions = con.execute(
             f"""
             WITH stats AS (
@@ -365,7 +399,10 @@ def _derive_snapshot_frames(
                         UNION ALL
                         SELECT 'previous' AS source, embedding FROM read_parquet($previous)
                     )
-                    WHERE len(embedding) = $dim AND list_bool_and(list_transform(embedding, lambda x: isfinite(x)))
+                    WHERE len(embedding) = $dim AND list_count(embedding) = $dim
+                      AND list_bool_and(list_transform(embedding, lambda x: isfinite(x)))
+                      AND sqrt(list_sum(list_transform(embedding, lambda x: x::DOUBLE * x::DOUBLE)))
+                          BETWEEN $norm_min AND $norm_max
                 )
                 GROUP BY ALL
             )
@@ -376,7 +413,7 @@ def _derive_snapshot_frames(
             WHERE c.source = 'current' AND p.source = 'previous'
             ORDER BY c.{suites.DIMENSION}
             """,
-            {**parameters, "dim": manifest.dim},
+            {**parameters, "dim": manifest.dim, "norm_min": norm_bounds[0], "norm_max": norm_bounds[1]},
         ).df()
         return rows, dimensions
 
@@ -415,16 +452,30 @@ def validate_snapshot(
         previous_manifest, previous_problems = _read_snapshot_structure(previous_dir)
         if previous_problems or previous_manifest is None:
             # A broken earlier snapshot was never published; comparing against it says nothing.
-            notes.append(f"drift checks skipped: previous snapshot {previous_dir} is unreadable")
+            notes.append(
+                f"drift checks skipped: previous snapshot {previous_dir} is unreadable; {FIRST_SNAPSHOT_POLICY}"
+            )
         else:
             previous = (previous_dir, previous_manifest)
     else:
-        notes.append("drift checks skipped: no earlier snapshot of this family and version")
+        notes.append(f"drift checks skipped: no earlier snapshot of this family and version; {FIRST_SNAPSHOT_POLICY}")
 
     from derm.validation import suites
 
-    rows, dimensions = _derive_snapshot_frames(snapshot_dir, manifest, previous)
+    snapshot_thresholds = thresholds.snapshot
+    norm_bounds = (snapshot_thresholds.norm_min, snapshot_thresholds.norm_max)
+    rows, dimensions = _derive_snapshot_frames(snapshot_dir, manifest, previous, norm_bounds)
     previous_label = _snapshot_label(previous[0], previous[1]) if previous else None
+    judge_relative = True
+    if previous is not None:
+        smallest = min(len(rows), previous[1].row_count)
+        minimum = snapshot_thresholds.min_population_for_relative_checks
+        judge_relative = smallest >= minimum
+        if not judge_relative:
+            notes.append(
+                f"overlap with {previous_label} and per-dimension mean/std shift skipped: {smallest} entities, "
+                f"fewer than min_population_for_relative_checks={minimum}"
+            )
     suite_prefix = f"embedding_snapshot.{manifest.family}.{manifest.model_version}"
     context = _GXProject.context(Path(docs_dir))
     results = [
@@ -434,10 +485,11 @@ def validate_snapshot(
             suites.snapshot_rows_suite(
                 f"{suite_prefix}.rows",
                 manifest,
-                thresholds.snapshot,
+                snapshot_thresholds,
                 now=now,
                 previous_row_count=previous[1].row_count if previous else None,
                 previous_label=previous_label,
+                judge_overlap=judge_relative,
             ),
             rows,
             [manifest.join_key],
@@ -445,12 +497,12 @@ def validate_snapshot(
         )
     ]
     failures = _failures_from(results[0], [manifest.join_key])
-    if dimensions is not None and previous_label is not None:
+    if dimensions is not None and previous_label is not None and judge_relative:
         results.append(
             _run_suite(
                 context,
                 "embedding_snapshot_dimensions",
-                suites.snapshot_dimensions_suite(f"{suite_prefix}.dimensions", thresholds.snapshot, previous_label),
+                suites.snapshot_dimensions_suite(f"{suite_prefix}.dimensions", snapshot_thresholds, previous_label),
                 dimensions,
                 [suites.DIMENSION],
                 label,
@@ -480,16 +532,31 @@ def validate_training_set(
     window: tuple[datetime, datetime],
     thresholds: GateThresholds | None = None,
     docs_dir: Path,
+    entity_columns: dict[str, str] | None = None,
+    expected_label_rate: float | None = None,
 ) -> GateReport:
-    """Validate a point-in-time-joined training set (embedding cells: list of float32, or null if missing)."""
+    """Validate a point-in-time-joined training set (embedding cells: list of float32, or null if missing).
+
+    Args:
+        entity_columns: embedding column -> the id column of its entity (``ctr_user_emb`` -> ``user_id``).
+            For those columns a row whose entity first appears in the set less than
+            ``cold_start_hours`` earlier is cold start: no snapshot could hold the entity yet, so its
+            missing embedding does not count against ``max_missing_embedding_rate``. Columns without
+            an entity are judged on every row.
+        expected_label_rate: label rate of the same labelled events in the event log; the training
+            set's must be within ``max_label_rate_difference`` of it. ``None``: sanity bounds only.
+    """
     import pandas as pd
 
     from derm.validation import suites
 
     thresholds = thresholds or GateThresholds.load()
+    entity_columns = {c: e for c, e in (entity_columns or {}).items() if c in embedding_columns}
     start, end = (_utc_timestamp(bound) for bound in window)
     subject = f"training set ({len(df)} rows, {start:%Y-%m-%d %H:%M}..{end:%Y-%m-%d %H:%M})"
-    needed = list(dict.fromkeys(["event_timestamp", label, *embedding_columns, *required_columns]))
+    needed = list(
+        dict.fromkeys(["event_timestamp", label, *embedding_columns, *required_columns, *entity_columns.values()])
+    )
     structural = [
         FailedCheck(_TRAINING_STRUCTURE_CHECK, f"required column {column} missing", "absent", column=column)
         for column in needed
@@ -516,6 +583,23 @@ def validate_training_set(
         # GE cannot reason about list cells; their length (null when missing) keeps the null semantics.
         frame[column] = frame[column].map(_vector_length).astype("Float64")
 
+    notes: list[str] = []
+    warm_columns: dict[str, str] = {}
+    grace = pd.Timedelta(hours=thresholds.training_set.cold_start_hours)
+    for column, entity in entity_columns.items():
+        warm = f"warm_{column}"
+        first_seen = frame.groupby(entity, dropna=False)["event_timestamp"].transform("min")
+        frame[warm] = (frame["event_timestamp"] >= first_seen + grace).astype(bool)
+        warm_columns[column] = warm
+        missing = frame[column].isna()
+        notes.append(
+            f"{column}: {int(missing.sum())} of {len(frame)} rows miss the embedding, "
+            f"{int((missing & ~frame[warm]).sum())} of them cold start ({entity} first seen in the set less than "
+            f"{thresholds.training_set.cold_start_hours:g} h earlier); judged on {int(frame[warm].sum())} warm rows"
+        )
+    if expected_label_rate is None:
+        notes.append("label rate checked against sanity bounds only: no event-log label rate given")
+
     suite = suites.training_set_suite(
         "training_set",
         label=label,
@@ -523,6 +607,8 @@ def validate_training_set(
         required_columns=required_columns,
         window=(start, end),
         thresholds=thresholds.training_set,
+        warm_columns=warm_columns,
+        expected_label_rate=expected_label_rate,
     )
     context = _GXProject.context(Path(docs_dir))
     result = _run_suite(context, "training_set", suite, frame, id_columns, subject)
@@ -534,6 +620,7 @@ def validate_training_set(
         data_docs_index=_build_data_docs(context, [result]),
         summary=f"{subject}: {passed}/{total} expectations passed",
         subject=subject,
+        notes=notes,
     )
 
 
@@ -551,6 +638,7 @@ def _utc_timestamp(value: datetime) -> Any:
 
 
 __all__ = [
+    "DEFAULT_THRESHOLDS_PATH",
     "FailedCheck",
     "GateReport",
     "GateThresholds",

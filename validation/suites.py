@@ -1,7 +1,8 @@
 """Great Expectations suites of the validation gate, one builder per checked frame.
 
 GE has no vector expectations, so the gate first derives one scalar column per property of a
-vector (``embedding_dim``, ``l2_norm``, ``all_values_finite``, ``cosine_to_previous``) and one
+vector (``embedding_dim``, ``l2_norm``, ``all_values_finite``, ``no_null_values``,
+``has_nonzero_value``, ``cosine_to_previous``) and one
 row per embedding dimension (``mean_shift_in_previous_std``, ``std_ratio_to_previous``). The
 suites below are plain built-in expectations over those columns, so Data Docs read as
 sentences about the data ("l2_norm values must be between 0.9 and 1.1").
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
+from great_expectations.expectations.row_conditions import Column
 
 if TYPE_CHECKING:
     from great_expectations.expectations.expectation import Expectation
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 EMBEDDING_DIM = "embedding_dim"
 L2_NORM = "l2_norm"
 ALL_VALUES_FINITE = "all_values_finite"
+NO_NULL_VALUES = "no_null_values"
+HAS_NONZERO_VALUE = "has_nonzero_value"
 COSINE_TO_PREVIOUS = "cosine_to_previous"
 DIMENSION = "dimension"
 MEAN_SHIFT = "mean_shift_in_previous_std"
@@ -48,8 +52,15 @@ def snapshot_rows_suite(
     now: datetime,
     previous_row_count: int | None,
     previous_label: str | None,
+    judge_overlap: bool = True,
 ) -> gx.ExpectationSuite:
-    """Per-row checks of one snapshot; drift checks only when a previous snapshot exists."""
+    """Per-row checks of one snapshot; drift checks only when a previous snapshot exists.
+
+    Broken vectors and rows (null, wrong dimension, NaN/Inf or NULL elements, all zeros, duplicate
+    keys, timestamps other than the manifest's) fail on a single row. Distribution checks (norm
+    bounds, coverage, overlap, cosine drift) tolerate outliers, see ``validation/thresholds.yaml``.
+    ``judge_overlap`` is false when a population is too small for the overlap fraction to mean anything.
+    """
     key = manifest.join_key
     expectations: list[Expectation] = []
     for column, what in ((key, "an entity id"), ("event_timestamp", "an availability time")):
@@ -72,19 +83,43 @@ def snapshot_rows_suite(
         )
     )
     expectations.append(
+        gxe.ExpectColumnValuesToBeInSet(
+            column=NO_NULL_VALUES, value_set=[True], description="No embedding contains a NULL element"
+        )
+    )
+    expectations.append(
+        gxe.ExpectColumnValuesToBeInSet(
+            column=HAS_NONZERO_VALUE,
+            value_set=[True],
+            description="No embedding is all zeros (a zero vector is a missing embedding written as data)",
+        )
+    )
+    outside = thresholds.max_fraction_outside_norm_bounds
+    expectations.append(
         gxe.ExpectColumnValuesToBeBetween(
             column=L2_NORM,
             min_value=thresholds.norm_min,
             max_value=thresholds.norm_max,
+            mostly=1.0 - outside,
             description=(
-                f"L2 norm of every embedding within [{thresholds.norm_min}, {thresholds.norm_max}]: "
-                "upstream normalises, so zero or unnormalised vectors are broken"
+                f"L2 norm within [{thresholds.norm_min}, {thresholds.norm_max}] for at least {1.0 - outside:.1%} "
+                "of the embeddings: upstream normalises and the moving average only shrinks the norm, so a whole "
+                "export outside the bounds is unnormalised, while one entity that moved a lot may dip below"
             ),
         )
     )
     expectations.append(
-        gxe.ExpectCompoundColumnsToBeUnique(
-            column_list=[key, "event_timestamp"], description=f"One embedding per ({key}, event_timestamp)"
+        gxe.ExpectColumnValuesToBeUnique(column=key, description=f"One embedding per {key} (no duplicate keys)")
+    )
+    expectations.append(
+        gxe.ExpectColumnValuesToBeBetween(
+            column="event_timestamp",
+            min_value=manifest.event_timestamp,
+            max_value=manifest.event_timestamp,
+            description=(
+                f"Every row's event_timestamp equals the manifest's event_timestamp "
+                f"({manifest.event_timestamp.isoformat()}): the snapshot becomes available at one moment"
+            ),
         )
     )
     expectations.append(
@@ -113,26 +148,29 @@ def snapshot_rows_suite(
     )
     if previous_row_count is None:
         return _suite(name, expectations)
+    low, high = coverage_bounds(previous_row_count, thresholds)
     expectations.append(
         gxe.ExpectTableRowCountToBeBetween(
-            min_value=math.ceil(previous_row_count * (1 + thresholds.coverage_change_min)),
-            max_value=math.floor(previous_row_count * (1 + thresholds.coverage_change_max)),
+            min_value=low,
+            max_value=high,
             description=(
                 f"Coverage change versus {previous_label} ({previous_row_count} rows) within "
-                f"[{thresholds.coverage_change_min:+.0%}, {thresholds.coverage_change_max:+.0%}]"
+                f"[{thresholds.coverage_change_min:+.0%}, {thresholds.coverage_change_max:+.0%}], "
+                f"or at most {thresholds.coverage_change_min_entities} entities either way: [{low}, {high}] rows"
             ),
         )
     )
-    expectations.append(
-        gxe.ExpectColumnValuesToNotBeNull(
-            column=COSINE_TO_PREVIOUS,
-            mostly=thresholds.min_fraction_seen_in_previous,
-            description=(
-                f"At least {thresholds.min_fraction_seen_in_previous:.0%} of entities also in {previous_label} "
-                "(cosine_to_previous is null for new entities): guards against remapped ids"
-            ),
+    if judge_overlap:
+        expectations.append(
+            gxe.ExpectColumnValuesToNotBeNull(
+                column=COSINE_TO_PREVIOUS,
+                mostly=thresholds.min_fraction_seen_in_previous,
+                description=(
+                    f"At least {thresholds.min_fraction_seen_in_previous:.0%} of entities also in {previous_label} "
+                    "(cosine_to_previous is null for new entities): guards against remapped ids"
+                ),
+            )
         )
-    )
     expectations.append(
         gxe.ExpectColumnMedianToBeBetween(
             column=COSINE_TO_PREVIOUS,
@@ -156,6 +194,14 @@ def snapshot_rows_suite(
         )
     )
     return _suite(name, expectations)
+
+
+def coverage_bounds(previous_row_count: int, thresholds: SnapshotThresholds) -> tuple[int, int]:
+    """Allowed row counts: the relative bounds, widened to +/- ``coverage_change_min_entities`` entities."""
+    floor = thresholds.coverage_change_min_entities
+    low = min(math.ceil(previous_row_count * (1 + thresholds.coverage_change_min)), previous_row_count - floor)
+    high = max(math.floor(previous_row_count * (1 + thresholds.coverage_change_max)), previous_row_count + floor)
+    return max(low, 1), high
 
 
 def snapshot_dimensions_suite(name: str, thresholds: SnapshotThresholds, previous_label: str) -> gx.ExpectationSuite:
@@ -193,8 +239,16 @@ def training_set_suite(
     required_columns: list[str],
     window: tuple[datetime, datetime],
     thresholds: TrainingSetThresholds,
+    warm_columns: dict[str, str] | None = None,
+    expected_label_rate: float | None = None,
 ) -> gx.ExpectationSuite:
-    """Checks of a point-in-time-joined training set (embedding columns hold their length, null if missing)."""
+    """Checks of a point-in-time-joined training set (embedding columns hold their length, null if missing).
+
+    ``warm_columns`` maps an embedding column to a boolean column that is true where the row's
+    entity could have an embedding (not cold start); the missing rate of that column is judged on
+    those rows only. ``expected_label_rate`` is the label rate of the same events in the event log.
+    """
+    warm_columns = warm_columns or {}
     expectations: list[Expectation] = []
     for column in required_columns:
         expectations.append(
@@ -217,17 +271,46 @@ def training_set_suite(
             min_value=thresholds.label_rate_min,
             max_value=thresholds.label_rate_max,
             description=(
-                f"Label rate (fraction of positives) within [{thresholds.label_rate_min}, {thresholds.label_rate_max}]"
+                f"Label rate (fraction of positives) within [{thresholds.label_rate_min}, "
+                f"{thresholds.label_rate_max}]: both classes present"
             ),
         )
     )
+    if expected_label_rate is not None:
+        tolerance = thresholds.max_label_rate_difference
+        expectations.append(
+            gxe.ExpectColumnMeanToBeBetween(
+                column=label,
+                min_value=max(expected_label_rate - tolerance, 0.0),
+                max_value=min(expected_label_rate + tolerance, 1.0),
+                description=(
+                    f"Label rate within {tolerance} of the rate of the same labelled events in the event log "
+                    f"({expected_label_rate:.4f}): the join neither drops nor duplicates rows by label"
+                ),
+            )
+        )
     for column in embedding_columns:
         max_missing = thresholds.max_missing_rate_by_feature.get(column, thresholds.max_missing_embedding_rate)
+        warm = warm_columns.get(column)
+        if warm is None:
+            expectations.append(
+                gxe.ExpectColumnValuesToNotBeNull(
+                    column=column,
+                    mostly=1.0 - max_missing,
+                    description=f"At most {max_missing:.0%} of rows miss the {column} embedding",
+                )
+            )
+            continue
         expectations.append(
             gxe.ExpectColumnValuesToNotBeNull(
                 column=column,
                 mostly=1.0 - max_missing,
-                description=f"At most {max_missing:.0%} of rows miss the {column} embedding",
+                row_condition=Column(warm) == True,  # noqa: E712 -- builds a GE condition, not a comparison
+                description=(
+                    f"At most {max_missing:.0%} of rows miss the {column} embedding, among rows whose entity "
+                    f"appeared at least {thresholds.cold_start_hours:g} h earlier in the set ({warm}); "
+                    "cold-start rows have no earlier snapshot and are expected to miss it"
+                ),
             )
         )
     return _suite(name, expectations)

@@ -22,8 +22,11 @@ DEFAULT_THRESHOLDS_PATH = Path(__file__).with_name("thresholds.yaml")
 class SnapshotThresholds:
     norm_min: float = 0.9
     norm_max: float = 1.1
+    max_fraction_outside_norm_bounds: float = 0.01
     coverage_change_min: float = -0.2
     coverage_change_max: float = 0.5
+    coverage_change_min_entities: int = 50
+    min_population_for_relative_checks: int = 50
     min_fraction_seen_in_previous: float = 0.5
     min_median_cosine_to_previous: float = 0.8
     low_cosine_to_previous: float = 0.5
@@ -36,8 +39,10 @@ class SnapshotThresholds:
 @dataclass(frozen=True)
 class TrainingSetThresholds:
     label_rate_min: float = 0.0001
-    label_rate_max: float = 0.5
+    label_rate_max: float = 0.9999
+    max_label_rate_difference: float = 0.01
     max_missing_embedding_rate: float = 0.2
+    cold_start_hours: float = 48.0
     max_missing_rate_by_feature: dict[str, float] = field(default_factory=dict)
 
 

@@ -229,13 +229,29 @@ def embedding_columns(info: TrainingSetInfo) -> list[str]:
     return [feature_name(f) for f in info.embedding_versions]
 
 
-def gate_training_set(table: pa.Table, info: TrainingSetInfo, docs_dir: Path, thresholds_path: Path | None = None):
+def gate_training_set(
+    table: pa.Table,
+    info: TrainingSetInfo,
+    docs_dir: Path,
+    thresholds_path: Path | None = None,
+    events_dir: Path | None = None,
+):
     """Run the training-set gate (:func:`derm.validation.gate.validate_training_set`) on a training set.
 
     ``thresholds_path`` is the gate's YAML (default: the thresholds shipped with the gate).
+    Each embedding column is judged with its entity (``ctr_user_emb`` -> ``user_id``), so cold-start
+    rows (entity first seen in the set less than ``cold_start_hours`` earlier) may miss it.
+    With ``events_dir`` the label rate must match, within ``max_label_rate_difference``, the rate of
+    the same labelled events (objective and window of ``info``) in the event log.
     """
+    from derm.core.naming import join_key
     from derm.validation.gate import load_thresholds, validate_training_set
 
+    window = (datetime.fromisoformat(info.window_start), datetime.fromisoformat(info.window_end))
+    expected_label_rate = None
+    if events_dir is not None:
+        events = labelled_events(events_dir, info.objective, *window)
+        expected_label_rate = float(events[LABEL].mean()) if len(events) else None
     frame = table.to_pandas()
     for column in embedding_columns(info):  # list cells stay lists (or None): the gate measures their length
         frame[column] = table.column(column).to_pylist()
@@ -244,9 +260,11 @@ def gate_training_set(table: pa.Table, info: TrainingSetInfo, docs_dir: Path, th
         label=LABEL,
         embedding_columns=embedding_columns(info),
         required_columns=["event_id", "user_id", "pin_id", "advertiser_id", "category_id", "surface"],
-        window=(datetime.fromisoformat(info.window_start), datetime.fromisoformat(info.window_end)),
+        window=window,
         thresholds=load_thresholds(thresholds_path),
         docs_dir=docs_dir,
+        entity_columns={feature_name(family): join_key(family) for family in info.embedding_versions},
+        expected_label_rate=expected_label_rate,
     )
 
 
