@@ -363,7 +363,9 @@ def run_downstream(
     gate_summary = ""
     if cfg.gate:
         table, _ = read_training_set(path)
-        report = gate_training_set(table, info, docs_dir=paths.validation_dir, thresholds_path=cfg.gate_thresholds)
+        report = gate_training_set(
+            table, info, docs_dir=paths.validation_dir, thresholds_path=cfg.gate_thresholds, events_dir=paths.events_dir
+        )
         gate_summary = report.summary
         if log:
             log(f"  gate: {report.summary}")
