@@ -34,7 +34,6 @@ OBJECTIVES: dict[str, tuple[str, str | None]] = {  # objective -> (label column,
     "cvr": ("converted", "clicked"),  # every click, label = conversion
 }
 ENTITIES: dict[str, str] = {"user": "user_id", "pin": "pin_id"}  # Feast entity -> join key
-JOIN_KEYS = ENTITIES
 
 FAMILIES: dict[str, str] = {  # embedding family -> Feast entity
     f"{objective}_{entity}": entity for objective in OBJECTIVES for entity in ENTITIES

@@ -90,11 +90,6 @@ def latest_pin_attributes_sql(events: str) -> str:
     )
 
 
-def event_glob(events_dir: Path) -> str:
-    """The DuckDB ``read_parquet`` glob over the whole log."""
-    return str(Path(events_dir) / "date=*" / "*.parquet")
-
-
 def _compatible(expected: pa.DataType, actual: pa.DataType) -> bool:
     if pa.types.is_timestamp(expected):
         # Any unit is fine; a naive timestamp is not (whose midnight would it be?).

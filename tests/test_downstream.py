@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from derm.core.naming import EMBEDDING_TTL, FAMILIES, JOIN_KEYS, all_counting_features, feature_name
+from derm.core.naming import EMBEDDING_TTL, FAMILIES, all_counting_features, feature_name, join_key
 from derm.core.paths import DATA_DIR_ENV, PlatformPaths
 from derm.core.snapshot import read_manifest
 from derm.materialization.catalog import OFFLINE_DATA_FILE, Catalog, CatalogState
@@ -125,7 +125,7 @@ def test_training_set_equals_merge_asof_oracle(platform: PlatformPaths, ctr_set)
     views += [
         (
             f"embeddings/{family}/v1/date=*/{OFFLINE_DATA_FILE}",
-            JOIN_KEYS[FAMILIES[family]],
+            join_key(family),
             [feature_name(family)],
             EMBEDDING_TTL,
         )
