@@ -140,7 +140,7 @@ def discard_command(snapshot_dir: Path) -> None:
 def promote_command(family: str, version: str) -> None:
     """Point the ranker feature services at VERSION of FAMILY (or of both families of model ctr/cvr)."""
     from derm.cli.runtime import online_store
-    from derm.materialization.publish import promote
+    from derm.materialization.promotion import promote
 
     with online_store(_paths()):
         families = promote(_paths(), family, version, repo=_repo())
@@ -152,7 +152,7 @@ def promote_command(family: str, version: str) -> None:
 def rollback_command(family: str) -> None:
     """Point FAMILY (or model ctr/cvr) back to its previously promoted version."""
     from derm.cli.runtime import online_store
-    from derm.materialization.publish import rollback
+    from derm.materialization.promotion import rollback
 
     with online_store(_paths()):
         versions = rollback(_paths(), family, repo=_repo())
@@ -165,7 +165,7 @@ def rollback_command(family: str) -> None:
 def retire_command(family: str, version: str) -> None:
     """Drop VERSION's feature view and Redis fields; its offline partitions are kept."""
     from derm.cli.runtime import online_store
-    from derm.materialization.publish import retire
+    from derm.materialization.promotion import retire
 
     with online_store(_paths()):
         families = retire(_paths(), family, version, repo=_repo())

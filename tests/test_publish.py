@@ -204,7 +204,8 @@ def test_unknown_version_and_family_are_refused(published, platform_paths, redis
 
 def test_promote_rollback_retire(published, platform_paths: PlatformPaths, redis_server) -> None:
     from derm.core.feast_repo import feature_store
-    from derm.materialization.publish import PublishError, promote, publish_snapshot, retire, rollback
+    from derm.materialization.promotion import promote, retire, rollback
+    from derm.materialization.publish import PublishError, publish_snapshot
 
     v2_vectors = _unit_rows(20)
     result = publish_snapshot(

@@ -559,7 +559,7 @@ def test_hnsw_recall_against_exact_search(tmp_path) -> None:
 
 def test_index_is_rebuilt_when_a_new_version_is_promoted(server, service, platform: BenchPlatform) -> None:
     from derm.core.feast_repo import FeatureRepo
-    from derm.materialization.publish import promote, rollback
+    from derm.materialization.promotion import promote, rollback
 
     rng = np.random.default_rng(9)
     day = platform.embedding_day
