@@ -1,12 +1,24 @@
 """Deterministic synthetic multi-surface event log with planted, drifting signal.
 
-Each user and Pin carries a latent factor that drifts slowly day by day
-(a stationary Gaussian random walk). The click probability of an impression
-rises with the user-Pin affinity; the conversion probability of a click shares
-the first half of that affinity (the cross-objective signal DERM exploits) and
-adds a conversion-only part. Pin factors cluster by category, advertisers have
-their own conversion bias, and surfaces shift the click rate, so ids, side
-features and context all carry something to learn.
+Each user and Pin carries a latent factor that drifts day by day (a stationary
+Gaussian random walk). The click probability of an impression rises with the
+user-Pin affinity; the conversion probability of a click shares the first half
+of that affinity (the cross-objective signal DERM exploits) and adds a
+purchase-intent part. Pin factors cluster by category, advertisers have their
+own conversion bias, and surfaces shift the click rate, so ids, side features
+and context all carry something to learn.
+
+What the paper's ablation steps need is planted on purpose (issue 17):
+
+* purchase intent: the conversion-only factor also nudges clicks, by
+  ``intent_click_weight`` -- too weakly for the click model to learn it from
+  clicks, strongly enough that the CVR embeddings (learnt from conversions,
+  where intent dominates) carry a signal the CTR ranker can use;
+* entity churn: users and Pins live ``user_lifetime_days`` / ``pin_lifetime_days``
+  on average (geometric lifetimes, start days spread over and before the log),
+  so entities come and go and idle entities exist;
+* drift: ``drift`` is large enough (cosine of a factor to itself ~0.8 over 9
+  days) that stale embeddings lose signal and the moving average's weight matters.
 
 Memory stays bounded: the log is written one day at a time, in chunks of at
 most ``chunk_rows`` rows.
@@ -44,12 +56,15 @@ class SyntheticConfig:
     events_per_day: int = 20_000
     start_date: date = date(2026, 1, 1)
     latent_dim: int = 8  # planted factor size; first half shared by clicks and conversions
-    drift: float = 0.05  # per-day innovation of the latent random walk (0 = static)
+    drift: float = 0.2  # per-day innovation of the latent random walk (0 = static)
     affinity_scale: float = 1.6  # strength of the planted user-Pin signal
     click_base_logit: float = -2.2
     conversion_base_logit: float = -2.0
     surface_click_bias: tuple[float, ...] = (0.0, 0.35, -0.3)  # per SURFACES entry
     surface_share: tuple[float, ...] = (0.55, 0.25, 0.20)
+    intent_click_weight: float = 0.4  # how much the purchase-intent factor moves clicks (0: conversions only)
+    user_lifetime_days: float | None = 8.0  # mean active span of a user (None: users never churn)
+    pin_lifetime_days: float | None = 15.0  # mean active span of a Pin (None: Pins never churn)
     chunk_rows: int = 1_000_000  # bounded memory: rows generated and written at once
     seed: int = 7
     # Shapes of real logs (all off by default):
@@ -74,7 +89,9 @@ class SyntheticConfig:
             events_per_day=30,
             events_per_day_max=3_500,
             empty_day_share=0.02,
-            user_burst_days=5,
+            user_burst_days=5,  # the users' churn; a lifetime on top would leave almost no one active
+            user_lifetime_days=None,
+            pin_lifetime_days=60.0,
             click_base_logit=0.3,
         ),
     }
@@ -105,6 +122,8 @@ class _World:
 
     user_activity: np.ndarray  # (U,) sampling weights
     user_first_day: np.ndarray  # (U,) first day of the user's burst (0 when users are always active)
+    user_span: tuple[np.ndarray, np.ndarray]  # (U,), (U,): first and last+1 day a user is active (churn)
+    pin_span: tuple[np.ndarray, np.ndarray]  # (P,), (P,): the same for Pins
     user_bias: np.ndarray  # (U,)
     pin_popularity: np.ndarray  # (P,) sampling weights
     pin_bias: np.ndarray  # (P,)
@@ -117,8 +136,23 @@ class _World:
     pin_cvr_factor: np.ndarray  # (P, K/2)
 
 
+def _lifetimes(n: int, mean_days: float | None, n_days: int, rng: np.random.Generator):
+    """``(first, end)`` active days of ``n`` entities: geometric lifetimes, starts spread before and over the log."""
+    if mean_days is None:
+        return np.full(n, -(10**6), dtype=np.int64), np.full(n, 10**6, dtype=np.int64)
+    life = rng.geometric(1.0 / max(mean_days, 1.0), n).astype(np.int64)
+    first = rng.integers(-int(mean_days), n_days, n)
+    return first, first + life
+
+
+def _active(span: tuple[np.ndarray, np.ndarray], day_index: int) -> np.ndarray:
+    return (span[0] <= day_index) & (day_index < span[1])
+
+
 def _init_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
     k = cfg.latent_dim
+    # Drawn from their own stream so that turning churn on or off leaves every other draw unchanged.
+    churn_rng = np.random.default_rng([cfg.seed, 10**6])
     category_center = rng.normal(size=(cfg.n_categories, k))
     pin_category = rng.integers(0, cfg.n_categories, cfg.n_pins)
     pin_factor = (category_center[pin_category] + rng.normal(size=(cfg.n_pins, k))) / np.sqrt(2 * k)
@@ -129,6 +163,8 @@ def _init_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
             if cfg.user_burst_days
             else np.zeros(cfg.n_users, dtype=np.int64)
         ),
+        user_span=_lifetimes(cfg.n_users, cfg.user_lifetime_days, cfg.n_days, churn_rng),
+        pin_span=_lifetimes(cfg.n_pins, cfg.pin_lifetime_days, cfg.n_days, churn_rng),
         user_bias=rng.normal(0.0, 0.3, cfg.n_users),
         pin_popularity=rng.lognormal(0.0, 1.2, cfg.n_pins),
         pin_bias=rng.normal(0.0, 0.3, cfg.n_pins),
@@ -159,11 +195,14 @@ def _day_chunks(
     # Offsets sorted once per day so the log is in time order across chunks.
     offsets_us = np.sort(rng.integers(0, 86_400_000_000, volume))
     activity = world.user_activity
+    active = _active(world.user_span, day_index)
     if cfg.user_burst_days:
-        active = (world.user_first_day <= day_index) & (day_index < world.user_first_day + cfg.user_burst_days)
-        activity = np.where(active, activity, 0.0) if active.any() else activity
+        active &= (world.user_first_day <= day_index) & (day_index < world.user_first_day + cfg.user_burst_days)
+    activity = np.where(active, activity, 0.0) if active.any() else activity
     user_p = activity / activity.sum()
-    pin_p = world.pin_popularity / world.pin_popularity.sum()
+    live_pins = _active(world.pin_span, day_index)
+    popularity = np.where(live_pins, world.pin_popularity, 0.0) if live_pins.any() else world.pin_popularity
+    pin_p = popularity / popularity.sum()
     half = cfg.latent_dim // 2
     surface_bias = np.asarray(cfg.surface_click_bias)
     for start in range(0, volume, cfg.chunk_rows):
@@ -173,18 +212,23 @@ def _day_chunks(
         surface = rng.choice(len(SURFACES), size=n, p=np.asarray(cfg.surface_share))
         u, p = world.user_factor[users], world.pin_factor[pins]
         affinity = np.einsum("nk,nk->n", u, p) * cfg.affinity_scale * np.sqrt(cfg.latent_dim)
-        click_logit = (
-            cfg.click_base_logit + affinity + world.user_bias[users] + world.pin_bias[pins] + surface_bias[surface]
-        )
-        clicked = rng.random(n) < _sigmoid(click_logit)
-        shared = np.einsum("nk,nk->n", u[:, :half], p[:, :half]) * cfg.affinity_scale * np.sqrt(cfg.latent_dim)
-        own = (
+        intent = (  # purchase intent: drives conversions, nudges clicks (see the module docstring)
             np.einsum("nk,nk->n", world.user_cvr_factor[users], world.pin_cvr_factor[pins])
             * cfg.affinity_scale
             * np.sqrt(cfg.latent_dim)
         )
+        click_logit = (
+            cfg.click_base_logit
+            + affinity
+            + cfg.intent_click_weight * intent
+            + world.user_bias[users]
+            + world.pin_bias[pins]
+            + surface_bias[surface]
+        )
+        clicked = rng.random(n) < _sigmoid(click_logit)
+        shared = np.einsum("nk,nk->n", u[:, :half], p[:, :half]) * cfg.affinity_scale * np.sqrt(cfg.latent_dim)
         advertisers = world.pin_advertiser[pins]
-        cvr_logit = cfg.conversion_base_logit + shared + own + world.advertiser_cvr_bias[advertisers]
+        cvr_logit = cfg.conversion_base_logit + shared + intent + world.advertiser_cvr_bias[advertisers]
         converted = clicked & (rng.random(n) < _sigmoid(cvr_logit))
         yield pa.table(
             {
@@ -233,6 +277,8 @@ def generate_event_log(cfg: SyntheticConfig, events_dir: Path, progress: bool = 
         if day_index:
             world.user_factor = _drift(world.user_factor, cfg.drift, day_rng)
             world.pin_factor = _drift(world.pin_factor, cfg.drift, day_rng)
+            world.user_cvr_factor = _drift(world.user_cvr_factor, cfg.drift, day_rng)
+            world.pin_cvr_factor = _drift(world.pin_cvr_factor, cfg.drift, day_rng)
         volume = cfg.day_volume(day_rng)
         if volume == 0:  # an empty calendar day has no partition, as in a real export
             continue
