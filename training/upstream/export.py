@@ -52,6 +52,8 @@ def aggregate(
     has_previous: np.ndarray | None,
     aggregation: str = "ema",
     ema_weight: float = 0.8,
+    active: np.ndarray | None = None,
+    renormalize: bool = False,
 ) -> np.ndarray:
     """``E(t) = w * E(t-1) + (1 - w) * E_daily(t)`` where ``E(t-1)`` exists, else ``E_daily(t)``.
 
@@ -62,17 +64,28 @@ def aggregate(
         has_previous: ``(N,)`` bool, whether the entity had an embedding yesterday.
         aggregation: ``"ema"`` or ``"overwrite"`` (``E(t) = E_daily(t)``).
         ema_weight: ``w``.
+        active: ``(N,)`` bool, whether the entity had an event on day ``t``; an idle entity with
+            an embedding yesterday keeps it unchanged (carried forward, as the paper keeps the
+            last embedding of each entity). ``None``: every entity is refreshed.
+        renormalize: scale every row to unit L2 norm (the average of unit vectors is shorter than
+            one, and the Pin index ranks by inner product).
 
     Returns:
-        ``(N, D)`` float32. No re-normalisation: the average is the feature.
+        ``(N, D)`` float32.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
-    daily = np.asarray(daily, dtype=np.float32)
-    if aggregation == "overwrite" or previous is None or has_previous is None:
-        return daily
-    smoothed = ema_weight * np.asarray(previous, dtype=np.float32) + (1.0 - ema_weight) * daily
-    return np.where(has_previous[:, None], smoothed, daily).astype(np.float32)
+    out = np.asarray(daily, dtype=np.float32)
+    if previous is not None and has_previous is not None:
+        previous = np.asarray(previous, dtype=np.float32)
+        if aggregation == "ema":
+            out = np.where(has_previous[:, None], ema_weight * previous + (1.0 - ema_weight) * out, out)
+        if active is not None:
+            out = np.where((has_previous & ~active)[:, None], previous, out)
+    if renormalize:
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        out = out / np.where(norms > 0, norms, 1.0)
+    return out.astype(np.float32)
 
 
 def _embedding_matrix(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
@@ -125,10 +138,16 @@ def aggregate_batches(
     dim: int,
     aggregation: str,
     ema_weight: float,
+    active_ids: np.ndarray | None = None,
+    renormalize: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Applies :func:`aggregate` to ``(ids, daily)`` batches in ascending id order against yesterday's file."""
+    """Applies :func:`aggregate` to ``(ids, daily)`` batches in ascending id order against yesterday's file.
+
+    ``active_ids`` (sorted) are the entities with an event on the day; the others keep yesterday's
+    vector when they have one (``None``: every entity is refreshed).
+    """
     reader = None
-    if previous_data_file is not None and aggregation == "ema":
+    if previous_data_file is not None and (aggregation == "ema" or active_ids is not None):
         reader = _SortedSnapshotReader(previous_data_file, key, dim)
     last_id: int | None = None
     for ids, daily in batches:
@@ -137,11 +156,12 @@ def aggregate_batches(
         if np.any(np.diff(ids) <= 0) or (last_id is not None and ids[0] <= last_id):
             raise ValueError("entity ids must be unique and ascending across export batches")
         last_id = int(ids[-1])
+        active = None if active_ids is None else np.isin(ids, active_ids, assume_unique=True)
         if reader is None:
-            yield ids, aggregate(daily, None, None, aggregation, ema_weight)
+            yield ids, aggregate(daily, None, None, aggregation, ema_weight, renormalize=renormalize)
             continue
         found, previous = reader.lookup(ids)
-        yield ids, aggregate(daily, previous, found, aggregation, ema_weight)
+        yield ids, aggregate(daily, previous, found, aggregation, ema_weight, active, renormalize)
 
 
 def embed_batches(
