@@ -62,6 +62,9 @@ class SnapshotManifest:
     created_at: datetime
     data_file: str = DATA_FILE
     data_sha256: str = ""
+    # Upstream quality on the next day's events (derm.training.upstream.refresh.upstream_quality): ROC-AUC and
+    # recall@k of user x Pin dot products vs popularity and yesterday's embeddings; None when not measured.
+    quality: dict | None = None
 
     @property
     def entity(self) -> str:
