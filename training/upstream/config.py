@@ -23,6 +23,7 @@ from derm.training.upstream.features import FeatureConfig
 from derm.training.upstream.model import DermConfig
 
 AGGREGATIONS = ("ema", "overwrite")
+IDLE_POLICIES = ("carry_forward", "reembed")
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,21 @@ class RefreshConfig:
     aggregation: str = "ema"  # "ema": w*E(t-1) + (1-w)*E_daily(t); "overwrite": E_daily(t)
     ema_weight: float = 0.8  # w; the paper's best setting
     active_window_days: int = 90  # entities without an event in this window are dropped
+    # An entity without an event on day t: "carry_forward" keeps its last embedding (the paper keeps the
+    # last embedding of each entity per day); "reembed" embeds it again from its ageing features.
+    idle_entities: str = "carry_forward"
+    renormalize: bool = True  # unit-norm rows after averaging: the Pin index ranks by inner product
+    quality_k: int = 10  # recall@k of the daily upstream quality check (not part of the version)
     publish_delay: timedelta = timedelta(hours=1)  # after end of day; shifts availability only
     inference_batch_size: int = 65_536  # rows per forward pass and per Parquet row group
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={self.aggregation!r}: expected one of {AGGREGATIONS}")
+        if self.idle_entities not in IDLE_POLICIES:
+            raise ValueError(f"idle_entities={self.idle_entities!r}: expected one of {IDLE_POLICIES}")
+        if self.quality_k < 1:
+            raise ValueError(f"quality_k={self.quality_k}: expected at least 1")
         if not 0.0 <= self.ema_weight < 1.0:
             raise ValueError(f"ema_weight={self.ema_weight}: expected 0 <= w < 1")
         if self.publish_delay < timedelta(0):
@@ -61,7 +71,8 @@ class UpstreamConfig:
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
 
     def version_payload(self, objective: str) -> dict:
-        """Everything that changes the embeddings; publish delay and batch size do not, so they are left out."""
+        """Everything that changes the embeddings; publish delay, batch size and quality k do not, so they are
+        left out."""
         refresh = self.refresh
         return {
             "objective": objective,
@@ -73,6 +84,8 @@ class UpstreamConfig:
                 # Overwrite ignores w; keep it out so the same embeddings never get two versions.
                 "ema_weight": refresh.ema_weight if refresh.aggregation == "ema" else None,
                 "active_window_days": refresh.active_window_days,
+                "idle_entities": refresh.idle_entities,
+                "renormalize": refresh.renormalize,
             },
         }
 

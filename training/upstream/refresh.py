@@ -10,9 +10,15 @@ and each day ``t`` of the event log, :func:`refresh_day`:
    (so the weights have seen every event up to the end of ``t``);
 2. embeds every user and Pin active in the last ``active_window_days``, with
    features as of the end of day ``t`` -- one embedding per entity per day;
-3. aggregates ``E(t) = w * E(t-1) + (1 - w) * E_daily(t)`` (or overwrites);
+3. aggregates ``E(t) = w * E(t-1) + (1 - w) * E_daily(t)`` (or overwrites) for the
+   entities with an event on day ``t``; an idle entity keeps its last embedding
+   (``RefreshConfig.idle_entities="carry_forward"``, the paper's choice), and rows
+   are re-normalised to unit norm (``renormalize``) for the inner-product Pin index;
 4. writes one snapshot per family (``<model>_user``, ``<model>_pin``) with
-   ``event_timestamp = t+1 00:00 UTC + publish_delay``, atomically.
+   ``event_timestamp = t+1 00:00 UTC + publish_delay``, atomically;
+5. measures the pair's quality on day ``t+1``'s events before anything is published
+   (:func:`upstream_quality`: dot-product ROC-AUC and recall@k against a popularity
+   baseline and day ``t-1``'s embeddings) and records it in both manifests.
 
 Versions: the canonical JSON of everything that shapes the embeddings (model
 architecture, dim, features, training and aggregation config; not the day)
@@ -41,12 +47,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
+
+from derm.core.days import day_end, day_start
 from derm.core.files import atomic_write_text
 from derm.core.model_versions import ModelVersions
 from derm.core.naming import OBJECTIVES, families_of, join_key
 from derm.core.paths import PlatformPaths
 from derm.core.snapshot import DATA_FILE, MANIFEST_FILE, SnapshotManifest, file_sha256, read_manifest, snapshot_dir
-from derm.events.schema import log_days
+from derm.core.sql import connect, ident
+from derm.events.schema import event_files, log_days, partition_day
 from derm.training.upstream.config import UpstreamConfig
 from derm.training.upstream.export import aggregate_batches, embed_batches, snapshot_available_at, write_snapshot
 from derm.training.upstream.features import (
@@ -125,7 +136,10 @@ def refresh_day(
     model = train_day(job, paths, cfg)
     window = _events_window(job, paths, cfg)
     manifest = _manifest_template(job, paths, cfg, window)
-    return [_export_family(job, paths, cfg, model, entity, family, manifest) for entity, family in families.items()]
+    manifests = [
+        _export_family(job, paths, cfg, model, entity, family, manifest) for entity, family in families.items()
+    ]
+    return _record_quality(job, paths, cfg, manifests)
 
 
 def _plan_day(paths: PlatformPaths, objective: str, version: str, config_hash: str, day: date) -> _Day:
@@ -211,6 +225,7 @@ def _export_family(
         return read_manifest(target)
     previous_file = job.snapshot(paths, family, job.previous_day) / DATA_FILE if job.warm_start else None
     refresh = cfg.refresh
+    carry = refresh.idle_entities == "carry_forward" and previous_file is not None
     features = entity_feature_batches(
         paths.events_dir, entity, job.day, cfg.features, refresh.active_window_days, refresh.inference_batch_size
     )
@@ -221,9 +236,226 @@ def _export_family(
         cfg.model.dim,
         refresh.aggregation,
         refresh.ema_weight,
+        active_ids=active_entities(paths.events_dir, entity, job.day) if carry else None,
+        renormalize=refresh.renormalize,
     )
     manifest = dataclasses.replace(template, family=family)
     return write_snapshot(target, batches, manifest, refresh.inference_batch_size)
+
+
+def active_entities(events_dir: Path, entity: str, day: date) -> np.ndarray:
+    """Sorted ids of the users or Pins with at least one event on ``day`` (the entities refreshed that day)."""
+    files = [str(p) for p in event_files(events_dir) if partition_day(p) == day]
+    if not files:
+        return np.zeros(0, dtype=np.int64)
+    key = ident(join_key(f"ctr_{entity}"))
+    sql = f"SELECT DISTINCT {key} FROM read_parquet($files) WHERE event_timestamp >= $start AND event_timestamp < $end"
+    with connect() as con:
+        ids = con.execute(sql, {"files": files, "start": day_start(day), "end": day_end(day)}).fetchnumpy()
+    return np.sort(ids[join_key(f"ctr_{entity}")].astype(np.int64))
+
+
+# --------------------------------------------------------------------------- upstream quality
+
+
+def _read_snapshot(directory: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(ids (n,), vectors (n, D))`` of a snapshot folder, or ``None`` when it does not exist."""
+    if not (directory / DATA_FILE).exists():
+        return None
+    table = pq.read_table(directory / DATA_FILE, columns=[key, "embedding"])
+    ids = table.column(key).to_numpy().astype(np.int64)
+    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return ids, flat.astype(np.float32).reshape(len(ids), -1)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mann-Whitney ROC-AUC with ties at half credit; NaN when a class is absent."""
+    labels = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    s = np.asarray(scores, dtype=np.float64)
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each distinct score
+    rank_sum = average_rank[inverse.reshape(-1)][labels].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _recall_at_k(
+    users: np.ndarray,
+    user_vectors: np.ndarray,
+    pin_ids: np.ndarray,
+    pin_vectors: np.ndarray | None,
+    positives: dict[int, set[int]],
+    k: int,
+    popularity: np.ndarray | None = None,
+) -> float:
+    """Mean over users of |top-k Pins by u.p (or by ``popularity``) ∩ next-day positives| / |positives|."""
+    if not len(users) or not len(pin_ids):
+        return float("nan")
+    k = min(k, len(pin_ids))
+    recalls = []
+    for start in range(0, len(users), 512):
+        block = users[start : start + 512]
+        if popularity is None:
+            scores = user_vectors[start : start + 512] @ pin_vectors.T  # (b, P)
+        else:
+            scores = np.broadcast_to(popularity, (len(block), len(pin_ids)))
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        for user, row in zip(block, top, strict=True):
+            wanted = positives[int(user)]
+            recalls.append(len(wanted.intersection(pin_ids[row].tolist())) / len(wanted))
+    return float(np.mean(recalls))
+
+
+def upstream_quality(
+    paths: PlatformPaths,
+    objective: str,
+    version: str,
+    day: date,
+    k: int = 10,
+    count_window_days: int = 28,
+    max_users: int = 2_000,
+) -> dict:
+    """How well day ``t``'s user x Pin embeddings predict day ``t+1``, before they are published.
+
+    The events of day ``t+1`` (impressions labelled by click for ``ctr``, clicks labelled by
+    conversion for ``cvr``) whose user and Pin have a vector in day ``t``'s snapshots (and in day
+    ``t-1``'s, when it exists) are scored three ways on the same rows: the dot product of day
+    ``t``'s vectors, the dot product of day ``t-1``'s (what stays online if ``t`` is not published),
+    and Pin popularity (positives of the Pin in the ``count_window_days`` before the end of ``t``).
+
+    Args:
+        paths: platform locations.
+        objective: ``"ctr"`` or ``"cvr"``.
+        version: the model version.
+        day: the snapshot day ``t``.
+        k: recall@k cut-off: per user with a positive on ``t+1``, the share of its positive Pins
+            among the top-``k`` of all Pins in the snapshot.
+        count_window_days: look-back of the popularity baseline.
+        max_users: recall is averaged over at most this many users (lowest ids) to bound the cost.
+
+    Returns:
+        A JSON-ready dict: ``evaluated_on``, ``rows``, ``positives``, ``roc_auc``, ``roc_auc_popularity``,
+        ``roc_auc_previous``, ``recall_at_k``, ``recall_at_k_popularity``, ``recall_at_k_previous``, ``k``,
+        ``users``, ``no_better_than_popularity`` (ROC-AUC and recall both at or below popularity's);
+        or ``{"evaluated_on": None, "note": ...}`` when day ``t+1`` has no events.
+    """
+    next_day = day + timedelta(days=1)
+    files = [str(p) for p in event_files(paths.events_dir) if partition_day(p) == next_day]
+    if not files:
+        return {"evaluated_on": None, "note": f"no events on {next_day}: measured once that day is in the log"}
+    label, population = OBJECTIVES[objective]
+    families = families_of(objective)
+    today = {
+        e: _read_snapshot(snapshot_dir(paths.snapshots_dir, f, version, day), join_key(f)) for e, f in families.items()
+    }
+    before = day - timedelta(days=1)
+    yesterday = {
+        e: _read_snapshot(snapshot_dir(paths.snapshots_dir, f, version, before), join_key(f))
+        for e, f in families.items()
+    }
+    has_yesterday = all(v is not None for v in yesterday.values())
+    history = [
+        str(p)
+        for p in event_files(paths.events_dir)
+        if day - timedelta(days=count_window_days) < partition_day(p) <= day
+    ]
+    label_sql = ident(label)
+    with connect() as con:
+        events = con.execute(
+            f"SELECT user_id, pin_id, {label_sql} AS label FROM read_parquet($files) "
+            f"WHERE {ident(population) if population else 'true'}",
+            {"files": files},
+        ).fetchnumpy()
+        popular = con.execute(
+            f"SELECT pin_id, count(*) FILTER (WHERE {label_sql}) AS n FROM read_parquet($files) "
+            "WHERE event_timestamp < $end GROUP BY pin_id",
+            {"files": history, "end": day_end(day)},
+        ).fetchnumpy()
+    users, pins = events["user_id"].astype(np.int64), events["pin_id"].astype(np.int64)
+    labels = events["label"].astype(bool)
+
+    def lookup(snapshot: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        known, vectors = snapshot
+        pos = np.clip(np.searchsorted(known, ids), 0, max(len(known) - 1, 0))
+        found = (known[pos] == ids) if len(known) else np.zeros(len(ids), dtype=bool)
+        return found, vectors[pos] if len(known) else np.zeros((len(ids), 1), np.float32)
+
+    u_found, u_vec = lookup(today["user"], users)
+    p_found, p_vec = lookup(today["pin"], pins)
+    covered = u_found & p_found
+    if has_yesterday:
+        yu_found, yu_vec = lookup(yesterday["user"], users)
+        yp_found, yp_vec = lookup(yesterday["pin"], pins)
+        covered &= yu_found & yp_found
+    pop_ids, pop_n = popular["pin_id"].astype(np.int64), popular["n"].astype(np.float64)
+    order = np.argsort(pop_ids)
+    pop_ids, pop_n = pop_ids[order], pop_n[order]
+
+    def popularity_of(ids: np.ndarray) -> np.ndarray:
+        if not len(pop_ids):
+            return np.zeros(len(ids))
+        pos = np.clip(np.searchsorted(pop_ids, ids), 0, len(pop_ids) - 1)
+        return np.where(pop_ids[pos] == ids, pop_n[pos], 0.0)
+
+    y = labels[covered]
+    result: dict = {
+        "evaluated_on": next_day.isoformat(),
+        "rows": int(covered.sum()),
+        "coverage": float(covered.mean()) if len(covered) else 0.0,
+        "positives": int(y.sum()),
+        "k": int(k),
+        "roc_auc": roc_auc(y, np.einsum("nd,nd->n", u_vec[covered], p_vec[covered])),
+        "roc_auc_popularity": roc_auc(y, popularity_of(pins[covered])),
+        "roc_auc_previous": (
+            roc_auc(y, np.einsum("nd,nd->n", yu_vec[covered], yp_vec[covered])) if has_yesterday else None
+        ),
+    }
+    positives: dict[int, set[int]] = {}
+    for user, pin in zip(users[covered & labels].tolist(), pins[covered & labels].tolist(), strict=True):
+        positives.setdefault(user, set()).add(pin)
+    ranked_users = np.array(sorted(positives)[:max_users], dtype=np.int64)
+    pin_ids, pin_vectors = today["pin"]
+    _, user_vectors = lookup(today["user"], ranked_users)
+    result["users"] = len(ranked_users)
+    result["recall_at_k"] = _recall_at_k(ranked_users, user_vectors, pin_ids, pin_vectors, positives, k)
+    result["recall_at_k_popularity"] = _recall_at_k(
+        ranked_users, user_vectors, pin_ids, None, positives, k, popularity=popularity_of(pin_ids)
+    )
+    if has_yesterday:
+        _, old_user_vectors = lookup(yesterday["user"], ranked_users)
+        old_pin_ids, old_pin_vectors = yesterday["pin"]
+        result["recall_at_k_previous"] = _recall_at_k(
+            ranked_users, old_user_vectors, old_pin_ids, old_pin_vectors, positives, k
+        )
+    else:
+        result["recall_at_k_previous"] = None
+
+    def at_most(value: float, baseline: float) -> bool:
+        return bool(np.isfinite(value) and np.isfinite(baseline) and value <= baseline)
+
+    result["no_better_than_popularity"] = at_most(result["roc_auc"], result["roc_auc_popularity"]) and at_most(
+        result["recall_at_k"], result["recall_at_k_popularity"]
+    )
+    return {key: (None if isinstance(v, float) and not np.isfinite(v) else v) for key, v in result.items()}
+
+
+def _record_quality(
+    job: _Day, paths: PlatformPaths, cfg: UpstreamConfig, manifests: list[SnapshotManifest]
+) -> list[SnapshotManifest]:
+    """Both manifests of the day with :func:`upstream_quality` filled in (rewritten atomically, before publishing)."""
+    if all(m.quality is not None for m in manifests):
+        return manifests
+    quality = upstream_quality(
+        paths, job.objective, job.version, job.day, cfg.refresh.quality_k, cfg.features.count_window_days
+    )
+    out = []
+    for manifest in manifests:
+        manifest = dataclasses.replace(manifest, quality=quality)
+        atomic_write_text(job.snapshot(paths, manifest.family) / MANIFEST_FILE, manifest.to_json() + "\n")
+        out.append(manifest)
+    return out
 
 
 def refresh_days(paths: PlatformPaths, through_date: date | None = None, max_days: int | None = None) -> list[date]:
