@@ -12,7 +12,9 @@ commands so ``derm --help`` answers at once.
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -172,45 +174,73 @@ def _short(value: object) -> object:
 
 
 @cli.command()
-def env() -> None:
-    """Print the exports Feast needs to use this project's repo by hand: eval "$(derm env)"."""
+@click.option("--show-secrets", is_flag=True, help="Print the Redis password in clear (needed for eval).")
+def env(show_secrets: bool) -> None:
+    """Print the exports Feast needs to use this project's repo by hand: eval "$(derm env --show-secrets)"."""
     from derm.core.feast_repo import feast_environment
 
     paths = _paths()
     connection = resolve_redis(paths)
     if connection is None:
         raise click.ClickException("no Redis: run `derm redis up` first, or set " + REDIS_CONNECTION_ENV)
+    masked = False
     for name, value in feast_environment(paths, connection).items():
+        if not show_secrets:
+            value, hidden = mask_secrets(value)
+            masked = masked or hidden
         click.echo(f"export {name}={shlex.quote(value)}")  # a password or path may hold quotes
+    if masked:
+        click.echo("# password masked: `derm env --show-secrets` prints it (for eval)", err=True)
+
+
+def mask_secrets(value: str) -> tuple[str, bool]:
+    """``value`` with every ``password=...`` of a Redis connection string replaced by ``****``; whether any was."""
+    masked, count = _SECRET.subn(r"\1****", value)
+    return masked, count > 0
+
+
+_SECRET = re.compile(r"((?:^|,)\s*password\s*=)[^,]*", re.IGNORECASE)
 
 
 @cli.group()
 def redis() -> None:
-    """The private local redis-server of the local profile."""
+    """The one private redis-server of the data directory (local profile)."""
 
 
 @redis.command("up")
-def redis_up() -> None:
-    """Start the local Redis in the background (its RDB file keeps the online store between runs)."""
-    from derm.infra.redis_server import LocalRedisServer
+@click.option(
+    "--foreground",
+    is_flag=True,
+    help="Hold the server until interrupted (Ctrl-C, SIGTERM, SIGHUP), then stop it unless another command uses it.",
+)
+def redis_up(foreground: bool) -> None:
+    """Start the local Redis (or find it running) and keep it up until `derm redis down`; its data persists."""
+    from derm.infra.redis_server import DataDirRedis
 
-    paths = _paths()
-    running = LocalRedisServer.running(paths.redis_dir)
-    if running:
-        console.print(f"already running at {running}")
-        return
-    server = LocalRedisServer(paths.redis_dir).start()
-    server.detach()
-    console.print(f"redis-server running at {server.connection_string}; stop it with `derm redis down`")
+    server = DataDirRedis(_paths().redis_dir)
+    if foreground:
+        with server.session() as connection:
+            verb = "started" if server.started else "reusing"
+            console.print(f"{verb} redis-server at {mask_secrets(connection)[0]}; Ctrl-C stops it")
+            while True:
+                time.sleep(3600)
+    connection, started = server.up()
+    verb = "redis-server running" if started else "already running"
+    console.print(f"{verb} at {mask_secrets(connection)[0]}; stop it with `derm redis down`")
 
 
 @redis.command("down")
 def redis_down() -> None:
-    """Stop the local Redis started by ``derm redis up`` (saving its data)."""
-    from derm.infra.redis_server import LocalRedisServer
+    """Stop the local Redis started by ``derm redis up`` (its data is kept); a command using it keeps it until done."""
+    from derm.infra.redis_server import DataDirRedis
 
-    stopped = LocalRedisServer.shutdown_detached(_paths().redis_dir)
-    console.print("stopped" if stopped else "no local redis-server was running")
+    outcome = DataDirRedis(_paths().redis_dir).down()
+    messages = {
+        "stopped": "stopped",
+        "not running": "no local redis-server was running",
+        "in use": "still used by another derm command: it stops when the last one exits",
+    }
+    console.print(messages[outcome])
 
 
 @cli.command("run-all")

@@ -1,7 +1,9 @@
 """Runtime wiring of the commands: which Redis the Feast online store uses, started here when local.
 
-The local profile starts a private ``redis-server`` under ``<data_dir>/redis``
-(``derm.infra.redis_server``); the production profile reads
+The local profile uses the one private ``redis-server`` of ``<data_dir>/redis``
+(``derm.infra.redis_server.DataDirRedis``: reused when running, else started,
+and stopped by the last command using it, on SIGTERM and SIGHUP too); the
+production profile reads
 ``DERM_REDIS_CONNECTION_STRING``. Library code never does this: it is handed a
 Feast store or a connection string.
 """
@@ -15,7 +17,7 @@ from collections.abc import Iterator
 
 from derm.core.feast_repo import export_feast_environment
 from derm.core.paths import REDIS_CONNECTION_ENV, PlatformPaths, active_profile
-from derm.infra.redis_server import LocalRedisServer
+from derm.infra.redis_server import DataDirRedis
 
 
 def resolve_redis(paths: PlatformPaths) -> str | None:
@@ -24,19 +26,27 @@ def resolve_redis(paths: PlatformPaths) -> str | None:
         return os.environ[REDIS_CONNECTION_ENV]
     if active_profile() == "production":
         raise RuntimeError(f"profile production: set {REDIS_CONNECTION_ENV} to your Redis connection string")
-    return LocalRedisServer.running(paths.redis_dir)
+    return DataDirRedis(paths.redis_dir).running()
 
 
 @contextlib.contextmanager
 def online_store(paths: PlatformPaths) -> Iterator[str]:
-    """Export the Feast environment for the configured Redis, starting the local one if needed."""
+    """Export the Feast environment for the configured Redis, using the data directory's local one if needed."""
 
-    connection = resolve_redis(paths)
-    if connection is not None:
+    if os.environ.get(REDIS_CONNECTION_ENV) or active_profile() == "production":
+        connection = resolve_redis(paths)
+        assert connection is not None
         export_feast_environment(paths, connection)
         yield connection
         return
-    with LocalRedisServer(paths.redis_dir) as server:
-        print(f"started local redis-server at {server.connection_string} (data in {paths.redis_dir})", file=sys.stderr)
-        export_feast_environment(paths, server.connection_string)
-        yield server.connection_string
+    server = DataDirRedis(paths.redis_dir)
+    with server.session() as connection:
+        where = connection.split(",", 1)[0]
+        verb = "started" if server.started else "reusing"
+        print(f"{verb} local redis-server at {where} (data in {paths.redis_dir})", file=sys.stderr)
+        export_feast_environment(paths, connection)
+        try:
+            yield connection
+        finally:
+            # The server may stop with this session: a later command of this process must not reuse its address.
+            os.environ.pop(REDIS_CONNECTION_ENV, None)
