@@ -56,7 +56,7 @@ class GateThresholds:
         """Read the thresholds file (default ``validation/thresholds.yaml``); unknown keys are errors."""
         path = Path(path) if path is not None else DEFAULT_THRESHOLDS_PATH
         raw = yaml.safe_load(path.read_text()) or {}
-        unknown = set(raw) - {"snapshot", "training_set"}
+        unknown = set(raw) - {"snapshot", "training_set", "compat"}  # compat: derm.experiments.compatibility
         if unknown:
             raise ValueError(f"{path}: unknown sections {sorted(unknown)}")
         return cls(
