@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import binascii
 import functools
 import itertools
 import struct
@@ -53,6 +54,7 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
+from redis.crc import key_slot
 
 from derm.feast_plugins import compat
 
@@ -512,3 +514,47 @@ def timestamp_parts(raw: bytes) -> tuple[int, int]:
     """(seconds, nanos) of a stored ``_ts`` value (a serialized ``google.protobuf.Timestamp``)."""
     parsed = Timestamp.FromString(raw)
     return parsed.seconds, parsed.nanos
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis Cluster hash slots.
+# ---------------------------------------------------------------------------------------------
+
+CLUSTER_SLOTS = 16384
+# CRC16-CCITT (XModem), Redis Cluster's key hash: table[i] is the CRC of the single byte i.
+_CRC16_TABLE = np.array([binascii.crc_hqx(bytes([i]), 0) for i in range(256)], dtype=np.int32)
+_HASH_TAG_OPEN = ord("{")
+_HASH_TAG_CLOSE = ord("}")
+
+
+def key_slots(keys: RaggedBytes) -> np.ndarray:
+    """Redis Cluster hash slot of every key (``CRC16(key) mod 16384``, hash tags honoured), shape ``(rows,)``.
+
+    Fixed-width keys are hashed column by column with NumPy; a key holding a ``{`` (an
+    entity id byte can be 0x7B) may carry a hash tag and goes through redis-py's
+    ``key_slot``, as does every key of a ragged batch.
+
+    Example::
+
+        slots = key_slots(encode_entity_keys(batch, {"user_id": ValueType.INT64}, "derm", 3))
+    """
+    rows = len(keys)
+    if keys.width is None or rows == 0:
+        return np.fromiter((key_slot(key) for key in keys.to_list()), dtype=np.int64, count=rows)
+    matrix = keys.matrix()
+    crc = np.zeros(rows, dtype=np.int32)
+    for column in range(keys.width):
+        crc = ((crc << 8) & 0xFFFF) ^ _CRC16_TABLE[((crc >> 8) ^ matrix[:, column]) & 0xFF]
+    slots = crc.astype(np.int64) % CLUSTER_SLOTS
+    # A hash tag is a non-empty run between the first "{" and the first "}" after it: only those keys differ.
+    opens = matrix == _HASH_TAG_OPEN
+    candidates = np.flatnonzero(opens.any(axis=1))
+    if len(candidates):
+        first_open = opens[candidates].argmax(axis=1)
+        after_open = np.arange(keys.width) > (first_open + 1)[:, None]  # "{}" (empty tag) does not count
+        closes = (matrix[candidates] == _HASH_TAG_CLOSE) & (np.arange(keys.width) > first_open[:, None])
+        first_close = np.where(closes.any(axis=1), closes.argmax(axis=1), -1)
+        tagged = candidates[(first_close >= 0) & after_open[np.arange(len(candidates)), np.maximum(first_close, 0)]]
+        for row in tagged.tolist():
+            slots[row] = key_slot(matrix[row].tobytes())
+    return slots

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -49,9 +50,12 @@ import pyarrow.compute as pc
 from feast import FeatureView, RepoConfig
 from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 from feast.value_type import ValueType
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from redis import Redis
+from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from derm.feast_plugins import compat, resp
 from derm.feast_plugins.redis_format import (
@@ -62,6 +66,7 @@ from derm.feast_plugins.redis_format import (
     encode_values,
     event_time_micros,
     feature_field,
+    key_slots,
     stored_view_name,
     timestamp_parts,
     ts_field,
@@ -81,6 +86,13 @@ class FastRedisOnlineStoreConfig(RedisOnlineStoreConfig):
     """Rows per pipelined round trip (one HMGET pass for dedup, one HSET pass)."""
     max_pending_batches: PositiveInt = 2
     """Encoded chunks queued for the writer thread; bounds memory to a few chunks."""
+    replica_acks: NonNegativeInt = 0
+    """Redis Cluster: replicas that must acknowledge each node's writes (``WAIT``) before a chunk counts as
+    written. 1 makes an acknowledged write survive its master's crash (the writer retries the chunk when fewer
+    replicas answer); 0 is stock Feast's asynchronous replication."""
+    cluster_retry_seconds: PositiveFloat = 30.0
+    """Redis Cluster: how long the writer keeps retrying a chunk (node down, failover, slots moved) before it
+    raises; a failover takes about ``cluster-node-timeout`` plus an election."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +334,168 @@ class _SocketWriter:
         self.pool.release(self.connection)
 
 
+class _Redirected(Exception):
+    """A reply said a slot lives elsewhere (``MOVED``), is migrating (``ASK``) or is unserved for now."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.asking = message.startswith("ASK")
+
+
+class _ClusterSocketWriter:
+    """Redis Cluster: the chunk's keys grouped by hash slot owner, one pipelined RESP stream per master.
+
+    Per chunk, every master gets its rows' ``HGET _ts`` (dedup) and then their ``HSET`` (+ ``EXPIRE``)
+    commands in one send; all masters work at once and their replies are read afterwards. Keys
+    are hashed to slots with NumPy (:func:`key_slots`) and slots mapped to masters through
+    redis-py's slot table. A write is all-or-retry per chunk: when a node is unreachable, a
+    reply says ``MOVED``/``ASK``/``CLUSTERDOWN``/``TRYAGAIN``, or fewer than ``replica_acks``
+    replicas acknowledge, the slot table is reloaded and the whole chunk is sent again (every
+    command is idempotent: the dedup read then sees the rows already written and skips them,
+    the same final state), for up to ``cluster_retry_seconds``. A slot still migrating
+    after the reload (``ASK``) is written through redis-py's cluster client, which follows
+    the redirection row by row.
+    """
+
+    def __init__(self, client: RedisCluster, store_config: RedisOnlineStoreConfig):
+        self.client = client
+        self.store_config = store_config
+        self.replica_acks = getattr(store_config, "replica_acks", 0)
+        self.retry_seconds = getattr(store_config, "cluster_retry_seconds", 30.0)
+        self.channels: dict[str, resp.RespConnection] = {}
+        self.pools: dict[str, Any] = {}
+        self.owner = np.zeros(0, dtype=np.int64)  # slot -> index into self.nodes
+        self.nodes: list[Any] = []
+        self._load_slots()
+
+    def _load_slots(self) -> None:
+        manager = self.client.nodes_manager
+        owners = [manager.get_node_from_slot(slot) for slot in range(16384)]
+        names = sorted({node.name for node in owners})
+        index = {name: i for i, name in enumerate(names)}
+        by_name = {node.name: node for node in owners}
+        self.nodes = [by_name[name] for name in names]
+        self.owner = np.array([index[node.name] for node in owners], dtype=np.int64)
+
+    def _reload_slots(self) -> None:
+        self._drop_connections()
+        self.client.nodes_manager.initialize()
+        self._load_slots()
+
+    def _channel(self, node: Any) -> resp.RespConnection:
+        channel = self.channels.get(node.name)
+        if channel is None:
+            pool = node.redis_connection.connection_pool
+            connection = pool.get_connection()
+            connection.connect()
+            self.pools[node.name] = pool
+            channel = self.channels[node.name] = resp.RespConnection(connection)
+        return channel
+
+    def _drop_connections(self) -> None:
+        for name, channel in self.channels.items():
+            channel.connection.disconnect()  # replies may be unread: never hand it back in that state
+            self.pools[name].release(channel.connection)
+        self.channels.clear()
+        self.pools.clear()
+
+    def _exchange(self, payloads: dict[int, tuple[bytes, int]]) -> dict[int, list[Any]]:
+        """Send every node its payload, then read each node's replies; raises on any error reply."""
+        for node_index, (payload, _) in payloads.items():
+            self._channel(self.nodes[node_index]).send(payload)
+        replies = {}
+        redirected: _Redirected | None = None
+        for node_index, (_, count) in payloads.items():
+            received, error = self._channel(self.nodes[node_index]).read(count)
+            if error is not None:
+                if not str(error).startswith(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")):
+                    raise error
+                if redirected is None or not redirected.asking:
+                    redirected = _Redirected(str(error))
+            replies[node_index] = received
+        if redirected is not None:
+            raise redirected
+        return replies
+
+    def _by_node(self, encoded: EncodedRows, rows: np.ndarray) -> dict[int, np.ndarray]:
+        owners = self.owner[key_slots(encoded.keys.take(rows))] if len(rows) else np.zeros(0, np.int64)
+        return {int(node): rows[owners == node] for node in np.unique(owners)}
+
+    def _write_once(self, encoded: EncodedRows) -> int:
+        assert encoded.hset_commands is not None
+        every_row = np.arange(len(encoded))
+        selected = every_row
+        if not self.store_config.skip_dedup:
+            tail = resp.bulk(encoded.fields[0])
+            groups = self._by_node(encoded, every_row)
+            head = resp.command_head(b"HGET", 2)
+            replies = self._exchange(
+                {
+                    node: (resp.keyed_commands(head, encoded.keys.take(rows), tail), len(rows))
+                    for node, rows in groups.items()
+                }
+            )
+            stored: list[bytes | None] = [None] * len(encoded)
+            for node, rows in groups.items():
+                for row, value in zip(rows.tolist(), replies[node], strict=True):
+                    stored[row] = value
+            selected = rows_to_write(encoded, stored)
+        per_row = 2 if self.store_config.key_ttl_seconds else 1
+        wait = resp.command_head(b"WAIT", 2) + resp.bulk(b"%d" % self.replica_acks) + resp.bulk(b"1000")
+        payloads = {}
+        for node, rows in self._by_node(encoded, selected).items():
+            payload = encoded.hset_commands.take(rows).data.tobytes()
+            replies_count = len(rows) * per_row
+            if self.replica_acks:
+                payload += wait
+                replies_count += 1
+            payloads[node] = (payload, replies_count)
+        replies = self._exchange(payloads)
+        if self.replica_acks:
+            for node, received in replies.items():
+                if received[-1] < self.replica_acks:
+                    raise RedisTimeoutError(
+                        f"{self.nodes[node].name}: {received[-1]} of {self.replica_acks} replicas acknowledged"
+                    )
+        return len(selected)
+
+    def _write_through_client(self, encoded: EncodedRows) -> int:
+        """redis-py's cluster pipeline (follows ASK row by row): only while a slot migrates."""
+        return _PipelineWriter(self.client, self.store_config).write(encoded)
+
+    def write(self, encoded: EncodedRows) -> int:
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return self._write_once(encoded)
+            except _Redirected as redirected:
+                if redirected.asking:
+                    # A slot is migrating: only redis-py's cluster client follows ASK (row by row).
+                    self._reload_slots()
+                    return _PipelineWriter(self.client, self.store_config).write(encoded)
+                failure: Exception = redirected
+            except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+                failure = error
+            if time.monotonic() > deadline:
+                raise failure
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            try:
+                self._reload_slots()
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                pass  # every startup node may be down for a moment; the next attempt reloads again
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        for name, channel in self.channels.items():
+            self.pools[name].release(channel.connection)
+        self.channels.clear()
+        self.pools.clear()
+
+
 class _PipelineWriter:
     """redis-py pipelines (Redis Cluster, or no hiredis): same commands, built per row."""
 
@@ -429,10 +603,12 @@ def _row_chunks(
 class FastRedisOnlineStore(RedisOnlineStore):
     """Redis online store (Feast format) that also writes Arrow data without per-row protobuf objects."""
 
-    def _writer(self, config: RepoConfig) -> _SocketWriter | _PipelineWriter:
+    def _writer(self, config: RepoConfig) -> _SocketWriter | _ClusterSocketWriter | _PipelineWriter:
         client = compat.redis_client(self, config.online_store)
         if resp.HIREDIS and isinstance(client, Redis):
             return _SocketWriter(client, config.online_store)
+        if resp.HIREDIS and isinstance(client, RedisCluster):
+            return _ClusterSocketWriter(client, config.online_store)
         return _PipelineWriter(client, config.online_store)
 
     def write_arrow(
@@ -459,7 +635,7 @@ class FastRedisOnlineStore(RedisOnlineStore):
         max_pending = getattr(store_config, "max_pending_batches", 2)
         batches = [data] if isinstance(data, (pa.Table, pa.RecordBatch)) else data
         writer = self._writer(config)
-        raw_socket = isinstance(writer, _SocketWriter)
+        raw_socket = isinstance(writer, (_SocketWriter, _ClusterSocketWriter))
         written = 0
 
         def write(encoded: EncodedRows) -> None:

@@ -1,0 +1,280 @@
+"""The online store on a real Redis Cluster: 3 masters + 3 replicas of Debian's redis-server.
+
+One cluster per test session (``redis_cluster``, started by the project's own
+``derm.infra.redis_cluster``). The fast writer is compared byte for byte with stock
+Feast on the same cluster: stock Feast writes project ``clstock``, the fast path
+project ``clfast``, and every hash must be equal once the project suffix of its key
+is set aside (keys of the two projects hash to different slots, so both writers
+really spread over all masters). Then: slots moved under the writer (``MOVED``) or
+migrating (``ASK``), Feast's and the serving reader's reads, and a master killed in
+the middle of writes and reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from derm.infra.redis_cluster import SLOTS, LocalRedisCluster
+
+feast = pytest.importorskip("feast")
+
+from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType  # noqa: E402
+from feast.types import Array, Float32, Int64, String  # noqa: E402
+
+from derm.feast_plugins import compat, redis_format  # noqa: E402
+from derm.feast_plugins.redis_online_store import FastRedisOnlineStore, _ClusterSocketWriter  # noqa: E402
+
+FAST_STORE = "derm.feast_plugins.redis_online_store.FastRedisOnlineStore"
+VECTOR_ENGINE = "derm.feast_plugins.vector_engine.VectorMaterializationEngine"
+WINDOW_START = datetime(2026, 1, 1, tzinfo=UTC)
+WINDOW_END = datetime(2026, 1, 3, tzinfo=UTC)
+DIM = 8
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    with LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+def _flush(cluster: LocalRedisCluster) -> None:
+    for port in cluster.master_ports():
+        with cluster.node_client(port) as client:
+            client.flushall()
+
+
+def _dump(cluster: LocalRedisCluster, project: str) -> dict[bytes, dict[bytes, bytes]]:
+    """Every hash of ``project`` on every master, keyed without the project suffix."""
+    suffix = project.encode()
+    out = {}
+    for port in cluster.master_ports():
+        with cluster.node_client(port) as client:
+            for key in client.scan_iter(count=1000):
+                if key.endswith(suffix):
+                    out[key[: -len(suffix)]] = client.hgetall(key)
+    return out
+
+
+def _view(path: Path) -> tuple[Entity, FeatureView]:
+    user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
+    source = FileSource(
+        name="emb", path=str(path), timestamp_field="event_timestamp", created_timestamp_column="created"
+    )
+    view = FeatureView(
+        name="user_emb",
+        entities=[user],
+        ttl=timedelta(days=30),
+        schema=[
+            Field(name="user_id", dtype=Int64),
+            Field(name="embedding", dtype=Array(Float32)),
+            Field(name="clicks", dtype=Int64),
+            Field(name="label", dtype=String),
+        ],
+        source=source,
+        online=True,
+        tags={"dim": str(DIM)},  # the serving reader's vector width
+    )
+    return user, view
+
+
+def _rows(seed: int, entities: int, start: datetime = WINDOW_START) -> pa.Table:
+    """1-4 rows per entity at shared times, some ids with a "{" byte (hash tags), nulls in every feature."""
+    rng = np.random.default_rng(seed)
+    times = [start + timedelta(hours=12 * i) for i in range(5)]
+    ids = np.arange(1, entities + 1, dtype=np.int64)
+    ids[::9] += ord("{") << 8  # an id byte of 0x7B makes a "{" in the key
+    user_ids = np.repeat(ids, rng.integers(1, 5, size=entities))
+    rows = len(user_ids)
+    vectors = rng.standard_normal((rows, DIM)).astype(np.float32)
+    return pa.table(
+        {
+            "user_id": pa.array(user_ids),
+            "embedding": pa.array([None if rng.random() < 0.1 else list(v) for v in vectors], pa.list_(pa.float32())),
+            "clicks": pa.array(rng.integers(0, 1 << 40, rows), mask=rng.random(rows) < 0.2),
+            "label": pa.array([f"l{i}" for i in range(rows)], mask=rng.random(rows) < 0.2),
+            "event_timestamp": pa.array(rng.choice(times, rows), pa.timestamp("us", tz="UTC")),
+            "created": pa.array(
+                [datetime(2026, 2, 1, tzinfo=UTC) + timedelta(seconds=int(s)) for s in rng.permutation(rows)],
+                pa.timestamp("us", tz="UTC"),
+            ),
+        }
+    )
+
+
+def _store(tmp_path: Path, project: str, online_store: dict, batch_engine: dict | str) -> FeatureStore:
+    return FeatureStore(
+        config=RepoConfig(
+            project=project,
+            provider="local",
+            registry=str(tmp_path / f"{project}-registry.db"),
+            offline_store={"type": "duckdb"},
+            online_store=online_store,
+            batch_engine=batch_engine,
+            entity_key_serialization_version=3,
+            repo_path=str(tmp_path),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster_stores(tmp_path_factory: pytest.TempPathFactory, redis_cluster: LocalRedisCluster):
+    """Stock Feast (local engine, ``redis`` store) and the fast path, both on the cluster."""
+    tmp_path = tmp_path_factory.mktemp("cluster-stores")
+    data = tmp_path / "embeddings.parquet"
+    pq.write_table(_rows(seed=3, entities=300), data)
+    user, view = _view(data)
+    online = {"redis_type": "redis_cluster", "connection_string": redis_cluster.connection_string}
+    stock = _store(tmp_path, "clstock", {"type": "redis", **online}, "local")
+    fast = _store(
+        tmp_path,
+        "clfast",
+        {"type": FAST_STORE, **online, "write_batch_rows": 37},
+        {"type": VECTOR_ENGINE, "read_batch_rows": 53},
+    )
+    for store in (stock, fast):
+        store.apply([user, view])
+    _flush(redis_cluster)
+    return stock, fast, view
+
+
+def test_cluster_has_three_masters_with_a_replica_each(redis_cluster: LocalRedisCluster) -> None:
+    assert len(redis_cluster.master_ports()) == 3
+    with redis_cluster.node_client(redis_cluster.ports[0]) as client:
+        info = client.cluster("info")
+        assert info["cluster_state"] == "ok" and int(info["cluster_slots_assigned"]) == SLOTS
+        nodes = client.cluster("nodes")
+    assert sum("slave" in node["flags"] for node in nodes.values()) == 3
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.binary(min_size=12, max_size=12), min_size=1, max_size=20), st.booleans())
+def test_key_slots_are_the_clusters(redis_cluster: LocalRedisCluster, keys: list[bytes], ragged: bool) -> None:
+    rows = redis_format.RaggedBytes.from_list([*keys, b"x{tag}y"] if ragged else keys)
+    with redis_cluster.node_client(redis_cluster.ports[0]) as client:
+        expected = [client.cluster("keyslot", key) for key in rows.to_list()]
+    assert redis_format.key_slots(rows).tolist() == expected
+
+
+def test_materialize_on_cluster_is_byte_identical_to_stock(cluster_stores, redis_cluster: LocalRedisCluster) -> None:
+    stock, fast, _ = cluster_stores
+    writer = fast._get_provider().online_store._writer(fast.config)
+    assert isinstance(writer, _ClusterSocketWriter) and len(writer.nodes) == 3
+    writer.close()
+    stock.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
+    fast.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
+    expected, got = _dump(redis_cluster, "clstock"), _dump(redis_cluster, "clfast")
+    assert len(expected) == 300
+    assert got == expected
+    # Spread over every master, hash-tagged keys included.
+    for port in redis_cluster.master_ports():
+        with redis_cluster.node_client(port) as client:
+            assert client.dbsize() > 50
+
+    # An older, overlapping window: rows not newer than what is stored are skipped, on both.
+    stock.materialize(start_date=WINDOW_START - timedelta(days=3), end_date=WINDOW_START + timedelta(hours=12))
+    fast.materialize(start_date=WINDOW_START - timedelta(days=3), end_date=WINDOW_START + timedelta(hours=12))
+    assert _dump(redis_cluster, "clfast") == _dump(redis_cluster, "clstock") == expected
+
+
+def test_online_reads_on_cluster(cluster_stores) -> None:
+    """get_online_features through Feast, and the serving reader's cluster path, read what was written."""
+    from derm.serving.embedding_reader import EmbeddingReader
+
+    stock, fast, _ = cluster_stores
+    ids = [int(i) for i in pq.read_table(fast.get_data_source("emb").path).column("user_id").unique()[:40]]
+    features = ["user_emb:embedding", "user_emb:clicks", "user_emb:label"]
+    rows = [{"user_id": i} for i in [*ids, 10**9]]
+    expected = stock.get_online_features(features=features, entity_rows=rows).to_dict()
+    got = fast.get_online_features(features=features, entity_rows=rows).to_dict()
+    assert got == expected and got["label"][-1] is None
+
+    reader = EmbeddingReader.for_features(fast, ["user_emb:embedding"])
+    result = reader.read({"user_id": np.array([*ids, 10**9])})
+    found = result.found["user_emb:embedding"]
+    vectors = result.columns["user_emb:embedding"]
+    for i, vector in enumerate(got["embedding"]):
+        assert bool(found[i]) == (vector is not None)
+        if vector is not None:
+            np.testing.assert_array_equal(vectors[i], np.asarray(vector, np.float32))
+
+
+def _owner(cluster: LocalRedisCluster, slot: int) -> tuple[int, str]:
+    with cluster.node_client(cluster.ports[0]) as client:
+        for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                port = int(master[1])
+                with cluster.node_client(port) as owner:
+                    return port, owner.execute_command("CLUSTER", "MYID").decode()
+    raise AssertionError(slot)
+
+
+def _table(ids: np.ndarray, at: datetime) -> pa.Table:
+    return pa.table(
+        {
+            "user_id": pa.array(ids, pa.int64()),
+            "embedding": pa.array(
+                list(np.tile(np.arange(DIM, dtype=np.float32), (len(ids), 1))), pa.list_(pa.float32())
+            ),
+            "clicks": pa.array(ids, pa.int64()),
+            "label": pa.array([str(i) for i in ids]),
+            "event_timestamp": pa.array([at] * len(ids), pa.timestamp("us", tz="UTC")),
+            "created": pa.array([at] * len(ids), pa.timestamp("us", tz="UTC")),
+        }
+    )
+
+
+def _begin_migration(cluster: LocalRedisCluster, slot: int) -> tuple[int, str]:
+    """Mark ``slot`` as migrating from its master to another one; returns the source port and the target id."""
+    source_port, source_id = _owner(cluster, slot)
+    target_port = next(port for port in cluster.master_ports() if port != source_port)
+    with cluster.node_client(target_port) as target, cluster.node_client(source_port) as source:
+        target_id = target.execute_command("CLUSTER", "MYID").decode()
+        target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    return source_port, target_id
+
+
+def _finish_migration(cluster: LocalRedisCluster, slot: int, target_id: str) -> None:
+    for port in cluster.master_ports():
+        with cluster.node_client(port) as client:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+def test_writer_follows_moved_and_ask(cluster_stores, redis_cluster: LocalRedisCluster) -> None:
+    """A slot moved to another master after the writer loaded its map (MOVED), then one half-migrated (ASK)."""
+    _, fast, view = cluster_stores
+    store: FastRedisOnlineStore = fast._get_provider().online_store
+    config = fast.config
+    ids = np.arange(5_000_000, 5_000_400, dtype=np.int64)
+    keys = redis_format.int64_redis_keys(redis_format.int64_key_layout("user_id", "clfast", 3), ids)
+    slots = redis_format.key_slots(keys)
+    moved_slot = int(slots[0])
+    # A slot only the second write touches: its keys are not on the source yet, so the source answers ASK.
+    ask_slot = int(next(slot for slot in slots[200:] if slot not in set(slots[:200].tolist())))
+    compat.redis_client(store, config.online_store)  # the store's cached client has loaded the slot map
+
+    _, target_id = _begin_migration(redis_cluster, moved_slot)
+    _finish_migration(redis_cluster, moved_slot, target_id)  # an empty slot moves at once: the map is stale
+    assert store.write_arrow(config, view, _table(ids[:200], WINDOW_END)) == 200
+    source_port, target_id = _begin_migration(redis_cluster, ask_slot)
+    try:
+        assert store.write_arrow(config, view, _table(ids, WINDOW_END)) == 200  # the first 200 are not newer
+        with redis_cluster.node_client(source_port) as source:
+            assert source.execute_command("CLUSTER", "COUNTKEYSINSLOT", ask_slot) == 0  # all went to the target
+    finally:
+        _finish_migration(redis_cluster, ask_slot, target_id)
+    client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0])
+    try:
+        assert all(client.hget(key, redis_format.ts_field("user_emb")) for key in keys.to_list())
+    finally:
+        client.close()
