@@ -22,8 +22,10 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import pyarrow as pa
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from derm.core.naming import FAMILIES, join_key
 
@@ -79,11 +81,73 @@ class SnapshotManifest:
 
     @classmethod
     def from_json(cls, text: str) -> SnapshotManifest:
+        """Parse a manifest, validated against :class:`ManifestSchema` first.
+
+        Raises:
+            ManifestError: naming the first key at fault (a missing key, a wrong type, a ``data_file``
+                that is not a plain file name inside the snapshot folder, ...).
+        """
+        try:
+            ManifestSchema.model_validate_json(text, strict=True)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = ".".join(str(part) for part in error["loc"]) or "(document)"
+            message = _HINTS.get(key, error["msg"]) if error["type"] == "string_pattern_mismatch" else error["msg"]
+            got = error.get("input")
+            shown = "" if error["type"] == "missing" or isinstance(got, dict) else f" (got {repr(got)[:80]})"
+            raise ManifestError(f"key {key!r}: {message}{shown}", key=key) from None
         raw = json.loads(text)
         for name in ("event_timestamp", "data_window_start", "data_window_end", "created_at"):
             raw[name] = datetime.fromisoformat(raw[name])
         raw["snapshot_date"] = date.fromisoformat(raw["snapshot_date"])
         return cls(**raw)
+
+
+class ManifestError(ValueError):
+    """A manifest that breaks the snapshot contract; ``key`` names the key at fault."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+# A plain file name inside the snapshot folder: no separator, no "..", no quote, space or SQL; a Parquet file.
+PLAIN_FILE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\.parquet$"
+# Model versions become folder names and parts of Feast view names.
+_PLAIN_NAME = r"^[A-Za-z0-9_]{1,64}$"
+_HASH = r"^[A-Za-z0-9]{0,128}$"
+_HINTS = {
+    "data_file": "must be a plain file name inside the snapshot folder (letters, digits, '.', '_', '-'; *.parquet)",
+    "model_version": "must be a plain name (letters, digits, '_')",
+}
+
+
+class ManifestSchema(BaseModel):
+    """The JSON schema of ``manifest.json``, checked on every read (strict types, no unknown keys).
+
+    The dataclass :class:`SnapshotManifest` stays the type the code passes around; this model only
+    says what a file may contain, so a manifest written by hand (or by an attacker) cannot smuggle a
+    path or SQL into the stages that read it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: Literal[tuple(FAMILIES)]  # type: ignore[valid-type]
+    model_version: Annotated[StrictStr, Field(pattern=_PLAIN_NAME)]
+    config_hash: Annotated[StrictStr, Field(pattern=_HASH)]
+    weights_sha256: Annotated[StrictStr, Field(pattern=_HASH)]
+    dim: Annotated[StrictInt, Field(gt=0)]
+    snapshot_date: date
+    event_timestamp: AwareDatetime
+    data_window_start: AwareDatetime
+    data_window_end: AwareDatetime
+    row_count: Annotated[StrictInt, Field(ge=0)]
+    aggregation: Literal["ema", "overwrite"]
+    ema_weight: Annotated[StrictFloat | StrictInt, Field(ge=0, le=1)]
+    created_at: AwareDatetime
+    data_file: Annotated[StrictStr, Field(pattern=PLAIN_FILE_NAME)] = DATA_FILE
+    data_sha256: Annotated[StrictStr, Field(pattern=_HASH)] = ""
+    quality: dict[str, Any] | None = None
 
 
 def _iso(value: object) -> str:
@@ -102,8 +166,10 @@ def read_manifest(directory: Path) -> SnapshotManifest:
         raise FileNotFoundError(f"{path}: snapshot manifest missing")
     try:
         return SnapshotManifest.from_json(path.read_text())
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: malformed manifest: {exc}", key=exc.key) from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: malformed manifest: {exc}") from exc
+        raise ManifestError(f"{path}: malformed manifest: {exc}", key="(document)") from exc
 
 
 def file_sha256(path: Path) -> str:

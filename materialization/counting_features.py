@@ -144,9 +144,12 @@ def _staging_dir(stats_dir: Path, table: str) -> Path:
 
 
 def _rows(con: duckdb.DuckDBPyConnection, table_dir: Path) -> int:
-    return con.execute(
-        "SELECT count(*) FROM read_parquet($files)", {"files": str(table_dir / "*" / "*.parquet")}
-    ).fetchall()[0][0]
+    # The files are listed here, not globbed by DuckDB: a '[', '?' or '*' in the data directory's name
+    # would be read as a pattern.
+    files = [str(p) for p in sorted(table_dir.glob("*/*.parquet"))]
+    if not files:
+        return 0
+    return con.execute("SELECT count(*) FROM read_parquet($files)", {"files": files}).fetchall()[0][0]
 
 
 def stats_path(stats_dir: Path, table: str) -> str:

@@ -188,6 +188,16 @@ def test_check_event_log_reads_the_files_under_an_odd_path(tmp_path: Path) -> No
         check_event_log(events_dir)
 
 
+def test_counting_features_under_a_folder_whose_name_reads_as_a_glob(tmp_path: Path) -> None:
+    """'[1]' in a folder name is a character class to DuckDB's glob: files are listed, never globbed."""
+    from derm.materialization.counting_features import build_counting_features
+
+    plain = build_counting_features(write_log(tmp_path / "plain" / "events"), tmp_path / "plain" / "stats")
+    odd_root = tmp_path / "it's [1] log?"
+    odd = build_counting_features(write_log(odd_root / "events"), odd_root / "stats")
+    assert odd == plain and min(plain.values()) > 0
+
+
 # --------------------------------------------------------------------------- time units
 
 

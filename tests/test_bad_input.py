@@ -1,0 +1,151 @@
+"""Bad input: a data directory whose name holds a quote and a space, and manifests that carry SQL or paths.
+
+Real DuckDB, real Feast (apply, materialize, get_historical_features) and the module's own real
+redis-server. Every path reaches DuckDB as a bound parameter (``derm.core.sql``), so a quote in a
+folder name is just a character; a manifest is validated against its schema when read, so a
+``data_file`` that is not a plain file name inside the snapshot folder is refused before any SQL runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from derm.core.feast_repo import FeatureRepo, export_feast_environment
+from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV, PlatformPaths
+from derm.core.snapshot import MANIFEST_FILE, ManifestError, read_manifest
+from derm.training.upstream.export import write_precomputed_snapshot
+
+START = date(2026, 1, 1)
+DAYS = 4
+DIM = 8
+NOW = datetime(2026, 1, 8, tzinfo=UTC)
+
+
+def _vectors(n: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def quoted(tmp_path_factory: pytest.TempPathFactory, redis_server):
+    """A data directory named ``it's a "derm" dir``, with the Feast environment pointing at it."""
+    paths = PlatformPaths(tmp_path_factory.mktemp("bad input") / 'it\'s a "derm" dir')
+    saved = {name: os.environ.get(name) for name in (DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV)}
+    export_feast_environment(paths, redis_server.connection_string)
+    yield paths
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def test_the_main_data_path_runs_in_a_data_dir_named_with_a_quote_and_a_space(quoted: PlatformPaths) -> None:
+    from derm.core.feast_repo import feature_store
+    from derm.events.schema import import_event_log
+    from derm.events.synthetic import SyntheticConfig, generate_event_log
+    from derm.materialization.counting_features import build_counting_features
+    from derm.materialization.publish import publish_snapshot
+    from derm.training.downstream.training_sets import (
+        build_training_set,
+        default_window,
+        ranker_service,
+        service_families,
+    )
+
+    # ingest + stats
+    raw = quoted.data_dir / "their 'log'"
+    generate_event_log(SyntheticConfig.preset("tiny", start_date=START, n_days=DAYS), raw)
+    events = import_event_log(raw, quoted.events_dir)
+    assert len(events) == DAYS
+    counts = build_counting_features(quoted.events_dir, quoted.stats_dir)
+    assert min(counts.values()) > 0
+
+    # publish one snapshot: gate, offline Parquet, feast apply, Redis
+    users = 1 + max(pq.read_table(events[0], columns=["user_id"]).column(0).to_pylist())
+    vectors = _vectors(users, 1)
+    source = write_precomputed_snapshot(
+        quoted, "ctr_user", START + date.resolution, np.arange(users), vectors, config_hash="q" * 64
+    )
+    result = publish_snapshot(source, quoted, repo=FeatureRepo(), now=NOW)
+    assert result.offline_written and result.promoted and result.snapshot_rows == users
+    store = feature_store()
+    online = store.get_online_features(features=["ctr_user_emb_v1:ctr_user_emb"], entity_rows=[{"user_id": 3}])
+    np.testing.assert_array_equal(np.asarray(online.to_dict()["ctr_user_emb"][0], np.float32), vectors[3])
+
+    # a point-in-time training set through Feast
+    service = ranker_service(store, "ctr")
+    window = default_window(quoted, service_families(store, service))
+    out = quoted.data_dir / "training sets" / "ctr's.parquet"
+    info = build_training_set(store, quoted, "ctr", service, window, out)
+    table = pq.read_table(out)
+    assert info.rows == table.num_rows > 0
+    assert table.column("ctr_user_emb").null_count < table.num_rows, "embeddings joined from the quoted folder"
+    assert table.column("user_clicks_7d").null_count < table.num_rows, "counting features joined too"
+
+
+@pytest.mark.parametrize(
+    "data_file",
+    ["../x.parquet", "/etc/passwd", "x.parquet' ; COPY (SELECT 1) TO '/tmp/derm-pwned.parquet", "sub/x.parquet", ""],
+)
+def test_a_manifest_whose_data_file_is_not_a_plain_name_is_refused_and_nothing_written(
+    tmp_path: Path, redis_server, data_file: str
+) -> None:
+    from derm.materialization.publish import PublishError, publish_snapshot
+
+    paths = PlatformPaths(tmp_path / "data")
+    source = write_precomputed_snapshot(paths, "ctr_pin", START, np.arange(5), _vectors(5, 2), config_hash="b" * 64)
+    manifest_path = source / MANIFEST_FILE
+    raw = json.loads(manifest_path.read_text())
+    raw["data_file"] = data_file
+    manifest_path.write_text(json.dumps(raw))
+    before = _tree(paths.data_dir)
+
+    with pytest.raises(ManifestError, match="data_file") as refused:
+        read_manifest(source)
+    assert str(manifest_path) in str(refused.value) and refused.value.key == "data_file"
+    with pytest.raises(PublishError, match=f"{manifest_path}.*'data_file'"):
+        publish_snapshot(source, paths, repo=FeatureRepo(), now=NOW)
+    assert _tree(paths.data_dir) == before, "a refused manifest writes nothing"
+    assert not Path("/tmp/derm-pwned.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("family", "ctr_user'; DROP"),
+        ("model_version", "../v1"),
+        ("dim", "8"),
+        ("dim", True),
+        ("row_count", 5.0),
+        ("event_timestamp", "2026-01-01T01:00:00"),  # no time zone
+        ("aggregation", "mean"),
+        ("unexpected", 1),
+    ],
+)
+def test_a_manifest_is_validated_against_its_schema(tmp_path: Path, key: str, value: object) -> None:
+    paths = PlatformPaths(tmp_path / "data")
+    source = write_precomputed_snapshot(paths, "ctr_pin", START, np.arange(5), _vectors(5, 3), config_hash="c" * 64)
+    manifest_path = source / MANIFEST_FILE
+    read_manifest(source)  # the one the exporter wrote is valid
+    raw = json.loads(manifest_path.read_text())
+    raw[key] = value
+    manifest_path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=f"{manifest_path}: malformed manifest: key '{key}'"):
+        read_manifest(source)
+    del raw[key]
+    if key != "unexpected":
+        manifest_path.write_text(json.dumps(raw))
+        with pytest.raises(ManifestError, match=f"key '{key}': Field required"):
+            read_manifest(source)
