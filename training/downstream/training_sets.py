@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from derm.core.days import day_end, day_start
 from derm.core.naming import COUNTING_VIEWS, FAMILIES, OBJECTIVES, feature_name, feature_view_name, ranker_service_name
 from derm.core.paths import PlatformPaths
-from derm.core.sql import connect
+from derm.core.sql import connect, ident
 from derm.core.training_set import LABEL, TrainingSetInfo, write_training_set
 from derm.events.schema import event_files, log_days
 from derm.materialization.catalog import Catalog
@@ -79,9 +79,9 @@ def labelled_events(events_dir: Path, objective: str, start: datetime | None = N
     query = f"""
         SELECT event_id, event_timestamp, user_id, pin_id, advertiser_id, category_id, surface,
                CAST(isodow(event_timestamp) - 1 AS BIGINT) AS day_of_week,
-               CAST({label} AS BIGINT) AS {LABEL}
+               CAST({ident(label)} AS BIGINT) AS {ident(LABEL)}
         FROM read_parquet($files)
-        WHERE {population or "true"}
+        WHERE {ident(population) if population else "true"}
           AND ($start IS NULL OR event_timestamp >= $start) AND ($end IS NULL OR event_timestamp < $end)
         ORDER BY event_timestamp, event_id"""
     files = [str(path) for path in event_files(events_dir)]
