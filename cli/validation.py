@@ -56,8 +56,8 @@ def validate(
             click.echo(f"  x {failure}")
         for note in report.notes:
             click.echo(f"  - {note}")
-        if report.data_docs_index is not None:
-            click.echo(f"  Data Docs: {report.data_docs_index}")
+        if report.data_docs_page is not None:
+            click.echo(f"  Data Docs: {report.data_docs_page}")
         click.echo(f"  {report.summary}")
     if not all_passed:
         raise SystemExit(1)

@@ -385,7 +385,7 @@ def _accept(catalog: Catalog, manifest: SnapshotManifest, source: Path, report: 
     ] = {
         "reason": reason,
         "gate": summary,
-        "data_docs": str(report.data_docs_index or ""),
+        "data_docs": str(report.data_docs_page or ""),
         "accepted_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     catalog.write_state(state)
@@ -546,7 +546,7 @@ def publish_batch(
         except ValidationFailed as exc:
             refused_at[chain] = day
             batch.refused.append(
-                Refusal(source, family, version, day, refusal_summary(exc.report), exc.report.data_docs_index, str(exc))
+                Refusal(source, family, version, day, refusal_summary(exc.report), exc.report.data_docs_page, str(exc))
             )
         except PublishError as exc:
             refused_at[chain] = day

@@ -123,8 +123,11 @@ def test_good_snapshot_passes_and_writes_data_docs(history: tuple[Path, np.ndarr
     assert report.summary.startswith("ctr_user v1 2026-01-05: ")
     passed, total = report.summary.rsplit(": ", 1)[1].split(" ")[0].split("/")
     assert passed == total and int(total) >= 12  # drift checks ran against the previous day
-    assert report.data_docs_index == docs_dir.resolve() / "gx/uncommitted/data_docs/local_site/index.html"
-    assert report.data_docs_index.is_file()
+    site = docs_dir.resolve() / "gx/uncommitted/data_docs/local_site"
+    # The page of this very result (its run name is the snapshot's label), not the whole site.
+    assert report.data_docs_page.is_relative_to(site / "validations")
+    assert "ctr_user_v1_2026-01-05" in report.data_docs_page.parts
+    assert report.data_docs_page.suffix == ".html" and report.data_docs_page.is_file()
 
 
 def test_first_snapshot_of_a_version_passes_without_drift_checks(tmp_path: Path, docs_dir: Path) -> None:
@@ -310,7 +313,7 @@ def test_cli_prints_failures_docs_path_and_exits_non_zero(
 
     assert result.exit_code == 1, result.output
     assert "has_nonzero_value" in result.output and "11" in result.output
-    assert "index.html" in result.output
+    assert "Data Docs: " in result.output and "embedding_snapshot_rows.html" in result.output
     assert "ctr_user v1 2026-01-05:" in result.output
 
 
@@ -346,7 +349,7 @@ def _validate_training(df: pd.DataFrame, docs_dir: Path):
 def test_good_training_set_passes(docs_dir: Path) -> None:
     report = _validate_training(training_set(np.random.default_rng(0)), docs_dir)
     assert report.success, report.failures
-    assert report.data_docs_index is not None and report.data_docs_index.is_file()
+    assert report.data_docs_page is not None and report.data_docs_page.is_file()
 
 
 def _no_positives(df: pd.DataFrame) -> pd.DataFrame:
@@ -617,3 +620,32 @@ def test_new_threshold_keys_are_loaded(tmp_path: Path) -> None:
     assert loaded.snapshot.coverage_change_min_entities == 5 and loaded.training_set.cold_start_hours == 24
     defaults = GateThresholds.load()
     assert defaults.training_set.label_rate_max == 0.9999 and defaults.snapshot.max_fraction_outside_norm_bounds == 0.01
+
+
+def test_validation_results_are_pruned_to_the_retention_and_the_index_is_built_on_demand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from derm.validation import gate
+
+    docs = tmp_path / "docs"
+    monkeypatch.setattr(gate, "VALIDATION_RESULTS_KEPT_PER_SUITE", 2)
+    rng = np.random.default_rng(3)
+    vectors = unit_vectors(rng)
+    pages = []
+    for offset in range(4):
+        day = DAY + timedelta(days=offset)
+        folder = write_snapshot(tmp_path / "snapshots", day, vectors)
+        report = validate_snapshot(folder, docs_dir=docs, now=availability(day) + timedelta(hours=1))
+        assert report.success, report.failures
+        pages.append(report.data_docs_page)
+
+    site = docs / "gx/uncommitted/data_docs/local_site"
+    results = docs / "gx/uncommitted/validations"
+    rows_results = sorted(p.relative_to(results) for p in results.rglob("*.json") if "rows" in p.parts)
+    # Four row-check runs, two kept: the newest two days, and only their pages remain.
+    assert [p.parts[-3] for p in rows_results] == ["ctr_user_v1_2026-01-07", "ctr_user_v1_2026-01-08"]
+    assert [page.exists() for page in pages] == [False, False, True, True]
+    assert not (site / "index.html").exists()
+
+    index = gate.build_data_docs_index(docs)
+    assert index == site.resolve() / "index.html" and "ctr_user_v1_2026-01-08" in index.read_text()

@@ -7,7 +7,7 @@ failures naming the file and column. Then DuckDB derives one scalar per vector p
 per-dimension statistics, and Great Expectations validates those frames with built-in
 expectations (``derm.validation.suites``) so that Data Docs stay readable. Every GE run stores its
 result in a file-backed GE project under ``docs_dir`` (the pipeline passes ``PlatformPaths.validation_dir``)
-and rebuilds Data Docs at ``<root>/gx/uncommitted/data_docs/local_site/index.html``.
+and renders that result's Data Docs page (the report's ``data_docs_page``).
 
 Thresholds come from one YAML file, ``validation/thresholds.yaml`` (:mod:`derm.validation.thresholds`),
 whose comments state the policy: one broken vector or row (NaN/Inf or NULL element, wrong dimension,
@@ -18,9 +18,12 @@ checks only (:data:`FIRST_SNAPSHOT_POLICY`, recorded in the report's notes). Tra
 rate within sanity bounds (and, given the event log's rate, close to it); missing embeddings counted
 only on rows whose entity could have had a snapshot (not cold start).
 
-Data Docs: the index lists the newest :data:`DATA_DOCS_INDEX_RESULTS` results only. GE 1.24's index
-builder deserialises every result it lists on every build, so an unlimited index made each publish
-slower with history (measured: 0.42 s with 10 stored results, 1.53 s with 300).
+Data Docs cost the same on day 1,000 as on day 10: a validation renders its own pages only, the site
+index is built on demand (:func:`build_data_docs_index`, ``derm docs``), and each suite keeps its
+newest :data:`VALIDATION_RESULTS_KEPT_PER_SUITE` results (older results and their pages are deleted).
+GE 1.24's index builder deserialises every stored result, and its section builders list them all, on
+every build: building the whole site per validation made a publish take 2.2 s with 300 earlier
+results against 1.0 s with 10 (``python -m bench --only publish-history``).
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
 MAX_OFFENDING_IDS = 5
-# The Data Docs index lists (and GE deserialises, on every build) only the newest results; older
-# result pages stay on disk. Without a limit each publish got slower as validation history grew.
-DATA_DOCS_INDEX_RESULTS = 100
+# Retention of validation results (and their Data Docs pages) per suite, e.g. one family and version's
+# row checks: a month of daily publishes. It bounds what GE lists and deserialises per build; a refusal's
+# failed expectations outlive it in the publish report and, for an accepted day, in the catalog.
+VALIDATION_RESULTS_KEPT_PER_SUITE = 30
 
 FIRST_SNAPSHOT_POLICY = (
     "ran the per-row checks (dimension, NaN/Inf, NULL elements, all-zero vectors, duplicate keys, "
@@ -94,8 +98,8 @@ class ValidationFailed(ValueError):
         self.report = report
         lines = [f"validation failed for {report.subject}: {report.summary}"]
         lines += [f"  - {failure}" for failure in report.failures]
-        if report.data_docs_index is not None:
-            lines.append(f"  Data Docs: {report.data_docs_index}")
+        if report.data_docs_page is not None:
+            lines.append(f"  Data Docs: {report.data_docs_page}")
         super().__init__("\n".join(lines))
 
 
@@ -103,7 +107,7 @@ class ValidationFailed(ValueError):
 class GateReport:
     success: bool
     failures: list[FailedCheck]
-    data_docs_index: Path | None
+    data_docs_page: Path | None  # the Data Docs page of this validation's (first) result
     summary: str
     subject: str = ""  # the snapshot path (or training-set description) that was validated
     notes: list[str] = field(default_factory=list)  # non-failing remarks, e.g. drift checks skipped
@@ -134,9 +138,6 @@ class _GXProject:
                 context = gx.get_context(mode="file", project_root_dir=root)
                 # tqdm bars on stderr would drown the CLI's own report.
                 context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-                for site in context.variables.data_docs_sites.values():
-                    index_builder = site.setdefault("site_index_builder", {"class_name": "DefaultSiteIndexBuilder"})
-                    index_builder["validation_results_limit"] = DATA_DOCS_INDEX_RESULTS
                 cls._contexts[root] = context
             return cls._contexts[root]
 
@@ -176,27 +177,61 @@ def _run_suite(
     )
 
 
-def _build_data_docs(context: Any, results: list[Any]) -> Path | None:
+def _result_identifier(result: Any) -> Any:
     from great_expectations.data_context.types.resource_identifiers import (
         ExpectationSuiteIdentifier,
         ValidationResultIdentifier,
     )
 
-    identifiers = [
-        ValidationResultIdentifier(
-            expectation_suite_identifier=ExpectationSuiteIdentifier(name=result.suite_name),
-            run_id=result.meta["run_id"],
-            batch_identifier=result.batch_id,
-        )
-        for result in results
-        if result.batch_id
-    ]
-    # Incremental: re-rendering every stored result would slow down with each day of history.
-    sites = context.build_data_docs(resource_identifiers=identifiers or None)
-    url = sites.get("local_site")
-    if not url:
+    return ValidationResultIdentifier(
+        expectation_suite_identifier=ExpectationSuiteIdentifier(name=result.suite_name),
+        run_id=result.meta["run_id"],
+        batch_identifier=result.batch_id,
+    )
+
+
+def _page_path(context: Any, identifier: Any) -> Path | None:
+    for site in context.get_docs_sites_urls(resource_identifier=identifier, only_if_exists=False):
+        if site.get("site_url"):
+            return Path(site["site_url"].removeprefix("file://"))
+    return None
+
+
+def _build_data_docs(context: Any, results: list[Any]) -> Path | None:
+    """Render these results' Data Docs pages (not the index), prune their suites; the first result's page."""
+    identifiers = [_result_identifier(result) for result in results if result.batch_id]
+    if not identifiers:
         return None
-    return Path(url.removeprefix("file://"))
+    context.build_data_docs(resource_identifiers=identifiers, build_index=False)
+    for suite_name in dict.fromkeys(result.suite_name for result in results):
+        _prune_results(context, suite_name, VALIDATION_RESULTS_KEPT_PER_SUITE)
+    return _page_path(context, identifiers[0])
+
+
+def _prune_results(context: Any, suite_name: str, keep: int) -> int:
+    """Delete a suite's validation results beyond the newest ``keep``, with their Data Docs pages."""
+    from great_expectations.data_context.types.resource_identifiers import ValidationResultIdentifier
+
+    store = context.validation_results_store
+    # GE keys a result by (suite name split on ".", run name, run time, batch): list one suite's keys only.
+    prefix = tuple(suite_name.split("."))
+    keys = [ValidationResultIdentifier.from_tuple(key) for key in store.store_backend.list_keys(prefix=prefix)]
+    keys = [key for key in keys if key.expectation_suite_identifier.name == suite_name]
+    keys.sort(key=lambda key: key.run_id.run_time, reverse=True)
+    for key in keys[keep:]:
+        page = _page_path(context, key)
+        store.remove_key(key)
+        if page is not None:
+            page.unlink(missing_ok=True)
+    return max(len(keys) - keep, 0)
+
+
+def build_data_docs_index(docs_dir: Path) -> Path | None:
+    """Build the whole Data Docs site (index and pages of every kept result); its index path."""
+    context = _GXProject.context(Path(docs_dir))
+    sites = context.build_data_docs()
+    url = sites.get("local_site")
+    return Path(url.removeprefix("file://")) if url else None
 
 
 def _failures_from(result: Any, id_columns: list[str]) -> list[FailedCheck]:
@@ -440,7 +475,7 @@ def validate_snapshot(
         return GateReport(
             success=False,
             failures=structural,
-            data_docs_index=None,
+            data_docs_page=None,
             summary=f"{label}: unreadable as a snapshot ({len(structural)} structural problems)",
             subject=str(snapshot_dir),
         )
@@ -513,7 +548,7 @@ def validate_snapshot(
     return GateReport(
         success=not failures,
         failures=failures,
-        data_docs_index=_build_data_docs(context, results),
+        data_docs_page=_build_data_docs(context, results),
         summary=f"{label}: {passed}/{total} expectations passed",
         subject=str(snapshot_dir),
         notes=notes,
@@ -617,7 +652,7 @@ def validate_training_set(
     return GateReport(
         success=not failures,
         failures=failures,
-        data_docs_index=_build_data_docs(context, [result]),
+        data_docs_page=_build_data_docs(context, [result]),
         summary=f"{subject}: {passed}/{total} expectations passed",
         subject=subject,
         notes=notes,
