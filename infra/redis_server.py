@@ -456,8 +456,9 @@ class DataDirRedis:
         """Hold the server for a command: acquire, and release on exit, on SIGTERM and on SIGHUP.
 
         While the session is open, SIGTERM and SIGHUP raise ``SystemExit(128 + signal)`` in the
-        main thread (so ``finally`` blocks run); during the acquire and the release themselves they
-        are held back and raised right after, so no server is left unrecorded or half-stopped.
+        main thread (so ``finally`` blocks run; Ctrl-C raises ``KeyboardInterrupt`` as always);
+        during the acquire and the release themselves all three are held back and raised right
+        after, so no server is left unrecorded or half-stopped.
         """
         previous = self._install_signal_handlers()
         try:
@@ -480,7 +481,7 @@ class DataDirRedis:
             self._deferring = False
         if self._pending_signal is not None:
             signum, self._pending_signal = self._pending_signal, None
-            raise SystemExit(128 + signum)
+            raise _interruption(signum)
 
     def up(self) -> tuple[str, bool]:
         """Start (or find) the server and pin it so it outlives every command. Returns (connection, started)."""
@@ -511,16 +512,16 @@ class DataDirRedis:
         if self._deferring:
             self._pending_signal = signum
             return
-        raise SystemExit(128 + signum)
+        raise _interruption(signum)
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous = {}
-        for signum in (signal.SIGTERM, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             handler = signal.getsignal(signum)
-            if handler is signal.SIG_IGN:
-                continue  # e.g. SIGHUP under nohup: stays ignored
+            if handler is signal.SIG_IGN or (signum == signal.SIGINT and handler is not signal.default_int_handler):
+                continue  # e.g. SIGHUP under nohup stays ignored; someone else's Ctrl-C handler stays theirs
             previous[signum] = handler
             signal.signal(signum, self._on_signal)
         return previous
@@ -528,6 +529,11 @@ class DataDirRedis:
     def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _interruption(signum: int) -> BaseException:
+    """What a signal raises in a session: Ctrl-C stays a KeyboardInterrupt, SIGTERM/SIGHUP exit 128 + signal."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
 def _terminate(pid: int, timeout: float = 30.0) -> None:

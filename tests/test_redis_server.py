@@ -171,6 +171,25 @@ def test_the_starter_stops_its_server_on_sigterm_and_sighup(tmp_path: Path, sign
         command.kill()
 
 
+def test_a_sigterm_while_the_server_starts_is_held_back_until_it_is_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis_dir = tmp_path / "redis"
+    record = DataDirRedis._write_state
+
+    def record_then_sigterm(self: DataDirRedis, state: object) -> None:
+        record(self, state)
+        if state is not None:  # the server is up and recorded, the lease not taken yet
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(DataDirRedis, "_write_state", record_then_sigterm)
+    with pytest.raises(SystemExit) as exited, DataDirRedis(redis_dir).session():
+        pytest.fail("the command must not go on after SIGTERM")
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert _servers_of(redis_dir) == [], "the server started during the signal is stopped, not leaked"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the previous handler is back"
+
+
 def test_a_server_left_by_a_sigkilled_command_is_reused_never_doubled(tmp_path: Path) -> None:
     redis_dir = tmp_path / "redis"
     killed = _start_foreground(tmp_path)
