@@ -42,6 +42,12 @@ uses it, else leaves the stop to the last command out. So ``derm serve``
 reusing a server of ``derm redis up`` never stops it, and ``derm redis down``
 under a running ``derm serve`` does not pull Redis away from it.
 
+Upgrading keeps the data: a folder holding only the RDB file of an older
+server is loaded with AOF off and switched to AOF at run time (Redis started
+with AOF on would ignore the RDB file and come up empty), and a server left
+running by the previous ``derm redis up`` (``server.port``, no password) is
+stopped (it saves its RDB file) before the new one starts.
+
 The production profile never starts one: it reads the connection string from
 ``DERM_REDIS_CONNECTION_STRING`` instead.
 
@@ -155,6 +161,10 @@ class LocalRedisServer:
     def start(self) -> LocalRedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [find_redis_server()]
+        # Data kept by an RDB-only server (before the append-only file): started with AOF off so the RDB
+        # file is loaded, then AOF is switched on at run time, which writes it from the loaded data.
+        # Started with AOF on, Redis would ignore the RDB file and come up empty.
+        migrate = self.persist and (self.data_dir / "dump.rdb").exists() and not self._aof_dir.exists()
         if self.password is not None:
             if not _PASSWORD.fullmatch(self.password):
                 raise RedisServerError("redis password must be 16+ characters of [A-Za-z0-9_-]")
@@ -168,7 +178,7 @@ class LocalRedisServer:
             "--dir", ".",
             "--logfile", "redis.log",
             "--daemonize", "no",
-            "--appendonly", "yes" if self.persist else "no",
+            "--appendonly", "yes" if self.persist and not migrate else "no",
             "--appendfsync", "everysec",
             "--save", "3600 1" if self.persist else "",
         ]  # fmt: skip
@@ -192,6 +202,8 @@ class LocalRedisServer:
             try:
                 # Another server on the same port would answer PING too: only our own process counts.
                 if client.info("server")["process_id"] == self._process.pid:
+                    if migrate:
+                        self._switch_to_aof(client, deadline)
                     return self
                 self._process.wait(timeout=self.startup_timeout)
             except (redis.ConnectionError, redis.AuthenticationError):
@@ -205,6 +217,24 @@ class LocalRedisServer:
                 time.sleep(0.05)
             finally:
                 client.close()
+
+    @property
+    def _aof_dir(self) -> Path:
+        return self.data_dir / "appendonlydir"
+
+    def _switch_to_aof(self, client: redis.Redis, deadline: float) -> None:
+        """``CONFIG SET appendonly yes`` and wait until the AOF holds the data loaded from the RDB file."""
+        client.config_set("appendonly", "yes")
+        while True:
+            info = client.info("persistence")
+            if info["aof_enabled"] and not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+                if info.get("aof_last_bgrewrite_status", "ok") != "ok":
+                    raise RedisServerError(f"redis-server could not write its append-only file: {self._log_tail()}")
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RedisServerError(f"redis-server did not write its append-only file in time: {self._log_tail()}")
+            time.sleep(0.05)
 
     def release(self) -> None:
         """Forget the process without stopping it (its data-dir owner stops it by pid)."""
@@ -375,6 +405,7 @@ class DataDirRedis:
         """The running server recorded in ``server.json``, checked; a dead or hung one is cleaned up. Under the lock."""
         state = self.read_state()
         if state is None:
+            self._stop_legacy()
             return None
         if self._is_ours(state.pid):
             if self._answers(state, self.startup_timeout):
@@ -382,6 +413,23 @@ class DataDirRedis:
             _terminate(state.pid)  # ours but hung: replaced, never run beside a second server
         self._write_state(None)
         return None
+
+    def _stop_legacy(self) -> None:
+        """Stop a server left by ``derm redis up`` of 0.2 (``server.port``, no password): it saves its RDB
+        file on SIGTERM, which the new server then loads, so the folder keeps one server and its data."""
+        legacy = self.redis_dir / "server.port"
+        if not legacy.exists():
+            return
+        try:
+            with redis.Redis(
+                host="127.0.0.1", port=int(legacy.read_text()), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+            ) as client:
+                pid = int(client.info("server")["process_id"])
+        except (ValueError, redis.RedisError):
+            pid = None
+        if pid is not None and self._is_ours(pid):
+            _terminate(pid)
+        legacy.unlink()
 
     def running(self) -> str | None:
         """Connection string of the data directory's running server, if any (takes no lease)."""

@@ -101,6 +101,33 @@ def test_local_profile_has_a_password_aof_and_private_files(tmp_path: Path) -> N
         assert _client(again).get("k") == b"v", "the data comes back from the append-only file"
 
 
+def test_data_kept_by_an_rdb_only_server_survives_the_switch_to_aof(tmp_path: Path) -> None:
+    redis_dir = tmp_path / "redis"
+    with LocalRedisServer(redis_dir, persist=False) as old:  # the local profile before AOF: an RDB file
+        old.client().set("day", "2026-01-02")
+        old.client().save()
+    for _ in range(2):  # the switch, then a plain restart from the append-only file
+        with DataDirRedis(redis_dir).session() as connection:
+            assert _client(connection).get("day") == b"2026-01-02"
+            assert _client(connection).config_get("appendonly") == {"appendonly": "yes"}
+        assert (redis_dir / "appendonlydir").is_dir()
+
+
+def test_a_server_of_the_previous_version_is_replaced_not_doubled(tmp_path: Path) -> None:
+    redis_dir = tmp_path / "redis"
+    old = LocalRedisServer(redis_dir, persist=False).start()  # what `derm redis up` of 0.2 left running
+    old.client().config_set("save", "3600 1")
+    old.client().set("k", "v")
+    (redis_dir / "server.port").write_text(str(old.port))
+    old_pid = old.pid
+    old.release()
+    assert _servers_of(redis_dir) == [old_pid]
+    with DataDirRedis(redis_dir).session() as connection:
+        assert _servers_of(redis_dir) == [DataDirRedis(redis_dir).read_state().pid] != [old_pid]
+        assert _client(connection).get("k") == b"v", "saved by the old server on SIGTERM, loaded by the new one"
+    assert not (redis_dir / "server.port").exists()
+
+
 def test_two_commands_at_once_share_one_server_and_the_last_out_stops_it(tmp_path: Path) -> None:
     redis_dir = tmp_path / "redis"
     first, second = DataDirRedis(redis_dir), DataDirRedis(redis_dir)
