@@ -26,6 +26,7 @@ from derm.cli.downstream import audit_leakage, train_downstream
 from derm.cli.experiments import ablation, leakage_experiment_command
 from derm.cli.publishing import (
     accept_command,
+    compat_command,
     discard_command,
     freshness_command,
     promote_command,
@@ -291,6 +292,7 @@ for _command in (
     rollback_command,
     retire_command,
     freshness_command,
+    compat_command,
     train_downstream,
     ablation,
     audit_leakage,

@@ -1,4 +1,4 @@
-"""``derm publish``, ``accept``, ``discard``, ``promote``, ``rollback``, ``retire`` and ``freshness``.
+"""``derm publish``, ``accept``, ``discard``, ``compat``, ``promote``, ``rollback``, ``retire`` and ``freshness``.
 
 After ``derm publish --all`` refused a day (it prints the table of published, refused and blocked
 snapshots and exits 1), there are two ways on:
@@ -134,41 +134,174 @@ def discard_command(snapshot_dir: Path) -> None:
     click.echo(discarded.describe())
 
 
-@click.command("promote")
-@click.argument("family")
-@click.argument("version")
-def promote_command(family: str, version: str) -> None:
-    """Point the ranker feature services at VERSION of FAMILY (or of both families of model ctr/cvr)."""
-    from derm.cli.runtime import online_store
-    from derm.materialization.promotion import promote
+def _promotion_error(function):
+    """Run a promotion command; a refusal is one line and exit code 1, nothing changed."""
+    import functools
 
-    with online_store(_paths()):
-        families = promote(_paths(), family, version, repo=_repo())
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from derm.experiments.compatibility import CompatError
+        from derm.materialization.publish import PublishError
+
+        try:
+            return function(*args, **kwargs)
+        except (PublishError, CompatError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def _override_options(function):
+    function = click.option(
+        "--reason", default=None, help="Why (required with --family-only or --override-compat; recorded)."
+    )(function)
+    return click.option(
+        "--family-only",
+        is_flag=True,
+        help="Move one family alone (FAMILY, e.g. ctr_pin): mixes two embedding spaces; recorded with --reason.",
+    )(function)
+
+
+@click.command("compat")
+@click.argument("family_or_model")
+@click.argument("new")
+@click.option("--against", "old", default=None, help="The version to compare with (default: the promoted one).")
+@click.option(
+    "--thresholds",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="YAML whose compat: section replaces the one in validation/thresholds.yaml.",
+)
+@_promotion_error
+def compat_command(family_or_model: str, new: str, old: str | None, thresholds: Path | None) -> None:
+    """Compatibility gate: may model version NEW replace the promoted one (or --against OLD) under the rankers?
+
+    Compares the two versions' spaces (per-entity agreement after orthogonal Procrustes alignment, the users'
+    Pin neighbour overlap@k) and the promoted ranker's ROC-AUC on the latest labelled days with the new
+    embeddings vs the old (and a ranker trained on NEW, when one is saved). Prints the verdict
+    (compatible / needs-retrain / incompatible) and writes the Markdown + PNG report under
+    $DERM_DATA_DIR/reports. Exits 1 when incompatible.
+    """
+    from derm.experiments.compatibility import INCOMPATIBLE, CompatThresholds, compatibility, write_compat_report
+
+    paths = _paths()
+    report = compatibility(
+        paths,
+        _repo().store(),
+        family_or_model,
+        new,
+        old,
+        thresholds=CompatThresholds.load(thresholds),
+        log=lambda line: click.echo(line, err=True),
+    )
+    markdown = write_compat_report(paths, report)
+    click.echo(report.summary())
+    click.echo(f"report: {markdown}")
+    if report.verdict == INCOMPATIBLE:
+        sys.exit(1)
+
+
+def _gate_promotion(paths, model: str, version: str, override: str | None) -> dict | None:
+    """Run the compatibility gate before a model promotion; its catalog record, or a refusal."""
+    from derm.experiments.compatibility import INCOMPATIBLE, CompatError, compatibility, write_compat_report
+    from derm.materialization.catalog import Catalog
+    from derm.materialization.promotion import resolve_families
+
+    state = Catalog(paths.embeddings_offline_dir).read_state()
+    current = {state.promoted.get(f) for f in resolve_families(model)}
+    if current == {version}:
+        return None  # nothing moves
+    if current == {None}:
+        return None  # nothing promoted yet: nothing to be compatible with
+    if len(current) != 1 or None in current:
+        if override is None:
+            raise click.ClickException(
+                f"{model}: its families are at {sorted(map(str, current))} (a family-only override): no single version "
+                "to compare with; promote with --override-compat --reason TEXT to re-unite them"
+            )
+        return {"against": None, "verdict": "not-run", "override": override, "serve_older_rankers": False}
+    try:
+        report = compatibility(paths, _repo().store(), model, version, log=lambda line: click.echo(line, err=True))
+    except CompatError as exc:
+        if override is None:
+            raise click.ClickException(f"compatibility gate could not run: {exc}; or --override-compat") from exc
+        return {"against": current.pop(), "verdict": "not-run", "override": override, "serve_older_rankers": True}
+    markdown = write_compat_report(paths, report)
+    click.echo(report.summary())
+    click.echo(f"compatibility report: {markdown}")
+    record = report.record()
+    if report.verdict == INCOMPATIBLE:
+        raise click.ClickException(f"{model} {version} is incompatible with {report.old}: not promoted ({markdown})")
+    if not report.promotable:
+        if override is None:
+            raise click.ClickException(
+                f"{model} {version} needs a ranker retrained on it (no saved ranker is): train one, or promote with "
+                f"--override-compat --reason TEXT to let the rankers of {report.old} serve it ({markdown})"
+            )
+        record.update(override=override, serve_older_rankers=True)
+    return record
+
+
+@click.command("promote")
+@click.argument("model")
+@click.argument("version")
+@_override_options
+@click.option(
+    "--override-compat",
+    is_flag=True,
+    help="Promote a needs-retrain version without a retrained ranker (rankers of the old version serve it); "
+    "recorded with --reason.",
+)
+@_promotion_error
+def promote_command(model: str, version: str, family_only: bool, reason: str | None, override_compat: bool) -> None:
+    """Point the ranker feature services at VERSION of MODEL (ctr or cvr): its user and Pin families together.
+
+    Refused unless both families of VERSION are online for the same newest day, and unless the compatibility
+    gate (`derm compat`) says compatible, or needs-retrain with a ranker trained on VERSION saved.
+    """
+    from derm.cli.runtime import online_store
+    from derm.materialization.promotion import promote, resolve_families
+
+    resolve_families(model, family_only=family_only, reason=reason)  # refuse a bad call before any work
+    if override_compat and not (reason or "").strip():
+        raise click.UsageError("--override-compat needs --reason TEXT (recorded in the catalog)")
+    paths = _paths()
+    with online_store(paths):
+        record = None
+        if not family_only:
+            record = _gate_promotion(paths, model, version, reason if override_compat else None)
+        families = promote(paths, model, version, repo=_repo(), family_only=family_only, reason=reason, compat=record)
     click.echo(f"promoted {version} for {', '.join(families)}")
 
 
 @click.command("rollback")
-@click.argument("family")
-def rollback_command(family: str) -> None:
-    """Point FAMILY (or model ctr/cvr) back to its previously promoted version."""
+@click.argument("model")
+@_override_options
+@_promotion_error
+def rollback_command(model: str, family_only: bool, reason: str | None) -> None:
+    """Point MODEL (ctr or cvr; a family with --family-only) back to its previously promoted version."""
     from derm.cli.runtime import online_store
-    from derm.materialization.promotion import rollback
+    from derm.materialization.promotion import resolve_families, rollback
 
+    resolve_families(model, family_only=family_only, reason=reason)
     with online_store(_paths()):
-        versions = rollback(_paths(), family, repo=_repo())
+        versions = rollback(_paths(), model, repo=_repo(), family_only=family_only, reason=reason)
     click.echo(", ".join(f"{f} -> {v}" for f, v in versions.items()))
 
 
 @click.command("retire")
-@click.argument("family")
+@click.argument("model")
 @click.argument("version")
-def retire_command(family: str, version: str) -> None:
-    """Drop VERSION's feature view and Redis fields; its offline partitions are kept."""
+@_override_options
+@_promotion_error
+def retire_command(model: str, version: str, family_only: bool, reason: str | None) -> None:
+    """Drop VERSION's feature views and Redis fields (both families of MODEL); its offline partitions are kept."""
     from derm.cli.runtime import online_store
-    from derm.materialization.promotion import retire
+    from derm.materialization.promotion import resolve_families, retire
 
+    resolve_families(model, family_only=family_only, reason=reason)
     with online_store(_paths()):
-        families = retire(_paths(), family, version, repo=_repo())
+        families = retire(_paths(), model, version, repo=_repo(), family_only=family_only, reason=reason)
     click.echo(f"retired {version} of {', '.join(families)}")
 
 

@@ -8,7 +8,17 @@ Published embeddings live in the offline store, one folder per (family, version,
     <offline_dir>/embeddings/catalog.json
         {"promoted": {family: version}, "history": {family: [earlier promoted versions]},
          "retired": {family: [versions]}, "online": {family: {version: newest day fully in Redis}},
-         "accepted": {family: {version: {day: {"reason", "gate", "data_docs", "accepted_at"}}}}}
+         "accepted": {family: {version: {day: {"reason", "gate", "data_docs", "accepted_at"}}}},
+         "overrides": [{"action", "families", "version", "reason", "by", "at"}],
+         "compat": {objective: {new version: {"against", "verdict", "report", "serve_older_rankers", "at", ...}}},
+         "pending": null | {"action", "families", "at"}}
+
+``overrides`` records every promotion, rollback or retirement that moved one family of a model alone
+(``--family-only``) or promoted past the compatibility gate's verdict, with who, when and why.
+``compat`` keeps the gate's verdict each promoted model version got against the version it replaced;
+serving lets a ranker trained on the older version score the newer one only when that record says so
+(:func:`ranker_version_skew`). ``pending`` is set while a catalog change waits for its ``feast apply``:
+the next promote, rollback or retire finishes it first instead of repeating it.
 
 ``accepted`` records the days published by ``derm accept`` although the gate refused them: the
 operator's reason and the gate's one-line summary. Catalogs written before it existed lack the key
@@ -30,9 +40,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from derm.core.files import atomic_write_text
-from derm.core.naming import FAMILIES, feature_view_name
+from derm.core.naming import FAMILIES, feature_view_name, objective_of
 from derm.core.snapshot import MANIFEST_FILE, SnapshotManifest, read_manifest
 
 OFFLINE_DATA_FILE = "data.parquet"
@@ -60,6 +71,10 @@ class CatalogState:
     online: dict[str, dict[str, str]] = field(default_factory=dict)
     # family -> version -> ISO day -> {"reason", "gate", "data_docs", "accepted_at"}
     accepted: dict[str, dict[str, dict[str, dict[str, str]]]] = field(default_factory=dict)
+    overrides: list[dict[str, Any]] = field(default_factory=list)
+    # objective -> new version -> the compatibility gate's record (see the module docstring)
+    compat: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    pending: dict[str, Any] | None = None
 
     def accepted_days(self, family: str, version: str) -> dict[str, dict[str, str]]:
         """The days of (family, version) published despite the gate, by ISO day."""
@@ -133,6 +148,29 @@ class Catalog:
                 )
             )
         return result
+
+
+def ranker_version_skew(state: CatalogState, trained: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Families a ranker was trained on at another version than the promoted one, not allowed by a compat report.
+
+    Args:
+        state: the catalog.
+        trained: the ranker's family -> version (its spec's ``embedding_versions``).
+
+    Returns:
+        family -> (trained version, promoted version) for every family that must not be scored: empty when
+        the ranker matches the promoted versions, or when the gate's record of the promoted version (against
+        the trained one) said older rankers may serve it (verdict ``compatible``, or an override recorded).
+    """
+    skew = {}
+    for family, version in trained.items():
+        promoted = state.promoted.get(family)
+        if promoted is None or promoted == version:
+            continue
+        record = state.compat.get(objective_of(family), {}).get(promoted, {})
+        if not (record.get("against") == version and record.get("serve_older_rankers")):
+            skew[family] = (version, promoted)
+    return skew
 
 
 def _version_key(version: str) -> tuple[int, str]:

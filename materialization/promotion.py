@@ -1,97 +1,267 @@
-"""Move the ranker feature services between published versions: promote, roll back, retire.
+"""Move the ranker feature services between published model versions: promote, roll back, retire.
 
-A promotion changes only definitions: the catalog's promoted version and the
-``ctr_ranker`` / ``cvr_ranker`` feature services regenerated from it by one
-``feast apply``. It is refused for a version not completely online, so a
-feature service never points at a view whose newest day is missing in Redis.
+A *model version* is the unit of promotion: ``ctr v2`` is the user family ``ctr_user`` and the Pin
+family ``ctr_pin`` of DERM-CTR's version ``v2``, one embedding space. :func:`promote`,
+:func:`rollback` and :func:`retire` move both families together, in one catalog write followed by
+one ``feast apply``, so the ``ctr_ranker`` / ``cvr_ranker`` feature services (and the ANN index,
+which is built from the promoted Pin version and queried with the same version's users) never mix
+a v2 user tower with v1 Pins. A promotion is refused unless both families of the version are
+completely online *for the same day*, the newest one either has.
+
+Moving one family alone is an override: ``family_only=True`` with a ``reason``, recorded in the
+catalog's ``overrides`` with who and when. So is promoting past the compatibility gate
+(:mod:`derm.experiments.compatibility`, run by ``derm promote``): the gate's record given as
+``compat`` is kept in the catalog, where serving reads whether rankers trained on the replaced
+version may score the new one.
+
+Crash safety: the catalog is written with a ``pending`` marker, then ``feast apply`` runs, then the
+marker is cleared. A failed apply puts the previous catalog back (so a retried rollback goes back one
+version, not two); a process killed in between leaves the marker, and the next promote, rollback or
+retire finishes that change (one ``feast apply``) before doing anything else.
 
 Example::
 
     paths, repo = PlatformPaths.from_env(), FeatureRepo()
     promote(paths, "ctr", "v2", repo=repo)      # both families of the CTR model
     rollback(paths, "ctr", repo=repo)
+    promote(paths, "ctr_pin", "v3", repo=repo, family_only=True, reason="hotfix of the Pin tower")
 """
 
 from __future__ import annotations
 
+import getpass
+from datetime import UTC, datetime
+from typing import Any
+
 from derm.core.feast_repo import FeatureRepo
-from derm.core.naming import FAMILIES, objective_of
+from derm.core.naming import FAMILIES, OBJECTIVES, families_of, objective_of
 from derm.core.paths import PlatformPaths
-from derm.materialization.catalog import Catalog
+from derm.materialization.catalog import Catalog, CatalogState
 from derm.materialization.publish import PublishError
 
 
-def _resolve_families(family_or_model: str) -> list[str]:
-    if family_or_model in FAMILIES:
-        return [family_or_model]
-    families = [f for f in FAMILIES if objective_of(f) == family_or_model]
-    if not families:
-        raise PublishError(f"unknown family or model {family_or_model!r}: expected one of {sorted(FAMILIES)}, ctr, cvr")
-    return families
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def promote(paths: PlatformPaths, family_or_model: str, version: str, *, repo: FeatureRepo) -> list[str]:
-    """Point the ranker feature services at ``version`` (of one family, or of both families of a model).
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        return "unknown"
 
-    Refuses a version that is retired or not completely written online.
+
+def resolve_families(family_or_model: str, *, family_only: bool = False, reason: str | None = None) -> list[str]:
+    """The families an operation moves: both of a model, or one family behind ``family_only`` with a reason.
+
+    Raises:
+        PublishError: unknown name; a family without ``family_only``; ``family_only`` without a reason
+            or with a model name.
     """
+    if family_or_model in OBJECTIVES:
+        if family_only:
+            raise PublishError(f"--family-only needs a family ({', '.join(families_of(family_or_model).values())})")
+        return list(families_of(family_or_model).values())
+    if family_or_model not in FAMILIES:
+        raise PublishError(
+            f"unknown model or family {family_or_model!r}: expected one of {sorted(OBJECTIVES)} "
+            f"or, with --family-only, {sorted(FAMILIES)}"
+        )
+    if not family_only:
+        model = objective_of(family_or_model)
+        raise PublishError(
+            f"{family_or_model} is one family of model {model}: a model version moves as a whole "
+            f"(`derm promote {model} VERSION`); moving one family alone mixes two embedding spaces and needs "
+            "--family-only --reason TEXT"
+        )
+    if not reason or not reason.strip():
+        raise PublishError(f"--family-only {family_or_model}: give --reason (recorded in the catalog)")
+    return [family_or_model]
+
+
+def _record_override(state: CatalogState, action: str, families: list[str], version: str | None, reason: str) -> None:
+    state.overrides.append(
+        {"action": action, "families": families, "version": version, "reason": reason, "by": _operator(), "at": _now()}
+    )
+
+
+def _commit(
+    catalog: Catalog, before: CatalogState, after: CatalogState, action: str, families: list[str], repo: FeatureRepo
+) -> None:
+    """One catalog write, one ``feast apply``; the previous catalog comes back if the apply fails."""
+    after.pending = {"action": action, "families": families, "at": _now()}
+    catalog.write_state(after)
+    try:
+        repo.apply()
+    except Exception:
+        # Nothing of this change is left: a retry starts from the same catalog (issue 12, item 4).
+        catalog.write_state(before)
+        raise
+    after.pending = None
+    catalog.write_state(after)
+
+
+def _finish_pending(catalog: Catalog, state: CatalogState, repo: FeatureRepo) -> dict[str, Any] | None:
+    """Finish a change whose ``feast apply`` never ran (the process was killed); returns what it was."""
+    pending = state.pending
+    if pending is None:
+        return None
+    repo.apply()  # the registry is generated from the catalog, which already holds the change
+    state.pending = None
+    catalog.write_state(state)
+    return pending
+
+
+def _online_day(catalog: Catalog, state: CatalogState, family: str, version: str) -> str:
+    days = [m.snapshot_date.isoformat() for m in catalog.manifests(family, version)]
+    if not days or version in state.retired.get(family, []):
+        raise PublishError(f"{family} {version} is not published (or retired): nothing to promote")
+    newest = max(days)
+    if state.online.get(family, {}).get(version) != newest:
+        raise PublishError(
+            f"{family} {version}: day {newest} is offline but not completely online; "
+            "re-run its publish before promoting"
+        )
+    return newest
+
+
+def promote(
+    paths: PlatformPaths,
+    family_or_model: str,
+    version: str,
+    *,
+    repo: FeatureRepo,
+    family_only: bool = False,
+    reason: str | None = None,
+    compat: dict[str, Any] | None = None,
+) -> list[str]:
+    """Point the ranker feature services at ``version`` of a model (both families), in one catalog change.
+
+    Args:
+        paths: platform locations.
+        family_or_model: ``"ctr"`` / ``"cvr"``; a family (``"ctr_pin"``) only with ``family_only``.
+        version: the model version, e.g. ``"v2"``.
+        repo: the Feast repository (one ``feast apply``).
+        family_only: move one family alone (an override, recorded with ``reason``).
+        reason: why, for an override (``family_only``, or ``compat["override"]``).
+        compat: the compatibility gate's record for this promotion (kept in the catalog's ``compat``;
+            ``serve_older_rankers`` there lets rankers trained on the replaced version score this one).
+
+    Returns:
+        The families moved.
+
+    Raises:
+        PublishError: a version retired, unpublished or not completely online; the two families not
+            online for the same newest day; a family without ``family_only`` or an override without reason.
+    """
+    families = resolve_families(family_or_model, family_only=family_only, reason=reason)
     catalog = Catalog(paths.embeddings_offline_dir)
-    families = _resolve_families(family_or_model)
     with catalog.locked():
         state = catalog.read_state()
-        for family in families:
-            days = [m.snapshot_date.isoformat() for m in catalog.manifests(family, version)]
-            if not days or version in state.retired.get(family, []):
-                raise PublishError(f"{family} {version} is not published (or retired): nothing to promote")
-            if state.online.get(family, {}).get(version) != max(days):
-                raise PublishError(
-                    f"{family} {version}: day {max(days)} is offline but not completely online; "
-                    "re-run its publish before promoting"
-                )
-        for family in families:
+        _finish_pending(catalog, state, repo)
+        before = catalog.read_state()
+        days = {family: _online_day(catalog, state, family, version) for family in families}
+        if len(set(days.values())) > 1:
+            listed = ", ".join(f"{f} through {d}" for f, d in days.items())
+            raise PublishError(
+                f"{version}: its families are not online for the same newest day ({listed}); publish the missing "
+                "day of the other family first, so that users and Pins come from one day of one model"
+            )
+        moved = [family for family in families if state.promoted.get(family) != version]
+        for family in moved:
             current = state.promoted.get(family)
-            if current != version:
-                if current is not None:
-                    state.history.setdefault(family, []).append(current)
-                state.promoted[family] = version
-        catalog.write_state(state)
-        repo.apply()
+            if current is not None:
+                state.history.setdefault(family, []).append(current)
+            state.promoted[family] = version
+        if family_only:
+            _record_override(state, "promote", families, version, reason or "")
+        if compat is not None:
+            objective = objective_of(families[0])
+            state.compat.setdefault(objective, {})[version] = {**compat, "at": _now()}
+            if compat.get("override"):
+                _record_override(state, "promote-past-compat", families, version, str(compat["override"]))
+        if moved or compat is not None:
+            _commit(catalog, before, state, "promote", families, repo)
     return families
 
 
-def rollback(paths: PlatformPaths, family_or_model: str, *, repo: FeatureRepo) -> dict[str, str]:
-    """Point each family back to the version promoted before the current one."""
+def rollback(
+    paths: PlatformPaths,
+    family_or_model: str,
+    *,
+    repo: FeatureRepo,
+    family_only: bool = False,
+    reason: str | None = None,
+) -> dict[str, str]:
+    """Point a model's families (or one, with ``family_only``) back to the version promoted before the current one.
+
+    A model rolls back only when its families were promoted together: the user and the Pin family must
+    be at the same version now and go back to the same earlier version.
+
+    Raises:
+        PublishError: no earlier version; the families' histories disagree (roll back with
+            ``family_only`` instead, or promote a version).
+    """
+    families = resolve_families(family_or_model, family_only=family_only, reason=reason)
     catalog = Catalog(paths.embeddings_offline_dir)
-    families = _resolve_families(family_or_model)
     with catalog.locked():
         state = catalog.read_state()
+        pending = _finish_pending(catalog, state, repo)
+        if pending is not None and pending["action"] == "rollback" and pending["families"] == families:
+            # The same rollback was interrupted after its catalog write: it is done now; popping again
+            # would go back two versions.
+            return {f: state.promoted[f] for f in families}
+        before = catalog.read_state()
         for family in families:
             if not state.history.get(family):
                 raise PublishError(f"{family}: no earlier promoted version to roll back to")
+        targets = {family: state.history[family][-1] for family in families}
+        currents = {family: state.promoted.get(family) for family in families}
+        if len(families) > 1 and (len(set(targets.values())) > 1 or len(set(currents.values())) > 1):
+            raise PublishError(
+                f"{family_or_model}: its families were not promoted together (now {currents}, before {targets}); "
+                f"promote one model version, or roll back one family with --family-only --reason TEXT"
+            )
         for family in families:
             state.promoted[family] = state.history[family].pop()
-        catalog.write_state(state)
-        repo.apply()
+        if family_only:
+            _record_override(state, "rollback", families, targets[families[0]], reason or "")
+        _commit(catalog, before, state, "rollback", families, repo)
     return {f: state.promoted[f] for f in families}
 
 
-def retire(paths: PlatformPaths, family_or_model: str, version: str, *, repo: FeatureRepo) -> list[str]:
-    """Remove a version's feature view and its Redis fields; its offline partitions stay for audits."""
+def retire(
+    paths: PlatformPaths,
+    family_or_model: str,
+    version: str,
+    *,
+    repo: FeatureRepo,
+    family_only: bool = False,
+    reason: str | None = None,
+) -> list[str]:
+    """Remove a model version's feature views and Redis fields; its offline partitions stay for audits."""
+    families = resolve_families(family_or_model, family_only=family_only, reason=reason)
     catalog = Catalog(paths.embeddings_offline_dir)
-    families = _resolve_families(family_or_model)
     with catalog.locked():
         state = catalog.read_state()
+        _finish_pending(catalog, state, repo)
+        before = catalog.read_state()
+        published = [family for family in families if catalog.manifests(family, version)]
+        if not published:
+            raise PublishError(f"{family_or_model} {version} is not published")
         for family in families:
             if state.promoted.get(family) == version:
                 raise PublishError(f"{family} {version} is promoted: promote or roll back to another version first")
-            if not catalog.manifests(family, version):
-                raise PublishError(f"{family} {version} is not published")
-        for family in families:
+        for family in published:
             retired = state.retired.setdefault(family, [])
             if version not in retired:
                 retired.append(version)
             state.history[family] = [v for v in state.history.get(family, []) if v != version]
-        catalog.write_state(state)
-        # feast apply drops the view; Feast's Redis store then deletes that view's fields from every key.
-        repo.apply()
-    return families
+        if family_only:
+            _record_override(state, "retire", families, version, reason or "")
+        # feast apply drops the views; Feast's Redis store then deletes those views' fields from every key.
+        _commit(catalog, before, state, "retire", published, repo)
+    return published
+
+
+__all__ = ["promote", "resolve_families", "retire", "rollback"]

@@ -219,16 +219,19 @@ def test_promote_rollback_retire(published, platform_paths: PlatformPaths, redis
     assert "ctr_user_emb_v1" in ranker_views()
     np.testing.assert_array_equal(np.asarray(_online([0, 1], "ctr_user_emb_v2"), np.float32), v2_vectors[:2])
 
-    promote(platform_paths, "ctr_user", "v2", repo=FeatureRepo())
+    with pytest.raises(PublishError, match="one family of model ctr"):
+        promote(platform_paths, "ctr_user", "v2", repo=FeatureRepo())
+    alone = {"family_only": True, "reason": "only the user family has a v2 here"}
+    promote(platform_paths, "ctr_user", "v2", repo=FeatureRepo(), **alone)
     assert "ctr_user_emb_v2" in ranker_views() and "ctr_user_emb_v1" not in ranker_views()
     with pytest.raises(PublishError, match="is promoted"):
-        retire(platform_paths, "ctr_user", "v2", repo=FeatureRepo())
+        retire(platform_paths, "ctr_user", "v2", repo=FeatureRepo(), **alone)
 
-    assert rollback(platform_paths, "ctr_user", repo=FeatureRepo()) == {"ctr_user": "v1"}
+    assert rollback(platform_paths, "ctr_user", repo=FeatureRepo(), **alone) == {"ctr_user": "v1"}
     assert "ctr_user_emb_v1" in ranker_views()
 
     offline_v2 = sorted((platform_paths.embeddings_offline_dir / "ctr_user" / "v2").rglob("*.parquet"))
-    retire(platform_paths, "ctr_user", "v2", repo=FeatureRepo())
+    retire(platform_paths, "ctr_user", "v2", repo=FeatureRepo(), **alone)
     assert "ctr_user_emb_v2" not in {v.name for v in feature_store().list_feature_views()}
     from feast.infra.online_stores.helpers import _mmh3
 
@@ -237,7 +240,7 @@ def test_promote_rollback_retire(published, platform_paths: PlatformPaths, redis
     assert sorted((platform_paths.embeddings_offline_dir / "ctr_user" / "v2").rglob("*.parquet")) == offline_v2
     np.testing.assert_array_equal(np.asarray(_online([0]), np.float32), published["day2"][:1])
     with pytest.raises(PublishError, match="not published"):
-        promote(platform_paths, "ctr_user", "v2", repo=FeatureRepo())
+        promote(platform_paths, "ctr_user", "v2", repo=FeatureRepo(), **alone)
 
 
 def test_freshness_reports_age_and_missing_days(published, platform_paths: PlatformPaths) -> None:
