@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derm.core.feast_repo import FeatureRepo, export_feast_environment
 from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV, PlatformPaths
-from derm.core.snapshot import MANIFEST_FILE, ManifestError, read_manifest
+from derm.core.snapshot import MANIFEST_FILE, ManifestError, ManifestSchema, read_manifest
 from derm.training.upstream.export import write_precomputed_snapshot
 
 START = date(2026, 1, 1)
@@ -149,3 +151,59 @@ def test_a_manifest_is_validated_against_its_schema(tmp_path: Path, key: str, va
         manifest_path.write_text(json.dumps(raw))
         with pytest.raises(ManifestError, match=f"key '{key}': Field required"):
             read_manifest(source)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+_KEYS = st.sampled_from(sorted(ManifestSchema.model_fields)) | st.text(min_size=1, max_size=12)
+_NAMES = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]) | st.sampled_from("./\\'\";*[]?"), max_size=30
+)
+
+
+def test_fuzzed_manifests_are_read_or_refused_by_name_never_anything_else(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Random edits of a valid manifest (values, deletions, unknown keys, odd data_file names) through read_manifest.
+
+    Every outcome is either a manifest whose data file lies inside the snapshot folder or a ManifestError
+    naming the file and a key; the snapshot folder is never written to.
+    """
+    paths = PlatformPaths(tmp_path_factory.mktemp("fuzz") / "data")
+    source = write_precomputed_snapshot(paths, "cvr_user", START, np.arange(4), _vectors(4, 4), config_hash="f" * 64)
+    manifest_path = source / MANIFEST_FILE
+    valid = json.loads(manifest_path.read_text())
+    outcomes = {"read": 0, "refused": 0}
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None)
+    @given(edits=st.lists(st.tuples(_KEYS, _JSON | st.just(_DELETE)), max_size=3), data_file=st.none() | _NAMES)
+    def read_edited(edits: list[tuple[str, object]], data_file: str | None) -> None:
+        raw = dict(valid)
+        for key, value in edits:
+            if value is _DELETE:
+                raw.pop(key, None)
+            else:
+                raw[key] = value
+        if data_file is not None:
+            raw["data_file"] = data_file
+        manifest_path.write_text(json.dumps(raw))
+        before = _tree(source)
+        try:
+            manifest = read_manifest(source)
+        except ManifestError as refused:
+            outcomes["refused"] += 1
+            assert str(refused).startswith(f"{manifest_path}: malformed manifest: key {refused.key!r}")
+        else:
+            outcomes["read"] += 1
+            assert (source / manifest.data_file).resolve().parent == source.resolve()
+        assert _tree(source) == before
+
+    read_edited()
+    assert outcomes["read"] > 0 and outcomes["refused"] > 0, outcomes
+    print(f"manifest fuzz: {sum(outcomes.values())} inputs, {outcomes}")
+
+
+_DELETE = object()
