@@ -313,14 +313,20 @@ class DataDirRedis:
             fd = os.open(self.password_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             password = self.password_path.read_text().strip()
+            if not password:  # a command killed between creating and filling it: made again
+                self.password_path.unlink()
+                return self.password()
             if not _PASSWORD.fullmatch(password):
                 raise RedisServerError(
                     f"{self.password_path}: not a password of 16+ characters of [A-Za-z0-9_-]; delete it "
                     "to generate a new one"
                 ) from None
             return password
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
+        os.close(fd)
+        # Written beside and renamed over the placeholder, so the file is never seen half-written.
+        tmp = self.password_path.with_name(".password.tmp")
+        _write_private(tmp, secrets.token_urlsafe(32) + "\n")
+        os.replace(tmp, self.password_path)
         return self.password()
 
     def read_state(self) -> ServerState | None:
@@ -406,13 +412,27 @@ class DataDirRedis:
         state = self.read_state()
         if state is None:
             self._stop_legacy()
-            return None
-        if self._is_ours(state.pid):
-            if self._answers(state, self.startup_timeout):
-                return state
-            _terminate(state.pid)  # ours but hung: replaced, never run beside a second server
-        self._write_state(None)
-        return None
+        elif self._is_ours(state.pid) and self._answers(state, self.startup_timeout):
+            pass
+        else:
+            if self._is_ours(state.pid):
+                _terminate(state.pid)  # ours but hung: replaced, never run beside a second server
+            self._write_state(None)
+            state = None
+        # A server running in this folder without a record (its starter was killed between starting and
+        # recording it) is stopped: it saves its data, which the recorded or next server reads.
+        for pid in self._servers_in_folder():
+            if state is None or pid != state.pid:
+                _terminate(pid)
+        return state
+
+    def _servers_in_folder(self) -> list[int]:
+        """Pids of the live redis-server processes whose working directory is this folder."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and self._is_ours(int(entry.name)):
+                pids.append(int(entry.name))
+        return pids
 
     def _stop_legacy(self) -> None:
         """Stop a server left by ``derm redis up`` of 0.2 (``server.port``, no password): it saves its RDB

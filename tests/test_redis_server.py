@@ -217,6 +217,28 @@ def test_a_sigterm_while_the_server_starts_is_held_back_until_it_is_recorded(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the previous handler is back"
 
 
+def test_a_server_started_but_never_recorded_is_stopped_not_doubled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis_dir = tmp_path / "redis"
+    record = DataDirRedis._write_state
+
+    def die_before_recording(self: DataDirRedis, state: object) -> None:
+        if state is not None:
+            raise RuntimeError("killed between starting the server and recording it")
+        record(self, state)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DataDirRedis, "_write_state", die_before_recording)
+        with pytest.raises(RuntimeError, match="killed between"):
+            DataDirRedis(redis_dir).acquire()
+    (orphan,) = _servers_of(redis_dir)
+    assert not (redis_dir / "server.json").exists()
+    with DataDirRedis(redis_dir).session():
+        assert _servers_of(redis_dir) == [DataDirRedis(redis_dir).read_state().pid] != [orphan]
+    assert _servers_of(redis_dir) == []
+
+
 def test_a_server_left_by_a_sigkilled_command_is_reused_never_doubled(tmp_path: Path) -> None:
     redis_dir = tmp_path / "redis"
     killed = _start_foreground(tmp_path)
