@@ -410,17 +410,16 @@ class DataDirRedis:
     def _find(self) -> ServerState | None:
         """The running server recorded in ``server.json``, checked; a dead or hung one is cleaned up. Under the lock."""
         state = self.read_state()
-        if state is None:
-            self._stop_legacy()
-        elif self._is_ours(state.pid) and self._answers(state, self.startup_timeout):
-            pass
-        else:
+        # The record of the previous `derm redis up` (port only); its server is stopped just below.
+        (self.redis_dir / "server.port").unlink(missing_ok=True)
+        if state is not None and not (self._is_ours(state.pid) and self._answers(state, self.startup_timeout)):
             if self._is_ours(state.pid):
                 _terminate(state.pid)  # ours but hung: replaced, never run beside a second server
             self._write_state(None)
             state = None
         # A server running in this folder without a record (its starter was killed between starting and
-        # recording it) is stopped: it saves its data, which the recorded or next server reads.
+        # recording it, or the previous version's `derm redis up` left it) is stopped: it saves its data
+        # (AOF or RDB), which the next server loads.
         for pid in self._servers_in_folder():
             if state is None or pid != state.pid:
                 _terminate(pid)
@@ -434,23 +433,6 @@ class DataDirRedis:
                 pids.append(int(entry.name))
         return pids
 
-    def _stop_legacy(self) -> None:
-        """Stop a server left by ``derm redis up`` of 0.2 (``server.port``, no password): it saves its RDB
-        file on SIGTERM, which the new server then loads, so the folder keeps one server and its data."""
-        legacy = self.redis_dir / "server.port"
-        if not legacy.exists():
-            return
-        try:
-            with redis.Redis(
-                host="127.0.0.1", port=int(legacy.read_text()), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
-            ) as client:
-                pid = int(client.info("server")["process_id"])
-        except (ValueError, redis.RedisError):
-            pid = None
-        if pid is not None and self._is_ours(pid):
-            _terminate(pid)
-        legacy.unlink()
-
     def running(self) -> str | None:
         """Connection string of the data directory's running server, if any (takes no lease)."""
         if not self.redis_dir.exists():
@@ -458,14 +440,6 @@ class DataDirRedis:
         with self._locked():
             state = self._find()
         return None if state is None else self._connection(state)
-
-    def server_pid(self) -> int | None:
-        """Pid of the data directory's running server, if any."""
-        if not self.redis_dir.exists():
-            return None
-        with self._locked():
-            state = self._find()
-        return None if state is None else state.pid
 
     # ------------------------------------------------------------------ leases
 
