@@ -1,8 +1,10 @@
-"""Shared fixtures: one real redis-server and one tiny platform per test session.
+"""Shared fixtures: per test module, one real redis-server and one tiny platform.
 
-Feast is imported once per session (it is slow to import here); every store
-the tests touch is real: a redis-server process started by the project's own
-module, DuckDB over Parquet, Feast's own apply/materialize code.
+Every store the tests touch is real: a redis-server process started by the project's own module,
+DuckDB over Parquet, Feast's own apply/materialize code. The fixtures are module-scoped so that no
+module sees (or flushes) another module's Redis keys, registry or data directory, and modules run in
+any order: pytest-randomly (a test dependency) shuffles the modules and the tests inside them on
+every run; ``-p no:randomly`` runs them in file order.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from derm.core.paths import DATA_DIR_ENV, PlatformPaths
+from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV, PlatformPaths
 from derm.infra.redis_server import LocalRedisServer
 
 TINY_START = date(2026, 1, 1)
+_FEAST_VARIABLES = (DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV)
 
 # The benchmarks (``python -m bench``) are a folder of the checkout, not part of the installed ``derm``
 # package. They are registered here by path alone: putting the checkout on sys.path would also expose its
@@ -32,26 +35,40 @@ sys.modules.setdefault("bench", importlib.util.module_from_spec(_bench_spec))
 _bench_spec.loader.exec_module(sys.modules["bench"])
 
 
-@pytest.fixture(scope="session")
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    # pytest-randomly names its seed in the report header, which -q hides; a failure that depends on
+    # the order is reproducible only with the seed, so the summary repeats it.
+    if config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_reorganize"):
+        seed = config.getoption("randomly_seed")
+        terminalreporter.write_line(f"random test order; reproduce it with: -p randomly --randomly-seed={seed}")
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisServer]:
+    """A redis-server of the module's own: every database in it belongs to that module."""
     with LocalRedisServer(tmp_path_factory.mktemp("redis"), persist=False) as server:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def platform_paths(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlatformPaths]:
-    """A session data directory; ``DERM_DATA_DIR`` points at it so the feature repo reads it."""
+    """The module's data directory; ``DERM_DATA_DIR`` points at it so the feature repo reads it."""
     paths = PlatformPaths(tmp_path_factory.mktemp("data"))
-    previous = os.environ.get(DATA_DIR_ENV)
+    saved = {name: os.environ.get(name) for name in _FEAST_VARIABLES}
     os.environ[DATA_DIR_ENV] = str(paths.data_dir)
     yield paths
-    if previous is None:
-        os.environ.pop(DATA_DIR_ENV, None)
-    else:
-        os.environ[DATA_DIR_ENV] = previous
+    _restore(saved)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_event_log(platform_paths: PlatformPaths) -> Path:
     from derm.events.synthetic import SyntheticConfig, generate_event_log
 
@@ -59,15 +76,17 @@ def tiny_event_log(platform_paths: PlatformPaths) -> Path:
     return platform_paths.events_dir
 
 
-@pytest.fixture(scope="session")
-def feast_env(platform_paths: PlatformPaths, redis_server: LocalRedisServer) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def feast_env(platform_paths: PlatformPaths, redis_server: LocalRedisServer) -> Iterator[dict[str, str]]:
     from derm.core.feast_repo import export_feast_environment, feast_environment
 
+    saved = {name: os.environ.get(name) for name in _FEAST_VARIABLES}
     export_feast_environment(platform_paths, redis_server.connection_string)
-    return feast_environment(platform_paths, redis_server.connection_string)
+    yield feast_environment(platform_paths, redis_server.connection_string)
+    _restore(saved)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def counting_features(tiny_event_log: Path, platform_paths: PlatformPaths) -> Path:
     from derm.materialization.counting_features import build_counting_features
 

@@ -20,30 +20,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import redis
+from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType
+from feast.infra.online_stores.helpers import _mmh3, _redis_key
+from feast.infra.online_stores.redis import RedisOnlineStore
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.types import Array, Bool, Bytes, Float32, Float64, Int32, Int64, String
+from feast.utils import _convert_arrow_to_proto, make_tzaware
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from derm.infra.redis_server import LocalRedisServer
-
-feast = pytest.importorskip("feast")
-
-from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType  # noqa: E402
-from feast.infra.online_stores.helpers import _mmh3, _redis_key  # noqa: E402
-from feast.infra.online_stores.redis import RedisOnlineStore  # noqa: E402
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto  # noqa: E402
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto  # noqa: E402
-from feast.types import Array, Bool, Bytes, Float32, Float64, Int32, Int64, String  # noqa: E402
-from feast.utils import _convert_arrow_to_proto, make_tzaware  # noqa: E402
-from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
-
-from derm.feast_plugins import compat, redis_format, resp  # noqa: E402
-from derm.feast_plugins.redis_online_store import (  # noqa: E402
+from derm.feast_plugins import compat, redis_format, resp
+from derm.feast_plugins.redis_online_store import (
     _READ_TIMESTAMPS_SCRIPT,
     FastRedisOnlineStore,
     _PipelineWriter,
     _read_timestamps_command,
     encode_rows,
 )
+from derm.infra.redis_server import LocalRedisServer
 
 
 class _PipelineFastRedisOnlineStore(FastRedisOnlineStore):
@@ -180,9 +176,24 @@ def stores(tmp_path_factory: pytest.TempPathFactory, redis_server: LocalRedisSer
     )
     for store in (stock, fast):
         store.apply([user, view])
+    return stock, fast, view, data
+
+
+@pytest.fixture
+def empty_stores(stores, redis_server: LocalRedisServer):
+    """The two repositories with empty online stores: no test sees what another one materialized."""
     for db in (0, 1):
         _client(redis_server, db).flushdb()
-    return stock, fast, view, data
+    return stores
+
+
+@pytest.fixture
+def materialized(empty_stores):
+    """The whole window materialized by both paths."""
+    stock, fast, _, _ = empty_stores
+    stock.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
+    fast.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
+    return empty_stores
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,8 +201,8 @@ def stores(tmp_path_factory: pytest.TempPathFactory, redis_server: LocalRedisSer
 # --------------------------------------------------------------------------------------------
 
 
-def test_materialize_writes_byte_identical_hashes(stores, redis_server: LocalRedisServer) -> None:
-    stock, fast, _, data = stores
+def test_materialize_writes_byte_identical_hashes(empty_stores, redis_server: LocalRedisServer) -> None:
+    stock, fast, _, data = empty_stores
     assert type(fast._get_provider().batch_engine).__name__ == "VectorMaterializationEngine"
     assert isinstance(fast._get_provider().online_store, FastRedisOnlineStore)
     stock.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
@@ -209,8 +220,8 @@ def test_materialize_writes_byte_identical_hashes(stores, redis_server: LocalRed
     assert any(b"" in fields.values() for fields in got.values())
 
 
-def test_online_reads_from_fast_store_match_stock(stores) -> None:
-    stock, fast, _, _ = stores
+def test_online_reads_from_fast_store_match_stock(materialized) -> None:
+    stock, fast, _, _ = materialized
     features = ["user_emb:embedding", "user_emb:clicks", "user_emb:score", "user_emb:label"]
     rows = [{"user_id": user_id} for user_id in range(1, 62)]  # 61 never exists
     expected = stock.get_online_features(features=features, entity_rows=rows).to_dict()
@@ -220,9 +231,9 @@ def test_online_reads_from_fast_store_match_stock(stores) -> None:
     assert sum(vector is not None for vector in got["embedding"]) > 30
 
 
-def test_older_window_does_not_overwrite_newer_values(stores, redis_server: LocalRedisServer) -> None:
+def test_older_window_does_not_overwrite_newer_values(materialized, redis_server: LocalRedisServer) -> None:
     """A second run over an older, overlapping window: rows not newer than the stored _ts are skipped."""
-    stock, fast, _, _ = stores
+    stock, fast, _, _ = materialized
     before = _dump(_client(redis_server, 1))
     older_start, older_end = WINDOW_START - timedelta(days=3), WINDOW_START + timedelta(hours=12)
     stock.materialize(start_date=older_start, end_date=older_end)
@@ -299,10 +310,16 @@ def random_tables(draw: st.DrawFn, max_rows: int = 12) -> pa.Table:
     def column(strategy):
         return draw(st.lists(strategy, min_size=rows, max_size=rows))
 
-    base = datetime(2026, 1, 1, tzinfo=UTC)
+    # Dense small ids (duplicates: dedup and ties) or sparse ids anywhere in the 64-bit range.
+    ids = draw(st.sampled_from([st.integers(-3, 3), st.integers(-(2**63), 2**63 - 1)]))
+    # Any timestamp unit an offline source may hold; distinct times up to a day apart in that unit.
+    unit = draw(st.sampled_from(["s", "ms", "us", "ns"]))
+    per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[unit]
+    base = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp()) * per_second
+    times = st.one_of(st.sampled_from([0, 1, 86_400 * per_second + 1]), st.integers(0, 86_400 * per_second))
     return pa.table(
         {
-            "user_id": pa.array(column(st.integers(-3, 3)), pa.int64()),
+            "user_id": pa.array(column(ids), pa.int64()),
             "country": pa.array(column(st.sampled_from(["", "fr", "日本"])), pa.string()),
             "vec": pa.array(
                 column(maybe(st.lists(maybe(floats32), min_size=dim, max_size=dim))), pa.list_(pa.float32())
@@ -317,10 +334,7 @@ def random_tables(draw: st.DrawFn, max_rows: int = 12) -> pa.Table:
             "text": pa.array(column(maybe(st.text(max_size=5))), pa.string()),
             "blob": pa.array(column(maybe(st.binary(max_size=5))), pa.binary()),
             "tags": pa.array(column(maybe(st.lists(st.text(max_size=3), max_size=2))), pa.list_(pa.string())),
-            "ts": pa.array(
-                [base + timedelta(microseconds=m) for m in column(st.sampled_from([0, 1, 999_999, 86_400_000_001]))],
-                pa.timestamp("us", tz="UTC"),
-            ),
+            "ts": pa.array([base + t for t in column(times)], pa.timestamp(unit, tz="UTC")),
         }
     )
 
