@@ -160,17 +160,23 @@ def _check_known(paths: PlatformPaths, manifest: SnapshotManifest, source: Path)
         )
 
 
-def _previous_source(paths: PlatformPaths, catalog: Catalog, manifest: SnapshotManifest) -> Path | None:
-    """The source snapshot of the newest day published before this one: what the drift checks compare to."""
-    earlier = [
-        m.snapshot_date
-        for m in catalog.manifests(manifest.family, manifest.model_version)
-        if m.snapshot_date < manifest.snapshot_date
-    ]
-    if not earlier:
-        return None
-    previous = snapshot_dir(paths.snapshots_dir, manifest.family, manifest.model_version, max(earlier))
-    return previous if previous.exists() else None
+def _published_days(catalog: Catalog, family: str, version: str) -> list[date]:
+    """Published days of a (family, version), from the partition folders alone: no manifest is read,
+    so a publish costs the same on day 1,000 as on day 10."""
+    version_dir = catalog.root / family / version
+    return sorted(
+        date.fromisoformat(p.name.removeprefix("date="))
+        for p in version_dir.glob("date=*")
+        if (p / MANIFEST_FILE).exists()
+    )
+
+
+def _recent_sources(paths: PlatformPaths, catalog: Catalog, manifest: SnapshotManifest, days: int) -> list[Path]:
+    """Source snapshots of the ``days`` newest days published before this one: the gate's history, oldest first."""
+    family, version = manifest.family, manifest.model_version
+    earlier = [d for d in _published_days(catalog, family, version) if d < manifest.snapshot_date]
+    sources = [snapshot_dir(paths.snapshots_dir, family, version, d) for d in earlier[-days:]]
+    return [source for source in sources if source.exists()]
 
 
 def write_offline_partition(catalog: Catalog, manifest: SnapshotManifest, source: Path) -> None:
@@ -301,10 +307,11 @@ def _publish(
         if accept_reason is not None:
             _check_acceptable(paths, catalog, manifest, source, existing)
         if existing is None:
+            thresholds = load_thresholds(thresholds_path)
             report = validate_snapshot(
                 source,
-                _previous_source(paths, catalog, manifest),
-                thresholds=load_thresholds(thresholds_path),
+                history_dirs=_recent_sources(paths, catalog, manifest, thresholds.snapshot.history_days),
+                thresholds=thresholds,
                 docs_dir=paths.validation_dir,
                 now=now,
             )
@@ -631,12 +638,11 @@ def freshness(paths: PlatformPaths, now: datetime | None = None) -> list[FamilyF
     report = []
     for family in FAMILIES:
         version = state.promoted.get(family)
-        manifests = catalog.manifests(family, version) if version else []
-        if not manifests:
+        published = set(_published_days(catalog, family, version)) if version else set()
+        if not published:
             report.append(FamilyFreshness(family, version, None, None, ()))
             continue
-        newest = max(manifests, key=lambda m: m.snapshot_date)
-        published = {m.snapshot_date for m in manifests}
+        newest = catalog.published(family, version, max(published))
         first, last_expected = min(published), now.date() - timedelta(days=1)
         expected = {first + timedelta(days=i) for i in range((last_expected - first).days + 1)}
         accepted = state.accepted_days(family, version)

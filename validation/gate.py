@@ -299,19 +299,25 @@ def _count_expectations(results: list[Any]) -> tuple[int, int]:
 # --------------------------------------------------------------------------- snapshots
 
 
-def previous_snapshot(snapshot_dir: Path) -> Path | None:
-    """The latest earlier-dated snapshot of the same family and model version, if any."""
+def recent_snapshots(snapshot_dir: Path, days: int) -> list[Path]:
+    """The ``days`` latest earlier-dated snapshots of the same family and model version, oldest first."""
     snapshot_dir = Path(snapshot_dir)
     version_dir = snapshot_dir.parent
     family = version_dir.parent.name
-    if family not in FAMILIES:
-        return None
+    if family not in FAMILIES or days < 1:
+        return []
     earlier = [
         candidate
         for candidate in list_snapshots(version_dir.parent.parent, family)
         if candidate.parent.name == version_dir.name and candidate.name < snapshot_dir.name
     ]
-    return earlier[-1] if earlier else None
+    return earlier[-days:]
+
+
+def previous_snapshot(snapshot_dir: Path) -> Path | None:
+    """The latest earlier-dated snapshot of the same family and model version, if any."""
+    recent = recent_snapshots(snapshot_dir, 1)
+    return recent[-1] if recent else None
 
 
 def _snapshot_label(snapshot_dir: Path, manifest: SnapshotManifest | None = None) -> str:
@@ -375,10 +381,16 @@ def _read_snapshot_structure(snapshot_dir: Path) -> tuple[SnapshotManifest | Non
 def _derive_snapshot_frames(
     snapshot_dir: Path,
     manifest: SnapshotManifest,
-    previous: tuple[Path, SnapshotManifest] | None,
+    history: list[tuple[Path, SnapshotManifest]],
     norm_bounds: tuple[float, float],
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Per-row scalar view of the vectors and, with a previous snapshot, per-dimension shift."""
+    """Per-row scalar view of the vectors and, with a history, per-dimension shift.
+
+    The cosine compares each entity with the newest snapshot of ``history`` (the day before: the
+    refresh averages each day onto it); the per-dimension mean and std are compared with all of
+    ``history`` pooled, so that one unusual day in the reference does not decide the next one.
+    """
+    previous = history[-1] if history else None
     from derm.core.sql import connect, ident
     from derm.validation import suites
 
@@ -387,15 +399,19 @@ def _derive_snapshot_frames(
         parameters = {"current": str(snapshot_dir / manifest.data_file)}
         if previous is None:
             previous_rows = f"SELECT NULL::BIGINT AS {key}, NULL::FLOAT[] AS embedding WHERE false"
-            cosine = ""
+            cosine = seen = ""
         else:
             parameters["previous"] = str(previous[0] / previous[1].data_file)
+            history_files = [str(directory / recent.data_file) for directory, recent in history]
+            parameters["history"] = history_files
             # One vector per entity even if the previous snapshot (wrongly) had duplicates.
             previous_rows = (
                 f"SELECT {key}, any_value(embedding) AS embedding FROM read_parquet($previous) GROUP BY {key}"
             )
             # list_cosine_similarity rejects lists of unequal length or with NULL elements; those fail
             # their own checks.
+            # Overlap is judged against every recent day: an entity absent on a quiet day is not new.
+            seen = f", c.{key} IN (SELECT {key} FROM read_parquet($history)) AS {suites.SEEN_IN_RECENT_DAYS}"
             cosine = (
                 ", CASE WHEN len(c.embedding) = len(p.embedding) AND list_count(c.embedding) = len(c.embedding) "
                 "AND list_count(p.embedding) = len(p.embedding) "
@@ -414,7 +430,7 @@ def _derive_snapshot_frames(
                    coalesce(list_count(c.embedding) = len(c.embedding), false) AS {suites.NO_NULL_VALUES},
                    coalesce(list_bool_or(list_transform(c.embedding, lambda x: x <> 0)), false)
                        AS {suites.HAS_NONZERO_VALUE}
-                   {cosine}
+                   {cosine} {seen}
             FROM read_parquet($current) AS c LEFT JOIN p USING ({key})
             """,
             parameters,
@@ -432,7 +448,7 @@ def _derive_snapshot_frames(
                     FROM (
                         SELECT 'current' AS source, embedding FROM read_parquet($current)
                         UNION ALL
-                        SELECT 'previous' AS source, embedding FROM read_parquet($previous)
+                        SELECT 'previous' AS source, embedding FROM read_parquet($history)
                     )
                     WHERE len(embedding) = $dim AND list_count(embedding) = $dim
                       AND list_bool_and(list_transform(embedding, lambda x: isfinite(x)))
@@ -448,7 +464,13 @@ def _derive_snapshot_frames(
             WHERE c.source = 'current' AND p.source = 'previous'
             ORDER BY c.{suites.DIMENSION}
             """,
-            {**parameters, "dim": manifest.dim, "norm_min": norm_bounds[0], "norm_max": norm_bounds[1]},
+            {
+                "current": parameters["current"],
+                "history": parameters["history"],
+                "dim": manifest.dim,
+                "norm_min": norm_bounds[0],
+                "norm_max": norm_bounds[1],
+            },
         ).df()
         return rows, dimensions
 
@@ -457,14 +479,24 @@ def validate_snapshot(
     snapshot_dir: Path,
     previous_dir: Path | None = None,
     *,
+    history_dirs: list[Path] | None = None,
     thresholds: GateThresholds | None = None,
     docs_dir: Path,
     now: datetime | None = None,
 ) -> GateReport:
     """Validate one embedding snapshot before it is published.
 
-    ``previous_dir`` defaults to :func:`previous_snapshot` of ``snapshot_dir``, so that a caller
-    cannot skip the drift checks by accident; the first snapshot of a version has none.
+    Args:
+        snapshot_dir: the snapshot folder.
+        previous_dir: the snapshot of the day before (cosine drift, overlap); default: the newest of
+            ``history_dirs``.
+        history_dirs: earlier snapshots of the same family and version, oldest first, that coverage
+            and per-dimension statistics are judged against; default: the ``history_days`` latest
+            earlier snapshot folders next to ``snapshot_dir`` (or ``[previous_dir]`` when given), so
+            that a caller cannot skip the drift checks by accident. The first snapshot of a version has none.
+        thresholds: default ``validation/thresholds.yaml``.
+        docs_dir: root of the Great Expectations project and Data Docs.
+        now: the clock of the "not in the future" check.
     """
     snapshot_dir = Path(snapshot_dir)
     thresholds = thresholds or GateThresholds.load()
@@ -480,27 +512,45 @@ def validate_snapshot(
             subject=str(snapshot_dir),
         )
 
+    snapshot_thresholds = thresholds.snapshot
+    if history_dirs is None:
+        history_dirs = (
+            [Path(previous_dir)]
+            if previous_dir is not None
+            else recent_snapshots(snapshot_dir, snapshot_thresholds.history_days)
+        )
+    elif previous_dir is not None:
+        history_dirs = [*[Path(d) for d in history_dirs if Path(d) != Path(previous_dir)], Path(previous_dir)]
     notes: list[str] = []
-    previous_dir = Path(previous_dir) if previous_dir is not None else previous_snapshot(snapshot_dir)
-    previous: tuple[Path, SnapshotManifest] | None = None
-    if previous_dir is not None:
-        previous_manifest, previous_problems = _read_snapshot_structure(previous_dir)
-        if previous_problems or previous_manifest is None:
+    history: list[tuple[Path, SnapshotManifest]] = []
+    for directory in history_dirs:
+        recent_manifest, problems = _read_snapshot_structure(directory)
+        if problems or recent_manifest is None:
             # A broken earlier snapshot was never published; comparing against it says nothing.
-            notes.append(
-                f"drift checks skipped: previous snapshot {previous_dir} is unreadable; {FIRST_SNAPSHOT_POLICY}"
-            )
+            notes.append(f"earlier snapshot {directory} is unreadable: left out of the history")
         else:
-            previous = (previous_dir, previous_manifest)
-    else:
-        notes.append(f"drift checks skipped: no earlier snapshot of this family and version; {FIRST_SNAPSHOT_POLICY}")
+            history.append((Path(directory), recent_manifest))
+    if not history:
+        notes.append(
+            f"drift checks skipped: no earlier snapshot of this family and version (or none readable); "
+            f"{FIRST_SNAPSHOT_POLICY}"
+        )
 
     from derm.validation import suites
 
-    snapshot_thresholds = thresholds.snapshot
     norm_bounds = (snapshot_thresholds.norm_min, snapshot_thresholds.norm_max)
-    rows, dimensions = _derive_snapshot_frames(snapshot_dir, manifest, previous, norm_bounds)
+    rows, dimensions = _derive_snapshot_frames(snapshot_dir, manifest, history, norm_bounds)
+    previous = history[-1] if history else None
     previous_label = _snapshot_label(previous[0], previous[1]) if previous else None
+    history_label = None
+    if history:
+        first, last = history[0][1].snapshot_date, history[-1][1].snapshot_date
+        history_label = (
+            previous_label
+            if len(history) == 1
+            else f"the {len(history)} earlier days {first.isoformat()}..{last.isoformat()} of "
+            f"{manifest.family} {manifest.model_version}"
+        )
     judge_relative = True
     if previous is not None:
         smallest = min(len(rows), previous[1].row_count)
@@ -522,8 +572,9 @@ def validate_snapshot(
                 manifest,
                 snapshot_thresholds,
                 now=now,
-                previous_row_count=previous[1].row_count if previous else None,
+                recent_row_counts=[recent.row_count for _, recent in history] or None,
                 previous_label=previous_label,
+                history_label=history_label,
                 judge_overlap=judge_relative,
             ),
             rows,
@@ -532,12 +583,12 @@ def validate_snapshot(
         )
     ]
     failures = _failures_from(results[0], [manifest.join_key])
-    if dimensions is not None and previous_label is not None and judge_relative:
+    if dimensions is not None and history_label is not None and judge_relative:
         results.append(
             _run_suite(
                 context,
                 "embedding_snapshot_dimensions",
-                suites.snapshot_dimensions_suite(f"{suite_prefix}.dimensions", snapshot_thresholds, previous_label),
+                suites.snapshot_dimensions_suite(f"{suite_prefix}.dimensions", snapshot_thresholds, history_label),
                 dimensions,
                 [suites.DIMENSION],
                 label,
@@ -682,6 +733,7 @@ __all__ = [
     "ValidationFailed",
     "load_thresholds",
     "previous_snapshot",
+    "recent_snapshots",
     "validate_snapshot",
     "validate_training_set",
 ]

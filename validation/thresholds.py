@@ -23,6 +23,7 @@ class SnapshotThresholds:
     norm_min: float = 0.9
     norm_max: float = 1.1
     max_fraction_outside_norm_bounds: float = 0.01
+    history_days: int = 7
     coverage_change_min: float = -0.2
     coverage_change_max: float = 0.5
     coverage_change_min_entities: int = 50

@@ -1,0 +1,86 @@
+"""The snapshot gate judges a day against its version's recent history, not the day before alone (issue 11).
+
+Real logs vary a lot from day to day (30 to 3,500 events a day): a quiet day followed by a normal
+one is growth against the quiet day, yet ordinary against the week. Coverage is judged against the
+last ``history_days`` published days' row counts, the per-dimension mean and std against those days
+pooled; the per-entity cosine and overlap still compare with the day before.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from derm.validation.gate import GateThresholds, recent_snapshots, validate_snapshot
+from derm.validation.suites import coverage_bounds
+from tests.test_validation import DAY, NOW, next_day, unit_vectors, write_snapshot
+
+COVERAGE = ("expect_table_row_count_to_be_between", None)
+OVERLAP = ("expect_column_values_to_be_in_set", "seen_in_recent_days")
+
+
+@pytest.fixture(scope="module")
+def docs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("validation-history")
+
+
+def _week(root: Path, counts: list[int], seed: int = 0) -> tuple[list[Path], np.ndarray]:
+    """One snapshot per day ending the day before DAY; day i has the first counts[i] of one population.
+
+    Returns the folders and the population as it stands on the last day (every entity, moved daily).
+    """
+    rng = np.random.default_rng(seed)
+    population = unit_vectors(rng, n=max(counts))
+    folders = []
+    for offset, count in enumerate(counts):
+        day = DAY - timedelta(days=len(counts) - offset)
+        population = next_day(population, seed=offset)
+        folders.append(write_snapshot(root, day, population[:count]))
+    return folders, population
+
+
+def _failed(report) -> set[tuple[str, str | None]]:
+    return {(f.expectation, f.column) for f in report.failures}
+
+
+def test_coverage_bounds_span_the_recent_days() -> None:
+    thresholds = GateThresholds.load().snapshot
+    # 0.8 x the fewest rows .. 1.5 x the most rows, each side widened to 50 entities.
+    assert coverage_bounds([1_000, 400, 900], thresholds) == (320, 1_500)
+    assert coverage_bounds([1_000], thresholds) == coverage_bounds(1_000, thresholds) == (800, 1_500)
+
+
+def test_a_normal_day_after_a_quiet_one_passes_against_the_week(tmp_path: Path, docs_dir: Path) -> None:
+    # Six ordinary days of ~1,000 entities, then a quiet day of 300: a day of 1,000 again is +233% against
+    # the day before (refused when only the day before counted) but ordinary against the week.
+    week, population = _week(tmp_path, [1_000, 980, 1_000, 990, 1_000, 1_000, 300])
+    today = write_snapshot(tmp_path, DAY, next_day(population, seed=99))
+
+    against_week = validate_snapshot(today, docs_dir=docs_dir, now=NOW)
+    against_day_before = validate_snapshot(today, history_dirs=week[-1:], docs_dir=docs_dir, now=NOW)
+
+    assert against_week.success, against_week.failures
+    # Against the quiet day alone, 70% of today's entities look new and the coverage +233%.
+    assert _failed(against_day_before) == {COVERAGE, OVERLAP}, against_day_before.failures
+
+
+def test_a_collapse_against_the_whole_week_is_refused(tmp_path: Path, docs_dir: Path) -> None:
+    _, population = _week(tmp_path, [1_000] * 7)
+    today = write_snapshot(tmp_path, DAY, next_day(population[:500], seed=99))
+
+    report = validate_snapshot(today, docs_dir=docs_dir, now=NOW)
+
+    assert _failed(report) == {COVERAGE}, report.failures
+    failure = next(f for f in report.failures if f.expectation == COVERAGE[0])
+    assert "the 7 earlier days" in failure.description and "1000 rows" in failure.description
+
+
+def test_history_is_the_last_history_days_of_the_same_version(tmp_path: Path) -> None:
+    folders, _ = _week(tmp_path, [60] * 10)
+    today = write_snapshot(tmp_path, DAY, unit_vectors(np.random.default_rng(3), n=60))
+    assert recent_snapshots(today, 7) == folders[-7:]
+    assert recent_snapshots(today, 0) == []
+    assert recent_snapshots(folders[0], 7) == []
