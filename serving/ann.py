@@ -13,6 +13,14 @@ Every build reports recall@k against exact search (``IndexFlatIP``) on a sample
 of queries: the user embeddings of the same model version and day when they are
 published (the real query distribution), otherwise Pin vectors themselves.
 
+With a ``cache_dir`` (``derm serve --workers N``), an index is built once per
+(family, version, day, settings): the first process to need it builds it under a file
+lock and saves it (``<name>.faiss`` + ``<name>.npz``, atomically); every other worker
+loads that file, memory-mapped read-only where faiss supports it, instead of building
+its own. A failed build is retried only after a backoff (1 s, doubling up to 60 s):
+meanwhile requests are answered at once from the previous index, or refused with the
+error, instead of each starting a build.
+
 Example::
 
     manager = PinIndexManager(Catalog(paths.embeddings_offline_dir), family="ctr_pin")
@@ -22,12 +30,16 @@ Example::
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import date
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -67,6 +79,8 @@ class PinIndex:
     recall_queries: str  # what the recall was measured on
     build_seconds: float
     centroid: np.ndarray  # normalised mean Pin vector: the query of a user without an embedding
+    built_at: float = field(default_factory=time.time)  # epoch seconds the index was built
+    source: str = "built"  # "built" here, or "loaded <file>" (shared by the worker processes)
 
     def __len__(self) -> int:
         return len(self.pin_ids)
@@ -96,6 +110,8 @@ class PinIndex:
             f"recall_at_{self.recall_k}": round(self.recall_at_k, 4),
             "recall_measured_on": self.recall_queries,
             "build_seconds": round(self.build_seconds, 3),
+            "built_at": round(self.built_at, 3),
+            "source": self.source,
         }
 
 
@@ -166,6 +182,69 @@ def build_pin_index(
     return built
 
 
+def index_file_stem(family: str, version: str, day: date, settings: AnnSettings) -> str:
+    """The cache file name of an index: its source and a digest of the settings it was built with."""
+    digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{family}-{version}-{day.isoformat()}-{digest}"
+
+
+def save_pin_index(index: PinIndex, directory: Path, stem: str) -> None:
+    """Write ``<stem>.npz`` (ids, centroid, description) then ``<stem>.faiss``; each appears whole.
+
+    The ``.faiss`` file is renamed into place last: its presence says the pair is complete.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    skip = {"index", "pin_ids", "centroid", "day", "source"}
+    meta = {name: getattr(index, name) for name in index.__dataclass_fields__ if name not in skip}
+    meta["day"] = index.day.isoformat()
+    tmp = directory / f".{stem}.npz.tmp-{os.getpid()}"
+    with open(tmp, "wb") as handle:
+        np.savez(handle, pin_ids=index.pin_ids, centroid=index.centroid, meta=np.array(json.dumps(meta)))
+    os.replace(tmp, directory / f"{stem}.npz")
+    tmp = directory / f".{stem}.faiss.tmp-{os.getpid()}"
+    faiss.write_index(index.index, str(tmp))
+    os.replace(tmp, directory / f"{stem}.faiss")
+
+
+def load_pin_index(directory: Path, stem: str, settings: AnnSettings) -> PinIndex | None:
+    """The saved index ``stem``, memory-mapped read-only when faiss allows it; None when not saved."""
+    path = directory / f"{stem}.faiss"
+    if not path.exists():
+        return None
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        how = "mmap"
+    except RuntimeError:  # index types faiss cannot map: read into memory
+        index = faiss.read_index(str(path))
+        how = "read"
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = settings.ef_search
+    with np.load(directory / f"{stem}.npz") as saved:
+        meta = json.loads(str(saved["meta"]))
+        pin_ids, centroid = saved["pin_ids"], saved["centroid"]
+    meta.update(day=date.fromisoformat(meta["day"]), source=f"loaded ({how}) {path.name}")
+    return PinIndex(index=index, pin_ids=pin_ids, centroid=centroid, **meta)
+
+
+def shared_pin_index(
+    catalog: Catalog, family: str, version: str, day: date, settings: AnnSettings, directory: Path
+) -> PinIndex:
+    """Load the saved index of (family, version, day), or build and save it once under a file lock."""
+    stem = index_file_stem(family, version, day, settings)
+    loaded = load_pin_index(directory, stem, settings)
+    if loaded is not None:
+        return loaded
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f".{stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be building it: wait, then load its file
+        loaded = load_pin_index(directory, stem, settings)
+        if loaded is not None:
+            return loaded
+        built = build_pin_index(catalog, family, version, day, settings)
+        save_pin_index(built, directory, stem)
+        return built
+
+
 def _recall_queries(
     catalog: Catalog, family: str, version: str, day: date, pins: np.ndarray, settings: AnnSettings
 ) -> tuple[np.ndarray, str]:
@@ -208,6 +287,9 @@ class PinIndexManager:
         family: str = "ctr_pin",
         settings: AnnSettings | None = None,
         check_interval: float = 1.0,
+        cache_dir: Path | str | None = None,
+        retry_seconds: float = 1.0,
+        max_retry_seconds: float = 60.0,
     ):
         if FAMILIES.get(family) != "pin":
             raise ValueError(f"{family!r} is not a Pin embedding family")
@@ -223,6 +305,12 @@ class PinIndexManager:
         self._wanted: tuple[str, date] | None = None
         self.last_error: str | None = None
         self.rebuilds = 0
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.retry_seconds = retry_seconds
+        self.max_retry_seconds = max_retry_seconds
+        self.build_attempts = 0
+        # (version, day) -> (failures in a row, monotonic time before which no new attempt starts)
+        self._failures: dict[tuple[str, date], tuple[int, float]] = {}
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
@@ -266,23 +354,42 @@ class PinIndexManager:
             builder.join()  # first request: nothing to serve yet, so wait for the build
         return self._index
 
+    def built(self) -> PinIndex | None:
+        """The index in use, without checking the catalog or starting a build."""
+        return self._index
+
     def _start_build_if_needed(self) -> None:
         if not self._needs_build() or (self._builder is not None and self._builder.is_alive()):
             return
         assert self._wanted is not None
         version, day = self._wanted
+        failed = self._failures.get((version, day))
+        if failed is not None and time.monotonic() < failed[1]:
+            return  # backing off: answer from the previous index (or refuse) instead of building again
+        self.build_attempts += 1
         self._builder = threading.Thread(target=self._build, args=(version, day), name="pin-index-build", daemon=True)
         self._builder.start()
 
     def _build(self, version: str, day: date) -> None:
         try:
-            built = build_pin_index(self.catalog, self.family, version, day, self.settings)
+            if self.cache_dir is not None:
+                built = shared_pin_index(self.catalog, self.family, version, day, self.settings, self.cache_dir)
+            else:
+                built = build_pin_index(self.catalog, self.family, version, day, self.settings)
         except Exception as error:  # keep serving the previous index; /health reports the failure
+            with self._lock:
+                failures = self._failures.get((version, day), (0, 0.0))[0] + 1
+                delay = min(self.max_retry_seconds, self.retry_seconds * 2 ** (failures - 1))
+                self._failures[(version, day)] = (failures, time.monotonic() + delay)
+                self.last_error = (
+                    f"{self.family} {version} {day}: {type(error).__name__}: {error} "
+                    f"(attempt {failures}; next in {delay:g} s)"
+                )
             log.exception("building the %s %s %s index failed", self.family, version, day)
-            self.last_error = f"{self.family} {version} {day}: {type(error).__name__}: {error}"
             return
         with self._lock:
             self._index = built
+            self._failures.pop((version, day), None)
             self.last_error = None
             self.rebuilds += 1
             # A promote may have happened while building: build again on the next request.
@@ -297,6 +404,7 @@ class PinIndexManager:
             "promoted": {"version": wanted[0], "day": wanted[1].isoformat()} if wanted else None,
             "rebuilding": bool(self._builder and self._builder.is_alive()),
             "rebuilds": self.rebuilds,
+            "build_attempts": self.build_attempts,
             "last_error": self.last_error,
         }
 
@@ -306,7 +414,11 @@ __all__ = [
     "PinIndex",
     "PinIndexManager",
     "build_pin_index",
+    "index_file_stem",
+    "load_pin_index",
     "promoted_source",
     "read_partition",
     "recall_at_k",
+    "save_pin_index",
+    "shared_pin_index",
 ]

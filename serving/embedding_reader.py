@@ -62,7 +62,16 @@ from derm.feast_plugins.redis_format import RaggedBytes
 
 
 class RedisUnavailable(RuntimeError):
-    """Redis did not answer within the configured timeouts (down, unreachable or overloaded)."""
+    """Redis cannot answer now: down, unreachable, too slow, or answering an error reply.
+
+    ``kind``: ``connection``, ``timeout``, ``error_reply`` (``LOADING``, ``OOM``, ``READONLY``,
+    ``NOPERM``... ; the reply's first word is in the message) or ``cooldown`` (failing fast
+    after a recent failure). Serving answers all of them 503.
+    """
+
+    def __init__(self, message: str, kind: str = "connection"):
+        super().__init__(message)
+        self.kind = kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +230,13 @@ class RedisHashReader:
         with self._lock:
             self._failed_at = time.monotonic()
             self._last_error = f"{type(error).__name__}: {error}"
-        return RedisUnavailable(f"Redis at {self._where()} is unavailable ({self._last_error})")
+        if isinstance(error, redis.TimeoutError | TimeoutError):
+            kind = "timeout"
+        elif isinstance(error, redis.ResponseError) or type(error) is redis.exceptions.BusyLoadingError:
+            kind = "error_reply"
+        else:
+            kind = "connection"
+        return RedisUnavailable(f"Redis at {self._where()} is unavailable ({self._last_error})", kind)
 
     def _where(self) -> str:
         return self.connection_string.split(",", 1)[0]
@@ -230,7 +245,9 @@ class RedisHashReader:
         with self._lock:
             failed_at, last_error = self._failed_at, self._last_error
         if failed_at and time.monotonic() - failed_at < self.timeouts.cooldown:
-            raise RedisUnavailable(f"Redis at {self._where()} is unavailable ({last_error}; retrying shortly)")
+            raise RedisUnavailable(
+                f"Redis at {self._where()} is unavailable ({last_error}; retrying shortly)", "cooldown"
+            )
 
     def execute_packed(self, payload: bytes, replies: int) -> list[Any]:
         """Send RESP ``payload`` (``replies`` commands) and return their replies in order."""
@@ -244,8 +261,6 @@ class RedisHashReader:
             channel = resp.RespConnection(connection)
             channel.send(payload)
             received, reply_error = channel.read(replies)
-            if reply_error is not None:
-                raise reply_error
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
             # socket.timeout is an OSError: a Redis that accepts but never answers ends here.
             connection.disconnect()  # replies may be left unread: never reuse this connection
@@ -256,6 +271,11 @@ class RedisHashReader:
             self._pool.release(connection)
             raise
         self._pool.release(connection)
+        if reply_error is not None:
+            # Every reply was read, so the connection is in step and goes back to the pool. An error
+            # reply (LOADING after a restart, OOM, READONLY after a failover, NOPERM, ...) says this
+            # Redis cannot answer now: a 503 with the reply, not a server error.
+            raise self._unavailable(reply_error) from reply_error
         return received
 
     def hmget_pipeline(self, commands: Sequence[tuple[bytes, Sequence[bytes]]]) -> list[list[bytes | None]]:
@@ -266,14 +286,14 @@ class RedisHashReader:
                 for key, fields in commands:
                     pipe.hmget(key, list(fields))
                 return pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+        except (redis.RedisError, OSError) as error:  # error replies included, as in execute_packed
             raise self._unavailable(error) from error
 
     def ping(self) -> bool:
         try:
             self._check_cooldown()
             return bool(self.client.ping())
-        except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError, OSError):
+        except (RedisUnavailable, redis.RedisError, OSError):
             return False
 
     def close(self) -> None:

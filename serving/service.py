@@ -22,6 +22,14 @@ Contract (the HTTP API documents the same):
   can never succeed (both or neither of ``pin_ids``/``k``, no candidates, unknown
   ``surface`` or ``sort_by``), 413 for one above a limit (``max_candidates``, ``max_k``).
   Redis down or too slow raises :class:`derm.serving.embedding_reader.RedisUnavailable`.
+* version consistency (issue 15): a ranker scores with the embedding versions it was trained on
+  (its feature refs). When the catalog promotes another version of one of those families, the
+  service answers **409** (clear error, no fallback) naming the ranker, the families and both
+  versions, unless the compatibility gate's record of that promotion allows rankers of the older
+  version to serve it (``derm compat`` said ``compatible``, or the operator overrode it, recorded):
+  train a ranker on the promoted version and restart serving, or ``derm rollback``. A fallback to
+  an older ranker is not attempted: it would silently score with weights nobody checked against
+  the promoted space. The catalog is re-read when its file changes.
 
 Example::
 
@@ -32,8 +40,10 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,7 +62,7 @@ from derm.core.naming import (
     ranker_service_name,
 )
 from derm.events.schema import SURFACES
-from derm.materialization.catalog import Catalog
+from derm.materialization.catalog import Catalog, CatalogState, ranker_version_skew
 from derm.serving.ann import AnnSettings, PinIndex, PinIndexManager
 from derm.serving.embedding_reader import (
     EmbeddingReader,
@@ -104,6 +114,18 @@ class ServingError(Exception):
         self.message = message
 
 
+class CorruptOnlineValue(ServingError):
+    """The online store holds a value no ranker may score (a vector with NULL/NaN/inf elements).
+
+    Answered 502 (the store behind the service gave an unusable answer) instead of scoring
+    ``null``; ``feature`` is the ``view:feature`` at fault.
+    """
+
+    def __init__(self, feature: str, message: str):
+        super().__init__(502, message)
+        self.feature = feature
+
+
 @dataclass
 class Scored:
     """Every ranker's scores of (user, each Pin), Pins in the order they were given."""
@@ -113,6 +135,7 @@ class Scored:
     pin_found: np.ndarray  # every Pin embedding family found
     user_missing: list[str]
     pins_missing: int
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds: redis, model:<objective>
 
 
 @dataclass
@@ -124,6 +147,7 @@ class Retrieved:
     user_found: bool
     index: PinIndex
     k: int
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds: redis, ann
 
 
 @dataclass
@@ -139,11 +163,24 @@ class Ranked:
     user_missing: list[str]
     pins_missing: int
     retrieved: Retrieved | None = None  # when the candidates came from retrieval
+    rankers: dict[str, str] = field(default_factory=dict)  # objective -> id of the ranker that scored
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds: redis, ann, model:<objective>
 
     @property
     def score(self) -> np.ndarray:
         """The ``sort_by`` ranker's scores, descending."""
         return self.scores[self.sort_by]
+
+
+def ranker_id(objective: str, ranker: Ranker) -> str:
+    """A name for the ranker a response was scored with: ``<objective>@<digest of its spec>``.
+
+    Two rankers with the same spec (features, versions, normalisation, architecture) get the
+    same name; :func:`build_service` callers may pass the saved folder's name instead.
+    """
+    spec = getattr(ranker, "spec", None)
+    text = spec.to_json() if hasattr(spec, "to_json") else repr(sorted(ranker.embedding_versions.items()))
+    return f"{objective}@{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def distinct_in_order(ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -179,12 +216,16 @@ class RankingService:
         settings: ServingSettings | None = None,
         redis_reader: RedisHashReader | None = None,
         clock: Callable[[], datetime] | None = None,
+        ranker_ids: Mapping[str, str] | None = None,
+        index_cache_dir: Any = None,
     ):
         if not rankers:
             raise ValueError("no ranker to serve: train one with the downstream stage or pass --model")
         self.store = store
         self.clock = clock or (lambda: datetime.now(UTC))  # TTL checks and day_of_week; tests pin it
         self.rankers = dict(rankers)
+        self.ranker_ids = {objective: ranker_id(objective, ranker) for objective, ranker in self.rankers.items()}
+        self.ranker_ids.update(ranker_ids or {})
         self.settings = settings or ServingSettings()
         self.redis = redis_reader or redis_reader_for(store, self.settings.redis_timeouts)
         try:
@@ -207,13 +248,19 @@ class RankingService:
         }
         self.index_manager = (
             PinIndexManager(
-                catalog, self.settings.retrieval_family, self.settings.ann, self.settings.index_check_seconds
+                catalog,
+                self.settings.retrieval_family,
+                self.settings.ann,
+                self.settings.index_check_seconds,
+                cache_dir=index_cache_dir,
             )
             if catalog is not None
             else None
         )
         self._query_readers: dict[str, EmbeddingReader] = {}
         self._query_lock = threading.Lock()
+        self.catalog = catalog
+        self._catalog_seen: tuple[int, CatalogState] | None = None  # (catalog file mtime, state)
 
     # ----------------------------------------------------------------------------- ranking
 
@@ -256,6 +303,10 @@ class RankingService:
             candidates = retrieved.pin_ids
         scored = self.score(user_id, candidates, surface, now)
         order = np.argsort(-scored.scores[sort_by], kind="stable")
+        timings = dict(scored.timings)
+        if retrieved is not None:
+            timings["ann"] = retrieved.timings.get("ann", 0.0)
+            timings["redis"] = timings.get("redis", 0.0) + retrieved.timings.get("redis", 0.0)
         return Ranked(
             user_id=user_id,
             sort_by=sort_by,
@@ -266,6 +317,8 @@ class RankingService:
             user_missing=scored.user_missing,
             pins_missing=scored.pins_missing,
             retrieved=retrieved,
+            rankers=dict(self.ranker_ids),
+            timings=timings,
         )
 
     def resolve_sort_by(self, sort_by: str | None) -> str:
@@ -320,6 +373,7 @@ class RankingService:
         now = now or self.clock()
         pins = np.asarray(pin_ids, dtype=np.int64)
         features = self.reader.read({"user_id": np.array([user_id], dtype=np.int64), "pin_id": pins}, now=now)
+        self._refuse_non_finite_vectors(features, user_id, pins)
         context = {
             **self.pin_attributes(features),
             "surface": np.full(len(pins), surface or self.settings.default_surface, dtype=object),
@@ -331,6 +385,26 @@ class RankingService:
         }
         return frames, features
 
+    def _refuse_non_finite_vectors(self, features: OnlineFeatures, user_id: int, pins: np.ndarray) -> None:
+        """Raise :class:`CorruptOnlineValue` when a stored vector has a NULL (NaN) or infinite element.
+
+        A NaN element would make the ranker's score NaN (``null`` in JSON) without any error;
+        a vector is all there or refused, never partly used.
+        """
+        for ref in self._vector_refs:
+            values, found = features.columns[ref], features.found[ref]
+            bad = found & ~np.isfinite(values).all(axis=1)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                entity = self._entity_of_ref[ref]
+                entity_id = user_id if entity == "user_id" else int(pins[row])
+                elements = int((~np.isfinite(values[row])).sum())
+                raise CorruptOnlineValue(
+                    ref,
+                    f"the online store holds {ref} for {entity}={entity_id} (and {int(bad.sum()) - 1} more) with "
+                    f"{elements} NULL/NaN/infinite element(s): not scored; republish that day or retire the version",
+                )
+
     def score(
         self,
         user_id: int,
@@ -340,11 +414,21 @@ class RankingService:
     ) -> Scored:
         """Scores of every ranker for (user, each Pin); Pins keep their given order (repeats are scored again)."""
         pins = np.asarray(pin_ids, dtype=np.int64)
+        self._refuse_version_skew()
+        started = time.perf_counter()
         frames, features = self.model_inputs(user_id, pins, surface, now)
-        scores = {
-            objective: np.asarray(ranker.score(frames[objective]), np.float64)
-            for objective, ranker in self.rankers.items()
-        }
+        timings = {"redis": time.perf_counter() - started}
+        scores = {}
+        for objective, ranker in self.rankers.items():
+            started = time.perf_counter()
+            scores[objective] = np.asarray(ranker.score(frames[objective]), np.float64)
+            timings[f"model:{objective}"] = time.perf_counter() - started
+            if not np.isfinite(scores[objective]).all():
+                raise ServingError(
+                    502,
+                    f"ranker {self.ranker_ids[objective]} gave a non-finite score for "
+                    f"{int((~np.isfinite(scores[objective])).sum())} Pin(s) of user {user_id}: not answered",
+                )
         pin_found = np.ones(len(pins), dtype=bool)
         user_missing = []
         for ref, found in features.found.items():
@@ -353,7 +437,34 @@ class RankingService:
                     user_missing.append(ref)
             elif ref in self._vector_refs:
                 pin_found &= found
-        return Scored(pins, scores, pin_found, sorted(user_missing), int((~pin_found).sum()))
+        return Scored(pins, scores, pin_found, sorted(user_missing), int((~pin_found).sum()), timings)
+
+    def version_skew(self) -> dict[str, dict[str, tuple[str, str]]]:
+        """objective -> family -> (trained, promoted) that no compatibility record allows (see module docstring)."""
+        if self.catalog is None:
+            return {}
+        path = self.catalog.state_path
+        stamp = path.stat().st_mtime_ns if path.exists() else 0
+        if self._catalog_seen is None or self._catalog_seen[0] != stamp:
+            self._catalog_seen = (stamp, self.catalog.read_state())
+        state = self._catalog_seen[1]
+        skew = {
+            objective: ranker_version_skew(state, ranker.embedding_versions)
+            for objective, ranker in self.rankers.items()
+        }
+        return {objective: families for objective, families in skew.items() if families}
+
+    def _refuse_version_skew(self) -> None:
+        skew = self.version_skew()
+        if skew:
+            objective, families = next(iter(skew.items()))
+            moved = ", ".join(f"{f} trained on {t}, promoted {p}" for f, (t, p) in families.items())
+            raise ServingError(
+                409,
+                f"ranker {self.ranker_ids[objective]} does not match the promoted embeddings ({moved}) and no "
+                "compatibility report allowed it: train a ranker on the promoted version and restart serving, "
+                "or roll the promotion back",
+            )
 
     # ----------------------------------------------------------------------------- retrieval
 
@@ -412,13 +523,21 @@ class RankingService:
             raise ServingError(413, f"k={k} is above the limit of {self.settings.max_k} candidates per request")
         index = self._index()
         reader = self._query_reader(index)
+        started = time.perf_counter()
         features = reader.read({"user_id": np.array([user_id], dtype=np.int64)}, now=now or self.clock())
         ref = next(iter(features.columns))
         user_found = bool(features.found[ref][0])
         query = features.columns[ref][0] if user_found else index.centroid
+        if not np.isfinite(query).all():
+            raise CorruptOnlineValue(
+                ref, f"the online store holds {ref} for user_id={user_id} with NULL/NaN/infinite elements: not searched"
+            )
+        redis_seconds = time.perf_counter() - started
+        started = time.perf_counter()
         ids, scores = index.search(query[None, :], k)
+        timings = {"redis": redis_seconds, "ann": time.perf_counter() - started}
         keep = ids[0] >= 0
-        return Retrieved(ids[0][keep], scores[0][keep].astype(np.float64), user_found, index, k)
+        return Retrieved(ids[0][keep], scores[0][keep].astype(np.float64), user_found, index, k, timings)
 
     # ----------------------------------------------------------------------------- health
 
@@ -449,10 +568,18 @@ class RankingService:
             "status": "ok" if redis_ok else "unavailable",
             "redis": "ok" if redis_ok else f"unreachable at {self.redis.connection_string.split(',', 1)[0]}",
             "models": {
-                objective: {"embedding_versions": ranker.embedding_versions, "features": len(ranker.feature_refs)}
+                objective: {
+                    "ranker": self.ranker_ids[objective],
+                    "embedding_versions": ranker.embedding_versions,
+                    "features": len(ranker.feature_refs),
+                }
                 for objective, ranker in self.rankers.items()
             },
             "feature_service_drift": self.feature_service_drift(),
+            "version_skew": {
+                objective: {family: {"trained": t, "promoted": p} for family, (t, p) in families.items()}
+                for objective, families in self.version_skew().items()
+            },
             "retrieval": self.index_manager.describe() if self.index_manager else None,
         }
 
@@ -462,6 +589,19 @@ def build_service(
     store: Any,
     rankers: Mapping[str, Ranker],
     settings: ServingSettings | None = None,
+    ranker_ids: Mapping[str, str] | None = None,
+    index_cache_dir: Any = None,
 ) -> RankingService:
-    """A service over a Feast store (``feast.FeatureStore``) and the embeddings catalog under ``paths``."""
-    return RankingService(store, rankers, catalog=Catalog(paths.embeddings_offline_dir), settings=settings)
+    """A service over a Feast store (``feast.FeatureStore``) and the embeddings catalog under ``paths``.
+
+    ``index_cache_dir``: where the ANN index of each promoted (version, day) is saved once and
+    loaded by every worker process (None: built in memory by each).
+    """
+    return RankingService(
+        store,
+        rankers,
+        catalog=Catalog(paths.embeddings_offline_dir),
+        settings=settings,
+        ranker_ids=ranker_ids,
+        index_cache_dir=index_cache_dir,
+    )

@@ -125,12 +125,28 @@ def service(platform: BenchPlatform, store):
     )
 
 
+class _KeepAlive(http.client.HTTPConnection):
+    """A client connection that reconnects when idle past uvicorn's 5 s keep-alive (tests run in random order)."""
+
+    _used = 0.0
+
+    def request(self, *args, **kwargs) -> None:
+        if time.monotonic() - self._used > 2.0:
+            self.close()  # the next request opens a new connection
+        super().request(*args, **kwargs)
+
+    def getresponse(self) -> http.client.HTTPResponse:
+        response = super().getresponse()
+        self._used = time.monotonic()
+        return response
+
+
 @pytest.fixture(scope="module")
 def server(service):
     from derm.serving.http_api import create_app
 
     with serve_in_thread(create_app(service)) as port:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection = _KeepAlive("127.0.0.1", port, timeout=30)
         yield connection
         connection.close()
 
@@ -377,9 +393,49 @@ def test_service_refuses_with_a_status_and_a_message(service, request_: dict, st
 # ---------------------------------------------------------------------------------------------
 
 
-def test_rank_scores_candidates_and_reports_versions(server, service) -> None:
+def _active_user(store, candidates=range(40)) -> int:
+    """A user with every user feature of the CTR ranker online (so no default is involved)."""
+    refs = [ref for ref in _ranker_refs(store) if ref.startswith(("user_", "ctr_user", "cvr_user"))]
+    rows = [{"user_id": u} for u in candidates]
+    values = store.get_online_features(features=refs, entity_rows=rows).to_dict()
+    names = [ref.split(":")[1] for ref in refs]
+    return next(u for i, u in enumerate(candidates) if all(values[n][i] is not None for n in names))
+
+
+def _independent_scores(store, service, when, user: int, pins: list[int], surface: str, folder: Path) -> dict:
+    """Each ranker's scores recomputed without the serving code: Feast's stock ``get_online_features``
+    for every feature and the Pins' attributes, the rankers saved to disk and loaded back from their weights."""
+    from derm.training.downstream.ranker import load_ranker
+
+    n = len(pins)
+    expected = {}
+    for objective, ranker in service.rankers.items():
+        loaded = load_ranker(ranker.save(folder / objective))
+        refs = [*loaded.feature_refs, "pin_attributes:advertiser_id", "pin_attributes:category_id"]
+        rows = [{"user_id": user, "pin_id": pin} for pin in pins]
+        stock = store.get_online_features(features=refs, entity_rows=rows).to_dict()
+        frame: dict = {
+            "user_id": np.full(n, user, dtype=np.int64),
+            "pin_id": np.asarray(pins, dtype=np.int64),
+            "surface": np.full(n, surface, dtype=object),
+            "day_of_week": np.full(n, when.weekday(), dtype=np.int64),
+        }
+        for name in ("advertiser_id", "category_id"):
+            frame[name] = np.array([-1 if v is None else v for v in stock[name]], dtype=np.int64)
+        for ref in loaded.feature_refs:
+            name = ref.split(":")[1]
+            if name.endswith("_emb"):
+                frame[name] = list(stock[name])  # vectors, None where missing
+            else:
+                frame[name] = np.array([np.nan if v is None else v for v in stock[name]], dtype=np.float64)
+        expected[objective] = loaded.score(frame)
+    return expected
+
+
+def test_rank_scores_candidates_and_reports_versions(server, service, store, platform, tmp_path) -> None:
+    user = _active_user(store)
     pins = [5, 1, UNKNOWN, 9, 5, 30]
-    status, body = post_json(server, "/rank", {"user_id": 3, "pin_ids": pins, "surface": "search"})
+    status, body = post_json(server, "/rank", {"user_id": user, "pin_ids": pins, "surface": "search"})
     assert status == 200, body
     ranked = [item["pin_id"] for item in body["items"]]
     assert sorted(ranked) == sorted(set(pins)), "every distinct candidate is ranked once"
@@ -387,13 +443,16 @@ def test_rank_scores_candidates_and_reports_versions(server, service) -> None:
     assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
     assert set(body["items"][0]["scores"]) == {"ctr", "cvr"}
     assert body["embedding_versions"]["ctr"] == {f: "v1" for f in ("ctr_pin", "ctr_user", "cvr_pin", "cvr_user")}
+    assert set(body["rankers"]) == {"ctr", "cvr"} and body["rankers"]["ctr"].startswith("ctr@")
     assert body["user_missing"] == [] and body["pins_missing"] == 1
     assert [i["embedding_found"] for i in body["items"] if i["pin_id"] == UNKNOWN] == [False]
 
-    # the scores are the rankers' own on the served features
-    expected = service.score(3, np.array([5, 1, UNKNOWN, 9, 30]), surface="search")
-    by_pin = {item["pin_id"]: item["scores"]["cvr"] for item in body["items"]}
-    np.testing.assert_allclose([by_pin[p] for p in [5, 1, UNKNOWN, 9, 30]], expected.scores["cvr"], rtol=1e-6)
+    # the scores equal an independent computation: Feast's own reader and the rankers' saved weights
+    distinct = [5, 1, UNKNOWN, 9, 30]
+    expected = _independent_scores(store, service, platform.serving_time, user, distinct, "search", tmp_path)
+    for objective in ("ctr", "cvr"):
+        by_pin = {item["pin_id"]: item["scores"][objective] for item in body["items"]}
+        np.testing.assert_allclose([by_pin[p] for p in distinct], expected[objective], rtol=1e-5, err_msg=objective)
 
     status, body = post_json(server, "/rank", {"user_id": UNKNOWN, "pin_ids": [1, 2], "sort_by": "cvr"})
     assert status == 200 and body["sort_by"] == "cvr"
@@ -406,6 +465,7 @@ def test_retrieve_and_rank_with_k(server, service, platform: BenchPlatform) -> N
     status, body = post_json(server, "/retrieve", {"user_id": 4, "k": 10})
     assert status == 200, body
     assert body["retrieval"]["version"] == "v1" and body["retrieval"]["user_found"]
+    assert body["embedding_versions"] == {"ctr_pin": "v1", "ctr_user": "v1"}
     assert 0.0 <= body["retrieval"]["recall_at_k"] <= 1.0 and body["index"]["pins"] == PINS
     ids, vectors = read_partition(service.index_manager.catalog, "ctr_pin", "v1", platform.embedding_day)
     users, user_vectors = read_partition(service.index_manager.catalog, "ctr_user", "v1", platform.embedding_day)
@@ -575,13 +635,255 @@ def test_index_is_rebuilt_when_a_new_version_is_promoted(server, service, platfo
         assert manager.refresh().version == "v2"
         status, body = post_json(server, "/retrieve", {"user_id": 4, "k": 5})
         assert status == 200 and body["retrieval"]["version"] == "v2" and body["retrieval"]["user_found"]
-        # the ranker still reads the versions it was trained on, and health says the service moved on
+        # a ranker trained on v1 does not score once v2 is promoted without a compatibility record (issue 15)
+        status, refused = post_json(server, "/rank", {"user_id": 4, "pin_ids": [1, 2]})
+        assert status == 409 and "ctr_pin trained on v1, promoted v2" in refused["detail"]
+        assert service.health()["version_skew"]["ctr"]["ctr_pin"] == {"trained": "v1", "promoted": "v2"}
+        # ... and does once the gate's record of the promotion lets rankers of v1 serve v2
+        allowed = {"against": "v1", "verdict": "compatible", "serve_older_rankers": True}
+        promote(platform.paths, "ctr", "v2", repo=FeatureRepo(), compat=allowed)
         status, ranked = post_json(server, "/rank", {"user_id": 4, "pin_ids": [1, 2]})
         assert status == 200 and ranked["embedding_versions"]["ctr"]["ctr_pin"] == "v1"
         assert service.health()["feature_service_drift"]["ctr"]["ctr_pin"] == "v1 -> v2"
     finally:
         rollback(platform.paths, "ctr", repo=FeatureRepo())
     assert manager.refresh().version == "v1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input (issue 12 item 6): bodies capped while streaming, ids strictly int64, no 500s
+# ---------------------------------------------------------------------------------------------
+
+
+def _post_chunked(port: int, path: str, chunks: list[bytes]) -> tuple[int, dict, int]:
+    """POST ``chunks`` with ``Transfer-Encoding: chunked`` (no Content-Length) over a raw socket, stopping
+    as soon as the server answers; returns (status, JSON body, chunks sent)."""
+    import select
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        sent = 0
+        for chunk in [*chunks, b""]:  # the empty chunk ends the body
+            if select.select([sock], [], [], 0.02)[0]:
+                break  # answered before the body was complete
+            try:
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(
+            next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        )
+        while len(body) < length:
+            body += sock.recv(65536)
+        return int(head.split(b" ")[1]), json.loads(body[:length]), sent
+
+
+def test_chunked_bodies_are_capped_while_streaming(server) -> None:
+    # 1.5M ids (about 11 MB), far above the 20 kB limit, never announced in a Content-Length
+    chunks = [b'{"user_id": 1, "pin_ids": [']
+    chunks += [(",".join(map(str, range(i, i + 10_000))) + ",").encode() for i in range(0, 1_500_000, 10_000)]
+    chunks.append(b"1]}")
+    status, body, sent = _post_chunked(server.port, "/rank", chunks)
+    assert status == 413 and "above the limit of 20000 bytes" in body["detail"], body
+    assert sent < len(chunks) // 2, f"the server read {sent} of {len(chunks)} chunks before refusing"
+    status, body, sent = _post_chunked(server.port, "/rank", [b'{"user_id": 1, ', b'"pin_ids": [1, 2]}'])
+    assert status == 200 and len(body["items"]) == 2 and sent == 3, body
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"user_id": True, "pin_ids": [1]}, "user_id"),
+        ({"user_id": "7", "pin_ids": [1]}, "user_id"),
+        ({"user_id": 7.0, "pin_ids": [1]}, "user_id"),
+        ({"user_id": 1, "pin_ids": [1, True]}, "pin_ids"),
+        ({"user_id": 1, "pin_ids": ["7"]}, "pin_ids"),
+        ({"user_id": 1, "pin_ids": [7.0]}, "pin_ids"),
+        ({"user_id": 1, "pin_ids": [-(2**63) - 1]}, "greater than or equal"),
+        ({"user_id": 1, "k": True}, "k"),
+    ],
+)
+def test_ids_are_json_integers_in_int64_range(server, body, where) -> None:
+    status, answer = post_json(server, "/rank", body)
+    assert status == 422 and where in json.dumps(answer), answer
+    retrieve = {"user_id": body["user_id"], "k": 1} if where == "user_id" else {"user_id": 1, "k": 7.0}
+    status, answer = post_json(server, "/retrieve", retrieve)
+    assert status == 422, answer
+
+
+def test_pin_ids_are_counted_before_any_id_is_parsed(server) -> None:
+    # 101 entries that are not even ids: refused for their number, not for their content
+    status, answer = post_json(server, "/rank", {"user_id": 1, "pin_ids": [{"x": [1, 2, 3]}] * 101})
+    assert status == 413 and "101 candidate Pins" in answer["detail"], answer
+    status, answer = post_json(server, "/rank", {"user_id": 1, "pin_ids": 5})
+    assert status == 422, answer
+    server.request("POST", "/rank", body=b"{not json", headers={"content-type": "application/json"})
+    response = server.getresponse()
+    assert response.status == 422 and "not valid JSON" in json.loads(response.read())["detail"]
+
+
+def test_a_vector_with_null_elements_is_a_named_error_not_a_null_score(server, store, platform) -> None:
+    import pandas as pd
+
+    corrupt_pin = 10**8 + 7  # a Pin no other test reads
+    vector = np.ones(DIM, dtype=np.float32)
+    vector[3] = np.nan  # what a NULL element of the published list becomes once written as floats
+    frame = pd.DataFrame(
+        {
+            "pin_id": [corrupt_pin],
+            "ctr_pin_emb": [vector.tolist()],
+            "event_timestamp": [pd.Timestamp(platform.serving_time) - pd.Timedelta(hours=1)],
+        }
+    )
+    store.write_to_online_store("ctr_pin_emb_v1", frame)
+    status, body = post_json(server, "/rank", {"user_id": 1, "pin_ids": [1, corrupt_pin]})
+    assert status == 502, body
+    assert "ctr_pin_emb_v1:ctr_pin_emb" in body["detail"] and f"pin_id={corrupt_pin}" in body["detail"]
+    status, body = post_json(server, "/rank", {"user_id": 1, "pin_ids": [1, 2]})
+    assert status == 200 and all(item["score"] is not None for item in body["items"])
+
+
+def test_redis_error_replies_give_503_not_500(store, platform, tmp_path) -> None:
+    """A real error reply from a real Redis: a user whose ACL forbids HMGET (NOPERM). LOADING after a
+    restart, OOM and READONLY after a failover are error replies too and take the same path."""
+    from derm.infra.redis_server import LocalRedisServer
+    from derm.serving.embedding_reader import RedisHashReader, RedisTimeouts
+    from derm.serving.http_api import create_app
+    from derm.serving.service import RankingService
+
+    with LocalRedisServer(tmp_path / "acl-redis", persist=False) as redis_server:
+        redis_server.client().execute_command(
+            "ACL", "SETUSER", "reader", "on", ">secret-pass-1234", "~*", "+@all", "-hmget"
+        )
+        reader = RedisHashReader(
+            f"127.0.0.1:{redis_server.port},username=reader,password=secret-pass-1234",
+            timeouts=RedisTimeouts(connect=0.3, read=0.3, cooldown=0.0),
+        )
+        refused = RankingService(store, untrained_rankers(store, ("ctr",)), redis_reader=reader)
+        app = create_app(refused)
+        with serve_in_thread(app) as port:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            for _ in range(2):  # the connection stays in step: the second request gets the same answer
+                status, body = post_json(connection, "/rank", {"user_id": 1, "pin_ids": [1, 2]})
+                assert status == 503 and "NOPERM" in body["detail"], body
+            connection.request("GET", "/metrics")
+            scraped = connection.getresponse().read().decode()
+            connection.close()
+    assert 'derm_redis_errors_total{kind="error_reply"} 2.0' in scraped
+
+
+def test_a_failed_index_build_is_backed_off(tmp_path) -> None:
+    from derm.materialization.catalog import Catalog
+    from derm.serving.ann import PinIndexManager
+
+    catalog = Catalog(tmp_path)
+    day = date(2026, 1, 5)
+    folder = catalog.partition_dir("ctr_pin", "v1", day)
+    folder.mkdir(parents=True)
+    (folder / "data.parquet").write_bytes(b"not parquet")
+    catalog.state_path.parent.mkdir(parents=True, exist_ok=True)
+    catalog.state_path.write_text(
+        json.dumps({"promoted": {"ctr_pin": "v1"}, "online": {"ctr_pin": {"v1": day.isoformat()}}})
+    )
+    manager = PinIndexManager(catalog, "ctr_pin", check_interval=0.0, retry_seconds=30.0)
+    for _ in range(20):  # every request after the failure: answered at once, no new build
+        assert manager.current() is None
+    assert manager.build_attempts == 1 and "attempt 1; next in 30 s" in manager.last_error
+    manager._failures[("v1", day)] = (1, 0.0)  # the backoff has run out
+    assert manager.current() is None and manager.build_attempts == 2 and "next in 60 s" in manager.last_error
+
+
+def test_openapi_fuzz_never_answers_500(server) -> None:
+    """schemathesis generates requests from the OpenAPI document (valid and invalid ones) against the
+    real server on loopback: no answer may be a 5xx, and every 2xx must match its response schema."""
+    import schemathesis
+    from hypothesis import HealthCheck
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.generation import GenerationMode
+    from schemathesis.specs.openapi.checks import response_schema_conformance
+
+    base = f"http://127.0.0.1:{server.port}"
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    tried: dict[str, dict[int, int]] = {}
+
+    def fuzzer(strategy, counts: dict[int, int]):
+        @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def fuzz(case) -> None:
+            response = case.call(base_url=base, timeout=30)
+            counts[response.status_code] = counts.get(response.status_code, 0) + 1
+            checks = [not_a_server_error] + ([response_schema_conformance] if response.status_code < 300 else [])
+            case.validate_response(response, checks=checks)
+
+        return fuzz
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if operation.method.upper() == "POST" else [])
+        for mode in modes:  # a GET without parameters has nothing to make invalid
+            counts = tried.setdefault(f"{operation.method.upper()} {operation.path} {mode.value}", {})
+            fuzzer(operation.as_strategy(generation_mode=mode), counts)()
+    total = sum(sum(c.values()) for c in tried.values())
+    print(f"schemathesis: {total} cases", json.dumps(tried, sort_keys=True))
+    assert total >= 150 and all(status < 500 for c in tried.values() for status in c)
+    assert any(200 in c for c in tried.values()) and any(422 in c for c in tried.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: /metrics is scraped and says what the requests did
+# ---------------------------------------------------------------------------------------------
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_are_scraped(server, platform: BenchPlatform) -> None:
+    def scrape() -> dict:
+        server.request("GET", "/metrics")
+        response = server.getresponse()
+        assert response.status == 200 and response.getheader("content-type").startswith("text/plain")
+        return _samples(response.read().decode())
+
+    before = scrape()
+    for _ in range(3):
+        assert post_json(server, "/rank", {"user_id": 2, "pin_ids": [1, 2, 3, 4]})[0] == 200
+    assert post_json(server, "/retrieve", {"user_id": 2, "k": 5})[0] == 200
+    assert post_json(server, "/rank", {"user_id": 2, "pin_ids": []})[0] == 422
+    after = scrape()
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("derm_http_requests_total", endpoint="/rank", method="POST", status="200") == 3
+    assert grew("derm_http_requests_total", endpoint="/rank", method="POST", status="422") == 1
+    assert grew("derm_http_request_seconds_count", endpoint="/rank", status="200") == 3
+    assert grew("derm_http_request_seconds_bucket", endpoint="/rank", status="200", le="+Inf") == 3
+    assert grew("derm_redis_read_seconds_count") == 4  # 3 rank + 1 retrieve
+    assert grew("derm_model_seconds_count", objective="ctr") == 3 and grew("derm_ann_seconds_count") == 1
+    assert grew("derm_candidates_per_request_sum", endpoint="/rank") == 12
+    assert grew("derm_candidates_per_request_sum", endpoint="/retrieve") == 5
+    versions = {(dict(k[1])["family"], dict(k[1])["version"]) for k, v in after.items()
+                if k[0] == "derm_embedding_version_served" and v == 1}  # fmt: skip
+    assert versions == {(f, "v1") for f in ("ctr_user", "ctr_pin", "cvr_user", "cvr_pin")}
+    day = platform.embedding_day.isoformat()
+    assert after[("derm_retrieval_index_info", (("day", day), ("family", "ctr_pin"), ("version", "v1")))] == 1
+    assert after[("derm_retrieval_index_age_seconds", ())] >= 0
 
 
 # ---------------------------------------------------------------------------------------------
