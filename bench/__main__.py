@@ -103,12 +103,31 @@ WORKLOADS: tuple[Workload, ...] = (
     ),
     Workload(
         name="P2-load",
-        title="Bounded loopback load test of /rank",
-        module="bench.load_rank",
-        sizes=dict(requests=1_000, duration=30.0, concurrency=8, pins=100),
-        smoke=dict(requests=10, duration=10.0, concurrency=2, pins=10),
-        scaled=("requests",),
-        figures=(("throughput_rps", "requests/s"), ("p99_ms", "p99 ms"), ("errors", "errors")),
+        title="External load (wrk, loopback): derm serve /rank vs feast serve, same workers, Redis, registry",
+        module="bench.p2_load",
+        sizes=dict(duration=5.0, max_requests=20_000, workers=2),
+        smoke=dict(duration=1.0, max_requests=200, workers=1, chart=None),
+        scaled=("max_requests",),
+        figures=(
+            ("rank100.max_rps_at_p99_50ms", "/rank 100 Pins: max req/s at p99 <= 50 ms"),
+            ("rank500.max_rps_at_p99_50ms", "/rank 500 Pins: max req/s at p99 <= 50 ms"),
+            ("feast100.max_rps_at_p99_50ms", "feast serve 100 Pins: max req/s at p99 <= 50 ms"),
+            ("rank100.at_rate.50.p99_ms", "/rank 100 Pins p99 ms at 50 req/s offered"),
+            ("rank100.at_rate.100.p99_ms", "/rank 100 Pins p99 ms at 100 req/s offered"),
+            ("rank100.at_rate.200.p99_ms", "/rank 100 Pins p99 ms at 200 req/s offered"),
+            ("rank100.at_rate.400.p99_ms", "/rank 100 Pins p99 ms at 400 req/s offered"),
+            ("rank500.at_rate.100.p99_ms", "/rank 500 Pins p99 ms at 100 req/s offered"),
+            ("feast100.at_rate.50.p99_ms", "feast serve 100 Pins p99 ms at 50 req/s offered"),
+            ("feast100.at_rate.100.p99_ms", "feast serve 100 Pins p99 ms at 100 req/s offered"),
+            ("p99_budget_ms", "same-p99 budget ms (50, or feast's best p99 if above)"),
+            ("rank100_rps_at_budget", "/rank 100 Pins req/s within the budget"),
+            ("feast100_rps_at_budget", "feast serve 100 Pins req/s within the budget"),
+            ("peak_throughput_ratio_100", "peak req/s ratio /rank / feast serve (any p99)"),
+        ),
+        ratios=(
+            Ratio("throughput_ratio_100", "/rank / feast serve req/s at the same p99 (100 Pins)", 5.0),
+            Ratio("rank100_p99_ms_at_100rps", "/rank 100 Pins p99 ms at 100 req/s", 20.0, higher_is_better=False),
+        ),
     ),
     Workload(
         name="P3",
@@ -206,6 +225,8 @@ def write_markdown(results: list[dict[str, Any]], path: Path, chart: Path | None
                 bound = ">=" if q["higher_is_better"] else "<="
                 met = {True: "yes", False: "**no**", None: "n/a"}[q["met"]]
                 lines.append(f"| {q['name']} | {_fmt(q['value'])} | {bound} {q['target']} | {met} |")
+        if isinstance(r["result"], dict) and r["result"].get("chart"):  # a workload's own chart
+            lines += ["", f"![{r['workload']}]({r['result']['chart']})"]
         lines.append("")
     if chart is not None:
         lines += [f"![ratios against their targets]({chart.name})", ""]
