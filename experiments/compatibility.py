@@ -359,7 +359,10 @@ def _verdict(report: CompatReport) -> None:
         drop = -swapped.delta.value
         if drop <= t.max_auc_drop:
             report.verdict = COMPATIBLE
-            report.reasons = [f"the promoted ranker loses {drop:+.4f} ROC-AUC on {report.new} (<= {t.max_auc_drop})"]
+            report.reasons = [
+                f"the promoted ranker's ROC-AUC on {report.new} changes by {-drop:+.4f} "
+                f"(a loss of at most {t.max_auc_drop} is compatible)"
+            ]
         else:
             report.verdict = NEEDS_RETRAIN
             report.reasons = [
@@ -560,6 +563,11 @@ def compat_markdown(report: CompatReport, png_name: str | None = None) -> str:
         f"# Compatibility of {report.objective} {report.new} with {report.old}: **{report.verdict}**",
         "",
         *[f"- {reason}" for reason in report.reasons],
+        *(
+            [f"- a ranker trained on {report.new} is saved ({report.retrained}): `derm promote` accepts {report.new}"]
+            if report.verdict == NEEDS_RETRAIN and report.retrained
+            else []
+        ),
         "",
         f"## Geometry ({geo.day}, both families; one orthogonal Procrustes rotation fitted on half the entities)",
         "",
