@@ -182,18 +182,20 @@ def compat_command(family_or_model: str, new: str, old: str | None, thresholds: 
     (compatible / needs-retrain / incompatible) and writes the Markdown + PNG report under
     $DERM_DATA_DIR/reports. Exits 1 when incompatible.
     """
+    from derm.cli.runtime import online_store
     from derm.experiments.compatibility import INCOMPATIBLE, CompatThresholds, compatibility, write_compat_report
 
     paths = _paths()
-    report = compatibility(
-        paths,
-        _repo().store(),
-        family_or_model,
-        new,
-        old,
-        thresholds=CompatThresholds.load(thresholds),
-        log=lambda line: click.echo(line, err=True),
-    )
+    with online_store(paths):  # the feature repo's configuration names the online store
+        report = compatibility(
+            paths,
+            _repo().store(),
+            family_or_model,
+            new,
+            old,
+            thresholds=CompatThresholds.load(thresholds),
+            log=lambda line: click.echo(line, err=True),
+        )
     markdown = write_compat_report(paths, report)
     click.echo(report.summary())
     click.echo(f"report: {markdown}")
