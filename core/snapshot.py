@@ -95,6 +95,8 @@ class SnapshotManifest:
             message = _HINTS.get(key, error["msg"]) if error["type"] == "string_pattern_mismatch" else error["msg"]
             got = error.get("input")
             shown = "" if error["type"] == "missing" or isinstance(got, dict) else f" (got {repr(got)[:80]})"
+            if key == "family" and error["type"] == "literal_error":
+                message, shown = f"unknown family {got!r}: expected one of {sorted(FAMILIES)}", ""
             raise ManifestError(f"key {key!r}: {message}{shown}", key=key) from None
         raw = json.loads(text)
         for name in ("event_timestamp", "data_window_start", "data_window_end", "created_at"):
