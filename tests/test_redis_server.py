@@ -210,11 +210,12 @@ def test_a_sigterm_while_the_server_starts_is_held_back_until_it_is_recorded(
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(DataDirRedis, "_write_state", record_then_sigterm)
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exited, DataDirRedis(redis_dir).session():
         pytest.fail("the command must not go on after SIGTERM")
     assert exited.value.code == 128 + signal.SIGTERM
     assert _servers_of(redis_dir) == [], "the server started during the signal is stopped, not leaked"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the previous handler is back"
+    assert signal.getsignal(signal.SIGTERM) is handler, "the previous handler is back"
 
 
 def test_a_server_started_but_never_recorded_is_stopped_not_doubled(
