@@ -146,14 +146,41 @@ def train_downstream(
     help="FAMILY=VERSION to audit against (default: the file's metadata, else the promoted version).",
 )
 @click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="Violations to print.")
-def audit_leakage(training_set: Path, versions: dict[str, str], show: int) -> None:
-    """Prove a training set point-in-time correct against a DuckDB ASOF oracle; exit 1 on any violation."""
-    from derm.core.paths import PlatformPaths
-    from derm.training.downstream.leakage import audit_training_set
+@click.option("--no-gate", is_flag=True, help="Only the point-in-time audit, not the training-set gate.")
+@thresholds_option
+def audit_leakage(
+    training_set: Path, versions: dict[str, str], show: int, no_gate: bool, thresholds: Path | None
+) -> None:
+    """Prove a training set point-in-time correct against a DuckDB ASOF oracle, then run the training-set gate.
 
+    Exit 1 on any point-in-time violation or gate refusal (the failed expectations and the Data Docs
+    page are printed); the gate runs on training sets written by ``derm train-downstream`` (they carry
+    their window and objective), with the event log's label rate when the log is in the data dir.
+    """
+    from derm.core.paths import PlatformPaths
+    from derm.core.training_set import read_training_set
+    from derm.training.downstream.leakage import audit_training_set
+    from derm.training.downstream.training_sets import gate_training_set
+
+    paths = PlatformPaths.from_env()
     try:
-        report = audit_training_set(training_set, PlatformPaths.from_env(), versions=versions, max_reported=show)
+        report = audit_training_set(training_set, paths, versions=versions, max_reported=show)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(report.describe(limit=show))
-    sys.exit(0 if report.ok else 1)
+    table, info = read_training_set(training_set)
+    gate_ok = True
+    if no_gate:
+        pass
+    elif info is None:
+        click.echo(f"gate: skipped, {training_set} has no training-set metadata (window, objective)")
+    else:
+        events_dir = paths.events_dir if paths.events_dir.exists() else None
+        gate = gate_training_set(table, info, paths.validation_dir, thresholds, events_dir=events_dir)
+        gate_ok = gate.success
+        click.echo(f"gate: {'PASS' if gate.success else 'REFUSED'} {gate.summary}")
+        for failure in gate.failures:
+            click.echo(f"  x {failure}")
+        if gate.data_docs_page is not None:
+            click.echo(f"  Data Docs: {gate.data_docs_page}")
+    sys.exit(0 if report.ok and gate_ok else 1)

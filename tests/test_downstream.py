@@ -234,9 +234,14 @@ def test_leakage_audit_passes_point_in_time_and_flags_leaky(platform: PlatformPa
     assert first.kind == "future" and first.found_snapshot > first.event_timestamp
 
     runner = CliRunner()
-    assert runner.invoke(audit_leakage, [str(path)]).exit_code == 0
-    result = runner.invoke(audit_leakage, [str(leaky), "--show", "3"])
+    assert runner.invoke(audit_leakage, [str(path), "--no-gate"]).exit_code == 0
+    result = runner.invoke(audit_leakage, [str(leaky), "--show", "3", "--no-gate"])
     assert result.exit_code == 1 and "row 0 " in result.output and "future" in result.output
+    # With the gate (the default), the planted one-day gap of ctr_pin refuses the point-in-time-correct set.
+    result = runner.invoke(audit_leakage, [str(path)])
+    assert result.exit_code == 1 and "PASS: every embedding was available" in result.output, result.output
+    assert "gate: REFUSED" in result.output and "[ctr_pin_emb]" in result.output and "Data Docs: " in result.output
+    assert runner.invoke(audit_leakage, [str(path), "--thresholds", str(_relaxed(tmp_path))]).exit_code == 0
 
     # One tampered row is named precisely: the vector of a snapshot published after the event.
     import pyarrow as pa
@@ -253,6 +258,19 @@ def test_leakage_audit_passes_point_in_time_and_flags_leaky(platform: PlatformPa
     report = audit_training_set(tampered, platform)
     assert report.violation_counts == {"ctr_user_emb": 0, "ctr_pin_emb": 0, "cvr_user_emb": 0, "cvr_pin_emb": 1}
     assert report.violations[0].row == row and report.violations[0].kind == "future"
+
+
+def _relaxed(tmp_path: Path) -> Path:
+    """The shipped thresholds with missing embeddings tolerated: what an operator passes with --thresholds."""
+    import yaml
+
+    from derm.validation.thresholds import DEFAULT_THRESHOLDS_PATH
+
+    thresholds = yaml.safe_load(DEFAULT_THRESHOLDS_PATH.read_text())
+    thresholds["training_set"]["max_missing_embedding_rate"] = 0.5
+    path = tmp_path / "relaxed.yaml"
+    path.write_text(yaml.safe_dump(thresholds))
+    return path
 
 
 def test_bootstrap_ci_math_on_known_cases() -> None:
