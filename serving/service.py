@@ -40,10 +40,12 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -103,6 +105,9 @@ class ServingSettings:
     redis_timeouts: RedisTimeouts = field(default_factory=RedisTimeouts)
     ann: AnnSettings = field(default_factory=AnnSettings)
     index_check_seconds: float = 1.0
+    # Score with the rankers' models traced by TorchScript (same weights, same outputs, checked on the
+    # first batch): the profile of a loaded worker is dominated by per-layer Python overhead.
+    trace_rankers: bool = True
 
 
 class ServingError(Exception):
@@ -183,6 +188,61 @@ def ranker_id(objective: str, ranker: Ranker) -> str:
     return f"{objective}@{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
+class TracedModel:
+    """A ranker's ``torch.nn.Module`` run as a TorchScript trace, made on the first batch it sees.
+
+    The trace is checked against the eager model on that batch (``torch.allclose``); on any
+    difference or tracing error the eager model is used. Thread-safe; the saved model is untouched.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self._traced: Any = None
+        self._lock = threading.Lock()
+
+    def eval(self) -> TracedModel:
+        self.model.eval()
+        return self
+
+    def _trace(self, batch: Mapping[str, Any]) -> Any:
+        import torch
+
+        self.model.eval()
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # shape checks turned constants: fixed per model
+                traced = torch.jit.trace(self.model, (dict(batch),), strict=False, check_trace=False)
+                # Checked on this batch and on one of another size: a trace must not have frozen the batch size.
+                longer = {name: torch.cat([values, values[:1]]) for name, values in batch.items()}
+                if all(
+                    torch.allclose(traced(dict(b)), self.model(dict(b)), rtol=1e-5, atol=1e-6) for b in (batch, longer)
+                ):
+                    return traced
+                log.warning("the traced ranker differs from the eager one; scoring eagerly")
+        except Exception as error:  # an architecture tracing cannot follow: stay eager
+            log.warning("tracing the ranker failed (%s); scoring eagerly", error)
+        return self.model
+
+    def __call__(self, batch: Mapping[str, Any]) -> Any:
+        model = self._traced
+        if model is None:
+            with self._lock:
+                if self._traced is None:
+                    self._traced = self._trace(batch)
+                model = self._traced
+        return model(dict(batch))
+
+
+def traced_ranker(ranker: Ranker) -> Ranker:
+    """A shallow copy of ``ranker`` whose ``model`` is a :class:`TracedModel` (the original is untouched)."""
+    model = getattr(ranker, "model", None)
+    if model is None or not hasattr(model, "state_dict"):
+        return ranker
+    served = copy.copy(ranker)
+    served.model = TracedModel(model)  # type: ignore[attr-defined]
+    return served
+
+
 def distinct_in_order(ids: Sequence[int] | np.ndarray) -> np.ndarray:
     """``ids`` as int64 without repeats, each at its first position."""
     values = np.asarray(ids, dtype=np.int64)
@@ -227,6 +287,11 @@ class RankingService:
         self.ranker_ids = {objective: ranker_id(objective, ranker) for objective, ranker in self.rankers.items()}
         self.ranker_ids.update(ranker_ids or {})
         self.settings = settings or ServingSettings()
+        # What scores: the rankers themselves, or copies whose models run as TorchScript traces.
+        self._scorers = {
+            objective: traced_ranker(ranker) if self.settings.trace_rankers else ranker
+            for objective, ranker in self.rankers.items()
+        }
         self.redis = redis_reader or redis_reader_for(store, self.settings.redis_timeouts)
         try:
             store.get_feature_view(PIN_ATTRIBUTES_VIEW)
@@ -419,7 +484,7 @@ class RankingService:
         frames, features = self.model_inputs(user_id, pins, surface, now)
         timings = {"redis": time.perf_counter() - started}
         scores = {}
-        for objective, ranker in self.rankers.items():
+        for objective, ranker in self._scorers.items():
             started = time.perf_counter()
             scores[objective] = np.asarray(ranker.score(frames[objective]), np.float64)
             timings[f"model:{objective}"] = time.perf_counter() - started
