@@ -203,26 +203,32 @@ def _build_data_docs(context: Any, results: list[Any]) -> Path | None:
     if not identifiers:
         return None
     context.build_data_docs(resource_identifiers=identifiers, build_index=False)
+    page = _page_path(context, identifiers[0])
     for suite_name in dict.fromkeys(result.suite_name for result in results):
-        _prune_results(context, suite_name, VALIDATION_RESULTS_KEPT_PER_SUITE)
-    return _page_path(context, identifiers[0])
+        _prune_results(context, suite_name, VALIDATION_RESULTS_KEPT_PER_SUITE, page, identifiers[0])
+    return page
 
 
-def _prune_results(context: Any, suite_name: str, keep: int) -> int:
-    """Delete a suite's validation results beyond the newest ``keep``, with their Data Docs pages."""
+def _prune_results(context: Any, suite_name: str, keep: int, page: Path | None, page_key: Any) -> int:
+    """Delete a suite's validation results beyond the newest ``keep``, with their Data Docs pages.
+
+    ``page`` is the rendered page of ``page_key``: GE lays pages out like results (suite name split on
+    ".", run name, run time, batch), so the other pages' paths follow from it without asking GE for
+    each (which costs a site-builder instantiation per call).
+    """
     from great_expectations.data_context.types.resource_identifiers import ValidationResultIdentifier
 
     store = context.validation_results_store
-    # GE keys a result by (suite name split on ".", run name, run time, batch): list one suite's keys only.
     prefix = tuple(suite_name.split("."))
     keys = [ValidationResultIdentifier.from_tuple(key) for key in store.store_backend.list_keys(prefix=prefix)]
     keys = [key for key in keys if key.expectation_suite_identifier.name == suite_name]
     keys.sort(key=lambda key: key.run_id.run_time, reverse=True)
+    pages_root = page.parents[len(page_key.to_tuple()) - 1] if page is not None else None
     for key in keys[keep:]:
-        page = _page_path(context, key)
         store.remove_key(key)
-        if page is not None:
-            page.unlink(missing_ok=True)
+        if pages_root is not None:
+            *folders, batch = key.to_tuple()
+            pages_root.joinpath(*folders, f"{batch}.html").unlink(missing_ok=True)
     return max(len(keys) - keep, 0)
 
 
