@@ -54,7 +54,7 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from redis import Redis
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from derm.feast_plugins import compat, resp
@@ -87,9 +87,9 @@ class FastRedisOnlineStoreConfig(RedisOnlineStoreConfig):
     max_pending_batches: PositiveInt = 2
     """Encoded chunks queued for the writer thread; bounds memory to a few chunks."""
     replica_acks: NonNegativeInt = 0
-    """Redis Cluster: replicas that must acknowledge each node's writes (``WAIT``) before a chunk counts as
-    written. 1 makes an acknowledged write survive its master's crash (the writer retries the chunk when fewer
-    replicas answer); 0 is stock Feast's asynchronous replication."""
+    """Redis Cluster: replicas that must acknowledge each master's writes (``WAIT``) before a chunk counts as
+    written (at most the replicas the master has). 1 makes a written row survive its master's crash: the writer
+    sends the chunk again when fewer replicas answer. 0 is stock Feast's asynchronous replication."""
     cluster_retry_seconds: PositiveFloat = 30.0
     """Redis Cluster: how long the writer keeps retrying a chunk (node down, failover, slots moved) before it
     raises; a failover takes about ``cluster-node-timeout`` plus an election."""
@@ -334,6 +334,10 @@ class _SocketWriter:
         self.pool.release(self.connection)
 
 
+# A node down, a failover under way, a slot table that cannot be loaded for a moment: worth another try.
+_RETRYABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError)
+
+
 class _Redirected(Exception):
     """A reply said a slot lives elsewhere (``MOVED``), is migrating (``ASK``) or is unserved for now."""
 
@@ -349,12 +353,18 @@ class _ClusterSocketWriter:
     commands in one send; all masters work at once and their replies are read afterwards. Keys
     are hashed to slots with NumPy (:func:`key_slots`) and slots mapped to masters through
     redis-py's slot table. A write is all-or-retry per chunk: when a node is unreachable, a
-    reply says ``MOVED``/``ASK``/``CLUSTERDOWN``/``TRYAGAIN``, or fewer than ``replica_acks``
-    replicas acknowledge, the slot table is reloaded and the whole chunk is sent again (every
-    command is idempotent: the dedup read then sees the rows already written and skips them,
-    the same final state), for up to ``cluster_retry_seconds``. A slot still migrating
-    after the reload (``ASK``) is written through redis-py's cluster client, which follows
-    the redirection row by row.
+    reply says ``MOVED``/``CLUSTERDOWN``/``TRYAGAIN``, or fewer than ``replica_acks`` replicas
+    acknowledge (``WAIT``), the slot table is reloaded and the rows the dedup read selected are
+    sent again (the same bytes: idempotent), for up to ``cluster_retry_seconds``. A slot
+    that is migrating (``ASK``) is written through redis-py's cluster client, which follows
+    the redirection row by row. Example (``feature_store.yaml``)::
+
+        online_store:
+          type: derm.feast_plugins.redis_online_store.FastRedisOnlineStore
+          redis_type: redis_cluster
+          connection_string: node-1:6379,node-2:6379,node-3:6379
+          replica_acks: 1            # a written row survives its master's crash
+          cluster_retry_seconds: 30  # rides out a failover
     """
 
     def __init__(self, client: RedisCluster, store_config: RedisOnlineStoreConfig):
@@ -366,7 +376,8 @@ class _ClusterSocketWriter:
         self.pools: dict[str, Any] = {}
         self.owner = np.zeros(0, dtype=np.int64)  # slot -> index into self.nodes
         self.nodes: list[Any] = []
-        self._load_slots()
+        self.replicas: list[int] = []
+        self.slots_loaded = False
 
     def _load_slots(self) -> None:
         manager = self.client.nodes_manager
@@ -376,8 +387,17 @@ class _ClusterSocketWriter:
         by_name = {node.name: node for node in owners}
         self.nodes = [by_name[name] for name in names]
         self.owner = np.array([index[node.name] for node in owners], dtype=np.int64)
+        # Replicas each master has now: a master promoted by a failover has none until the old one rejoins,
+        # and is then waited on for none (there is no copy to wait for).
+        self.replicas = (
+            [int(node.redis_connection.info("replication")["connected_slaves"]) for node in self.nodes]
+            if self.replica_acks
+            else [0] * len(self.nodes)
+        )
+        self.slots_loaded = True
 
     def _reload_slots(self) -> None:
+        self.slots_loaded = False
         self._drop_connections()
         self.client.nodes_manager.initialize()
         self._load_slots()
@@ -421,61 +441,66 @@ class _ClusterSocketWriter:
         owners = self.owner[key_slots(encoded.keys.take(rows))] if len(rows) else np.zeros(0, np.int64)
         return {int(node): rows[owners == node] for node in np.unique(owners)}
 
-    def _write_once(self, encoded: EncodedRows) -> int:
-        assert encoded.hset_commands is not None
+    def _select(self, encoded: EncodedRows) -> np.ndarray:
+        """The rows stock Feast would write: one ``HGET _ts`` per key on its master, then :func:`rows_to_write`."""
         every_row = np.arange(len(encoded))
-        selected = every_row
-        if not self.store_config.skip_dedup:
-            tail = resp.bulk(encoded.fields[0])
-            groups = self._by_node(encoded, every_row)
-            head = resp.command_head(b"HGET", 2)
-            replies = self._exchange(
-                {
-                    node: (resp.keyed_commands(head, encoded.keys.take(rows), tail), len(rows))
-                    for node, rows in groups.items()
-                }
-            )
-            stored: list[bytes | None] = [None] * len(encoded)
-            for node, rows in groups.items():
-                for row, value in zip(rows.tolist(), replies[node], strict=True):
-                    stored[row] = value
-            selected = rows_to_write(encoded, stored)
+        if self.store_config.skip_dedup:
+            return every_row
+        tail = resp.bulk(encoded.fields[0])
+        groups = self._by_node(encoded, every_row)
+        head = resp.command_head(b"HGET", 2)
+        payloads = {
+            node: (resp.keyed_commands(head, encoded.keys.take(rows), tail), len(rows)) for node, rows in groups.items()
+        }
+        replies = self._exchange(payloads)
+        stored: list[bytes | None] = [None] * len(encoded)
+        for node, rows in groups.items():
+            for row, value in zip(rows.tolist(), replies[node], strict=True):
+                stored[row] = value
+        return rows_to_write(encoded, stored)
+
+    def _write_rows(self, encoded: EncodedRows, selected: np.ndarray) -> None:
+        """HSET (+ EXPIRE) of the selected rows on their masters, then ``WAIT`` for the replicas each one has."""
+        assert encoded.hset_commands is not None
         per_row = 2 if self.store_config.key_ttl_seconds else 1
-        wait = resp.command_head(b"WAIT", 2) + resp.bulk(b"%d" % self.replica_acks) + resp.bulk(b"1000")
         payloads = {}
+        waits = {}
         for node, rows in self._by_node(encoded, selected).items():
             payload = encoded.hset_commands.take(rows).data.tobytes()
             replies_count = len(rows) * per_row
-            if self.replica_acks:
-                payload += wait
+            waits[node] = min(self.replica_acks, self.replicas[node])
+            if waits[node]:
+                # WAIT covers every write sent before it on this connection: the whole chunk.
+                payload += resp.command_head(b"WAIT", 2) + resp.bulk(b"%d" % waits[node]) + resp.bulk(b"1000")
                 replies_count += 1
             payloads[node] = (payload, replies_count)
         replies = self._exchange(payloads)
-        if self.replica_acks:
-            for node, received in replies.items():
-                if received[-1] < self.replica_acks:
-                    raise RedisTimeoutError(
-                        f"{self.nodes[node].name}: {received[-1]} of {self.replica_acks} replicas acknowledged"
-                    )
-        return len(selected)
-
-    def _write_through_client(self, encoded: EncodedRows) -> int:
-        """redis-py's cluster pipeline (follows ASK row by row): only while a slot migrates."""
-        return _PipelineWriter(self.client, self.store_config).write(encoded)
+        for node, received in replies.items():
+            if waits[node] and received[-1] < waits[node]:
+                name = self.nodes[node].name
+                raise RedisTimeoutError(f"{name}: {received[-1]} of {waits[node]} replicas acknowledged")
 
     def write(self, encoded: EncodedRows) -> int:
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.05
+        selected: np.ndarray | None = None
         while True:
             try:
-                return self._write_once(encoded)
+                if not self.slots_loaded:
+                    self._load_slots()
+                if selected is None:
+                    selected = self._select(encoded)
+                # A retry sends the same rows again (same bytes: idempotent) rather than reading _ts anew, which
+                # would skip rows a failed attempt wrote but no replica acknowledged.
+                self._write_rows(encoded, selected)
+                return len(selected)
             except _Redirected as redirected:
                 if redirected.asking:
                     # A slot is migrating: only redis-py's cluster client follows ASK (row by row).
                     self._reload_slots()
                     return _PipelineWriter(self.client, self.store_config).write(encoded)
                 failure: Exception = redirected
-            except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            except _RETRYABLE as error:
                 failure = error
             if time.monotonic() > deadline:
                 raise failure
@@ -483,8 +508,8 @@ class _ClusterSocketWriter:
             delay = min(delay * 2, 1.0)
             try:
                 self._reload_slots()
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                pass  # every startup node may be down for a moment; the next attempt reloads again
+            except _RETRYABLE:
+                self.slots_loaded = False  # every startup node may be down for a moment: the next attempt reloads
 
     def finish(self) -> None:
         pass

@@ -12,6 +12,8 @@ the middle of writes and reads.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -168,7 +170,7 @@ def test_key_slots_are_the_clusters(redis_cluster: LocalRedisCluster, keys: list
 def test_materialize_on_cluster_is_byte_identical_to_stock(cluster_stores, redis_cluster: LocalRedisCluster) -> None:
     stock, fast, _ = cluster_stores
     writer = fast._get_provider().online_store._writer(fast.config)
-    assert isinstance(writer, _ClusterSocketWriter) and len(writer.nodes) == 3
+    assert isinstance(writer, _ClusterSocketWriter)
     writer.close()
     stock.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
     fast.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
@@ -250,13 +252,24 @@ def _finish_migration(cluster: LocalRedisCluster, slot: int, target_id: str) -> 
             client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
 
-def test_writer_follows_moved_and_ask(cluster_stores, redis_cluster: LocalRedisCluster) -> None:
+def _fast_store(tmp_path: Path, cluster: LocalRedisCluster, project: str, **settings: object):
+    """A fast store of its own project on the cluster, and the view (its rows are written with write_arrow)."""
+    data = tmp_path / "unused.parquet"
+    pq.write_table(_rows(seed=1, entities=1), data)
+    user, view = _view(data)
+    online = {"type": FAST_STORE, "redis_type": "redis_cluster", "connection_string": cluster.connection_string}
+    store = _store(tmp_path, project, {**online, **settings}, {"type": VECTOR_ENGINE})
+    store.apply([user, view])
+    return store, view
+
+
+def test_writer_follows_moved_and_ask(tmp_path: Path, redis_cluster: LocalRedisCluster) -> None:
     """A slot moved to another master after the writer loaded its map (MOVED), then one half-migrated (ASK)."""
-    _, fast, view = cluster_stores
+    fast, view = _fast_store(tmp_path, redis_cluster, "clmove")
     store: FastRedisOnlineStore = fast._get_provider().online_store
     config = fast.config
     ids = np.arange(5_000_000, 5_000_400, dtype=np.int64)
-    keys = redis_format.int64_redis_keys(redis_format.int64_key_layout("user_id", "clfast", 3), ids)
+    keys = redis_format.int64_redis_keys(redis_format.int64_key_layout("user_id", "clmove", 3), ids)
     slots = redis_format.key_slots(keys)
     moved_slot = int(slots[0])
     # A slot only the second write touches: its keys are not on the source yet, so the source answers ASK.
@@ -268,9 +281,11 @@ def test_writer_follows_moved_and_ask(cluster_stores, redis_cluster: LocalRedisC
     assert store.write_arrow(config, view, _table(ids[:200], WINDOW_END)) == 200
     source_port, target_id = _begin_migration(redis_cluster, ask_slot)
     try:
-        assert store.write_arrow(config, view, _table(ids, WINDOW_END)) == 200  # the first 200 are not newer
         with redis_cluster.node_client(source_port) as source:
-            assert source.execute_command("CLUSTER", "COUNTKEYSINSLOT", ask_slot) == 0  # all went to the target
+            before = source.execute_command("CLUSTER", "COUNTKEYSINSLOT", ask_slot)  # other tests' keys
+            assert store.write_arrow(config, view, _table(ids, WINDOW_END)) == 200  # the first 200 are not newer
+            # The new keys of the migrating slot went to the importing master, none to the source.
+            assert source.execute_command("CLUSTER", "COUNTKEYSINSLOT", ask_slot) == before
     finally:
         _finish_migration(redis_cluster, ask_slot, target_id)
     client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0])
@@ -278,3 +293,68 @@ def test_writer_follows_moved_and_ask(cluster_stores, redis_cluster: LocalRedisC
         assert all(client.hget(key, redis_format.ts_field("user_emb")) for key in keys.to_list())
     finally:
         client.close()
+
+
+def test_master_killed_during_writes_and_reads(tmp_path: Path, redis_cluster: LocalRedisCluster) -> None:
+    """A master is SIGKILLed while the writer streams chunks and a reader polls: its replica takes over, reads
+    resume, and every row the writer reported written is there afterwards (``replica_acks: 1``)."""
+    store, view = _fast_store(
+        tmp_path, redis_cluster, "clfail", write_batch_rows=500, replica_acks=1, cluster_retry_seconds=60
+    )
+    online: FastRedisOnlineStore = store._get_provider().online_store
+    batches, batch_rows = 12, 2000
+    written: list[int] = []  # batches the writer has returned from
+    reads = {"ok_after_kill": 0, "failed": 0}
+    killed = threading.Event()
+    stop = threading.Event()
+
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for batch in range(batches):
+                ids = np.arange(batch * batch_rows, (batch + 1) * batch_rows, dtype=np.int64)
+                online.write_arrow(store.config, view, _table(ids, WINDOW_START + timedelta(minutes=batch)))
+                written.append(batch)
+                time.sleep(0.05)
+        except BaseException as error:
+            failures.append(error)
+            raise
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                rows = [{"user_id": i} for i in range(0, batch_rows * max(1, len(written)), 997)]
+                store.get_online_features(features=["user_emb:clicks"], entity_rows=rows).to_dict()
+                if killed.is_set():
+                    reads["ok_after_kill"] += 1
+            except (redis.RedisError, OSError):
+                reads["failed"] += 1
+            time.sleep(0.02)
+
+    writer = threading.Thread(target=write)
+    reader = threading.Thread(target=read)
+    writer.start()
+    reader.start()
+    while len(written) < 3 and writer.is_alive():
+        time.sleep(0.01)
+    victim = redis_cluster.master_ports()[0]
+    redis_cluster.kill(victim)
+    killed.set()
+    writer.join(timeout=120)
+    assert not writer.is_alive() and written == list(range(batches)), f"the writer gave up: {failures!r}"
+    redis_cluster.wait_until_healthy()
+    deadline = time.monotonic() + 30
+    while reads["ok_after_kill"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    reader.join()
+    try:
+        assert victim not in redis_cluster.master_ports()
+        assert reads["ok_after_kill"] >= 3, reads
+        everything = [{"user_id": i} for i in range(batches * batch_rows)]
+        got = store.get_online_features(features=["user_emb:clicks"], entity_rows=everything).to_dict()
+        assert got["clicks"] == list(range(batches * batch_rows)), "rows acknowledged by the writer were lost"
+    finally:
+        redis_cluster.restart(victim)  # back as a replica, so later tests see 3 masters + 3 replicas
+        redis_cluster.wait_until_healthy()
