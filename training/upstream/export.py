@@ -76,15 +76,18 @@ def aggregate(
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
     out = np.asarray(daily, dtype=np.float32)
+    carried = np.zeros(len(out), dtype=bool)
     if previous is not None and has_previous is not None:
         previous = np.asarray(previous, dtype=np.float32)
         if aggregation == "ema":
             out = np.where(has_previous[:, None], ema_weight * previous + (1.0 - ema_weight) * out, out)
         if active is not None:
-            out = np.where((has_previous & ~active)[:, None], previous, out)
+            carried = has_previous & ~active
     if renormalize:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         out = out / np.where(norms > 0, norms, 1.0)
+    if carried.any():  # bit for bit: yesterday's vector was normalised when it was written
+        out = np.where(carried[:, None], previous, out)
     return out.astype(np.float32)
 
 
