@@ -37,7 +37,7 @@ from derm.cli.publishing import (
 from derm.cli.runtime import online_store, resolve_redis
 from derm.cli.serving import serve
 from derm.cli.upstream import train_upstream
-from derm.cli.validation import validate
+from derm.cli.validation import docs, validate
 from derm.core.paths import REDIS_CONNECTION_ENV, PlatformPaths
 
 console = Console(stderr=True)
@@ -279,12 +279,14 @@ def run_all(ctx: click.Context, preset: str, events_source: Path | None) -> None
         ctx.invoke(train_downstream, objective="both")
         console.rule("8/8 sample online lookup")
         sample_lookup(user_id=0, pin_ids=[0, 1, 2])
+    ctx.invoke(docs)
     console.print(f"done: data in {paths.data_dir}")
 
 
 for _command in (
     train_upstream,
     validate,
+    docs,
     publish,
     accept_command,
     discard_command,

@@ -76,3 +76,25 @@ def _snapshot_from_options(family: str | None, model_version: str | None, day: d
     if not candidates:
         raise click.UsageError(f"no snapshot of {family} {model_version} under {snapshots}")
     return candidates[-1]
+
+
+@click.command("docs")
+@click.option(
+    "--docs-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Root of the GE project and Data Docs; default: <data dir>/validation.",
+)
+def docs(docs_dir: Path | None) -> None:
+    """Build the Great Expectations Data Docs site (index and the kept results' pages); print its index.
+
+    Each validation renders only its own page, so publishing costs the same on day 1,000 as on day
+    10; the index that lists them is built here, on demand (``derm run-all`` ends with it).
+    """
+    from derm.core.paths import PlatformPaths
+    from derm.validation.gate import VALIDATION_RESULTS_KEPT_PER_SUITE, build_data_docs_index
+
+    root = docs_dir or PlatformPaths.from_env().validation_dir
+    if not (root / "gx").exists():
+        raise click.ClickException(f"no validation results under {root}: nothing was validated yet")
+    index = build_data_docs_index(root)
+    click.echo(f"Data Docs: {index} (the newest {VALIDATION_RESULTS_KEPT_PER_SUITE} results of each suite)")

@@ -84,3 +84,26 @@ def test_history_is_the_last_history_days_of_the_same_version(tmp_path: Path) ->
     assert recent_snapshots(today, 7) == folders[-7:]
     assert recent_snapshots(today, 0) == []
     assert recent_snapshots(folders[0], 7) == []
+
+
+def test_derm_docs_builds_the_index_on_demand(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from derm.cli.validation import docs
+
+    docs_root = tmp_path / "validation"
+    empty = CliRunner().invoke(docs, ["--docs-dir", str(docs_root)])
+    assert empty.exit_code == 1 and "nothing was validated yet" in empty.output
+
+    folders, _ = _week(tmp_path / "snapshots", [60, 60])
+    for folder in folders:
+        assert validate_snapshot(folder, docs_dir=docs_root, now=NOW).success
+    index = docs_root / "gx/uncommitted/data_docs/local_site/index.html"
+    assert not index.exists()  # a validation renders its own page only
+
+    result = CliRunner().invoke(docs, ["--docs-dir", str(docs_root)])
+
+    assert result.exit_code == 0, result.output
+    assert f"Data Docs: {index.resolve()}" in result.output
+    listed = index.read_text()
+    assert all(f"ctr_user_v1_{(DAY - timedelta(days=d)).isoformat()}" in listed for d in (1, 2))
