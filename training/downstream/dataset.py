@@ -3,9 +3,13 @@
 Paper: "Decoupled Entity Representation Learning for Pinterest Ads Ranking",
 https://arxiv.org/abs/2509.04337.
 
+With a sequence encoder, :func:`with_user_sequences` first adds each row's recent engaged
+Pins, point in time, from the event log (DuckDB).
+
 Example::
 
     table, info = read_training_set(path)
+    table = with_user_sequences(table, paths.events_dir, length=20)   # only for a sequence encoder
     train = RankerDataset(table, FeatureTransform(spec))
     for batch in train.loader(batch_size=1024, shuffle=True):  # dict of (B, ...) tensors
         ...
@@ -13,15 +17,20 @@ Example::
 
 from __future__ import annotations
 
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from derm.core.sql import connect
 from derm.core.training_set import LABEL
-from derm.training.downstream.ranker import FeatureTransform
+from derm.events.schema import EVENT_TIMESTAMP_US_SQL, event_files, partition_day
+from derm.training.downstream.ranker import SEQUENCE_COLUMN, FeatureTransform
 
 
 class RankerDataset(Dataset):
@@ -80,8 +89,62 @@ def _batch_identity(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def with_user_sequences(table: pa.Table, events_dir: Path, length: int, lookback_days: int = 28) -> pa.Table:
+    """``table`` with :data:`~derm.training.downstream.ranker.SEQUENCE_COLUMN` added: per row, the Pins its user
+    clicked strictly before the row's ``event_timestamp`` (at most ``length``, most recent first, within
+    ``lookback_days``), read from the event log with DuckDB.
+
+    Point in time: an engagement at or after the impression's own time never enters its sequence
+    (the impression's own click is the label). Ties in time are ordered by ``event_id``.
+
+    Args:
+        table: rows with ``user_id`` and ``event_timestamp`` (a training set).
+        events_dir: the event log.
+        length: longest sequence ``L``.
+        lookback_days: engagements older than this before the impression are left out.
+
+    Returns:
+        The table with a ``list<int64>`` column (empty list for a user without earlier clicks).
+    """
+    if table.num_rows == 0:
+        return table.append_column(SEQUENCE_COLUMN, pa.array([], pa.list_(pa.int64())))
+    stamps = table.column("event_timestamp")
+    low, high = pc.min_max(stamps).values()
+    first, last = (low.as_py() - timedelta(days=lookback_days)).date(), high.as_py().date()
+    files = [str(p) for p in event_files(events_dir) if first <= partition_day(p) <= last]
+    rows = pa.table(
+        {
+            "row": pa.array(np.arange(table.num_rows, dtype=np.int64)),
+            "user_id": table.column("user_id").cast(pa.int64()),
+            "ts": stamps.cast(pa.timestamp("us", tz="UTC")),
+        }
+    )
+    sql = f"""
+        WITH clicks AS (
+            SELECT user_id, pin_id, {EVENT_TIMESTAMP_US_SQL} AS ts, event_id
+            FROM read_parquet($files) WHERE clicked
+        ),
+        recent AS (
+            SELECT r.row, c.pin_id, c.ts, c.event_id
+            FROM rows_ r JOIN clicks c
+              ON c.user_id = r.user_id AND c.ts < r.ts AND c.ts >= r.ts - to_days($lookback)
+            QUALIFY row_number() OVER (PARTITION BY r.row ORDER BY c.ts DESC, c.event_id DESC) <= $length
+        )
+        SELECT r.row, coalesce(list(x.pin_id ORDER BY x.ts DESC, x.event_id DESC)
+                               FILTER (WHERE x.pin_id IS NOT NULL), []::BIGINT[]) AS seq
+        FROM rows_ r LEFT JOIN recent x USING (row)
+        GROUP BY r.row ORDER BY r.row"""
+    with connect() as con:
+        con.register("rows_", rows)
+        if not files:
+            return table.append_column(SEQUENCE_COLUMN, pa.array([[]] * table.num_rows, pa.list_(pa.int64())))
+        params = {"files": files, "lookback": int(lookback_days), "length": int(length)}
+        seq = con.sql(sql, params=params).to_arrow_table().column("seq")
+    return table.append_column(SEQUENCE_COLUMN, seq.cast(pa.list_(pa.int64())))
+
+
 def label_array(table: pa.Table) -> np.ndarray:
     return table.column(LABEL).to_numpy().astype(np.float64)
 
 
-__all__ = ["PermutationBatchSampler", "RankerDataset", "label_array"]
+__all__ = ["PermutationBatchSampler", "RankerDataset", "label_array", "with_user_sequences"]

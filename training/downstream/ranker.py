@@ -18,8 +18,13 @@ context). Inputs, per row:
   standardised with train-split mean/std; null -> 0 before ``log1p``, plus one
   "missing" flag per counting view;
 * embeddings: one ``<family>_emb`` column per family, concatenated (optionally
-  projected, as in the paper), with a missing flag per family and a zero vector
-  when missing.
+  projected, as in the paper), with a missing flag per family; a missing vector
+  is replaced by the family's learned cold-start vector (never zeros), and in
+  training whole families are dropped to it at random (``embedding_dropout``);
+* optionally (``RankerModelConfig.sequence_length > 0``) the user's recent engaged
+  Pins before the impression (column ``recent_pins``, most recent first), encoded
+  by a small transformer (:class:`SequenceEncoder`); optionally a mixture of
+  experts (:class:`MixtureOfExperts`, MMoE-style gates) as the deep tower.
 
 Serving contract (what ``serving/`` calls)::
 
@@ -34,8 +39,11 @@ columns ``get_historical_features`` / ``get_online_features`` return (ids,
 counting features with ``None`` for missing, embedding columns as ``(B, D)``
 float32 arrays or lists of ``D`` floats with ``None`` for missing) plus the
 context columns ``advertiser_id``, ``category_id``, ``surface`` and
-``day_of_week`` (or ``event_timestamp``). Missing embeddings are zero vectors
-with their flag set, in training and in serving alike.
+``day_of_week`` (or ``event_timestamp``); a ranker with a sequence encoder also
+reads ``recent_pins`` (list of Pin ids per row). Missing embeddings get the
+learned cold-start vector with their flag set, in training and in serving alike.
+Probabilities are calibrated: ``sigmoid(a * logit + b)`` with ``RankerSpec.calibration
+= [a, b]`` fitted on the validation days.
 
 Saved layout: ``<models_dir>/downstream/<objective>/<run>/model.pt`` (state dict) and
 ``ranker.json`` (:class:`RankerSpec`: objective, feature service, feature refs,
@@ -84,6 +92,7 @@ ID_BUCKETS: dict[str, int] = {  # hashed id features -> bucket count
 }
 
 _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+SEQUENCE_COLUMN = "recent_pins"  # the user's engaged Pins strictly before the impression, most recent first
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,12 @@ class RankerModelConfig:
     cross_rank: int | None = 64  # low-rank cross weights (None: full rank)
     mlp_hidden: tuple[int, ...] = (256, 128)  # deep tower, parallel to the cross network
     dropout: float = 0.1
+    embedding_dropout: float = 0.0  # training only: share of (row, family) embeddings replaced by the cold vector
+    sequence_length: int = 0  # > 0: transformer over the user's last N engaged Pins (column "recent_pins")
+    sequence_heads: int = 2
+    sequence_layers: int = 1
+    experts: int = 0  # > 0: the deep tower is a mixture of this many expert MLPs with a softmax gate (MMoE)
+    expert_hidden: int = 128
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,7 @@ class RankerSpec:
     surfaces: list[str] = field(default_factory=lambda: list(SURFACES))
     model: RankerModelConfig = field(default_factory=RankerModelConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # training window, metrics, ... (informational)
+    calibration: list[float] = field(default_factory=lambda: [1.0, 0.0])  # p = sigmoid(a * logit + b), [a, b]
 
     @property
     def families(self) -> list[str]:
@@ -207,6 +223,26 @@ def embedding_matrix(values: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return matrix, missing
 
 
+def sequence_matrix(values: Any, length: int) -> np.ndarray:
+    """A column of Pin-id lists (Arrow list, or lists / arrays with ``None`` for empty) -> ``(B, L)`` int64, -1-padded.
+
+    The first ``length`` ids of each list are kept (lists are most recent first).
+    """
+    from derm.training.upstream.features import pad_sequences
+
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        return values[:, :length].astype(np.int64)
+    if not isinstance(values, pa.ChunkedArray | pa.Array):
+        if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):
+            values = values.to_numpy(dtype=object)
+        values = pa.array([None if v is None else list(v) for v in values], type=pa.list_(pa.int64()))
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.list_(pa.int64()))
+    if pa.types.is_large_list(values.type):
+        values = values.cast(pa.list_(values.type.value_type))
+    return pad_sequences(values.cast(pa.list_(pa.int64())), length)
+
+
 def hash_ids(ids: np.ndarray, buckets: int, salt: int) -> np.ndarray:
     """Deterministic multiplicative hash of int64 ids into ``[0, buckets)`` (same in training and serving)."""
     with np.errstate(over="ignore"):
@@ -250,6 +286,7 @@ class FeatureTransform:
         batch["dense"]        # (B, 14) float32: standardised log1p counts + 2 missing flags
         batch["emb"]          # (B, sum D) float32, zeros where missing
         batch["emb_missing"]  # (B, F) float32, one flag per family
+        batch["seq"]          # (B, L) int64 hashed Pin ids, -1 = padding (only with a sequence encoder)
     """
 
     def __init__(self, spec: RankerSpec) -> None:
@@ -266,6 +303,7 @@ class FeatureTransform:
             "day_of_week",
             *self.spec.counting_features,
             *map(feature_name, self.spec.families),
+            *([SEQUENCE_COLUMN] if self.spec.model.sequence_length else []),
         ]
 
     def __call__(self, frame: Mapping[str, Any], label: str | None = None) -> dict[str, torch.Tensor]:
@@ -295,6 +333,17 @@ class FeatureTransform:
                 np.stack(missing, axis=1).astype(np.float32) if missing else np.zeros((n, 0), np.float32)
             ),
         }
+        length = spec.model.sequence_length
+        if length:
+            if SEQUENCE_COLUMN not in frame:
+                raise ValueError(
+                    f"column {SEQUENCE_COLUMN!r} missing: this ranker encodes the user's recent engaged Pins "
+                    "(derm.training.downstream.dataset.with_user_sequences builds it point in time)"
+                )
+            seq = sequence_matrix(frame[SEQUENCE_COLUMN], length)
+            pin_salt = list(spec.id_buckets).index("pin_id")  # the target Pin's own hashing: one shared table
+            hashed = hash_ids(np.maximum(seq, 0), spec.id_buckets["pin_id"], salt=pin_salt)
+            batch["seq"] = torch.from_numpy(np.where(seq >= 0, hashed, -1).astype(np.int64))
         if label is not None:
             batch["label"] = torch.from_numpy(_as_float(frame[label]).astype(np.float32))
         return batch
@@ -333,8 +382,78 @@ class CrossNetV2(nn.Module):
         return x
 
 
+class SequenceEncoder(nn.Module):
+    """A small transformer over the user's recent engaged Pins, read out by a learned ``[CLS]`` token.
+
+    The ``[CLS]`` token is always present, so a user without history gets a learned vector, not zeros.
+
+    Args:
+        dim: width ``E`` of the item embeddings (the ranker's hashed Pin-id table).
+        max_length: longest sequence ``L``.
+        heads: attention heads (must divide ``dim``).
+        layers: transformer encoder layers.
+        dropout: dropout inside the encoder.
+
+    Example::
+
+        encoder = SequenceEncoder(dim=16, max_length=20)
+        pooled = encoder(items, padding)   # items (B, L, 16), padding (B, L) bool (True = empty) -> (B, 16)
+    """
+
+    def __init__(self, dim: int, max_length: int, heads: int = 2, layers: int = 1, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.05)
+        self.position = nn.Embedding(max_length + 1, dim)
+        nn.init.normal_(self.position.weight, std=0.05)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=4 * dim, dropout=dropout, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, items: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        b, length, _ = items.shape  # (B, L, E)
+        tokens = torch.cat([self.cls.expand(b, 1, -1), items], dim=1)  # (B, L + 1, E)
+        tokens = tokens + self.position(torch.arange(length + 1, device=items.device))[None]
+        mask = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=items.device), padding], dim=1)
+        return self.encoder(tokens, src_key_padding_mask=mask)[:, 0]  # (B, E)
+
+
+class MixtureOfExperts(nn.Module):
+    """MMoE (Ma et al., KDD 2018): expert MLPs shared by the tasks, one softmax gate per task.
+
+    Args:
+        dim: input width ``d``.
+        experts: number of experts ``X``.
+        hidden: output width ``H`` of every expert.
+        tasks: number of tasks ``T`` (a gate each); the CTR ranker has one.
+        dropout: dropout after each expert's hidden layer.
+
+    Example::
+
+        moe = MixtureOfExperts(dim=128, experts=4, hidden=64)
+        y = moe(x)    # (B, 128) -> (B, T, 64)
+    """
+
+    def __init__(self, dim: int, experts: int, hidden: int, tasks: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(
+            [nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout)) for _ in range(experts)]
+        )
+        self.gates = nn.Linear(dim, tasks * experts)
+        self.tasks, self.n_experts = tasks, experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = torch.stack([expert(x) for expert in self.experts], dim=1)  # (B, X, H)
+        gates = self.gates(x).view(-1, self.tasks, self.n_experts).softmax(dim=-1)  # (B, T, X)
+        return gates @ outputs  # (B, T, H)
+
+
 class RankerModel(nn.Module):
-    """DCNv2-style ranker: hashed id embeddings + dense counts + projected DERM embeddings -> cross || MLP -> logit.
+    """DCNv2-style ranker: hashed id embeddings + dense counts + projected DERM embeddings -> cross || deep -> logit.
+
+    The deep tower is an MLP, or a :class:`MixtureOfExperts` with ``experts > 0``; with
+    ``sequence_length > 0`` a :class:`SequenceEncoder` over the user's recent Pins adds ``E`` inputs.
+    A missing family gets its learned cold-start vector (``cold_start``, never zeros) and its flag.
 
     Args:
         spec: the :class:`RankerSpec` (input sizes and :class:`RankerModelConfig`).
@@ -343,6 +462,7 @@ class RankerModel(nn.Module):
 
         model = RankerModel(spec)
         logits = model(FeatureTransform(spec)(frame))   # (B,)
+        emb, missing = model.embedding_input(batch)     # (B, sum D) with cold-start rows filled, (B, F)
     """
 
     def __init__(self, spec: RankerSpec) -> None:
@@ -351,32 +471,66 @@ class RankerModel(nn.Module):
         self.id_embeddings = nn.ModuleList([nn.Embedding(b, cfg.id_embedding_dim) for b in spec.sparse_buckets])
         for table in self.id_embeddings:
             nn.init.normal_(table.weight, std=0.05)
-        emb_dim = sum(spec.embedding_dims[f] for f in spec.families)
+        dims = [spec.embedding_dims[f] for f in spec.families]
+        emb_dim = sum(dims)
+        self.register_buffer("family_dims", torch.tensor(dims, dtype=torch.long), persistent=False)
+        self.cold_start = nn.Parameter(torch.randn(emb_dim) * 0.05)  # (sum D): one learned vector per family
+        self.embedding_dropout = cfg.embedding_dropout
         if emb_dim and cfg.projection_dim:
             self.projection: nn.Module = nn.Linear(emb_dim, cfg.projection_dim)
             emb_out = cfg.projection_dim
         else:
             self.projection = nn.Identity()
             emb_out = emb_dim
+        self.pin_table = list(spec.id_buckets).index("pin_id")
+        self.sequence = (
+            SequenceEncoder(cfg.id_embedding_dim, cfg.sequence_length, cfg.sequence_heads, cfg.sequence_layers)
+            if cfg.sequence_length
+            else None
+        )
+        seq_out = cfg.id_embedding_dim if self.sequence is not None else 0
         width = len(spec.sparse_buckets) * cfg.id_embedding_dim + spec.dense_dim + emb_out + len(spec.families)
+        width += seq_out
         self.cross = CrossNetV2(width, cfg.cross_layers, cfg.cross_rank)
-        layers: list[nn.Module] = []
-        previous = width
-        for hidden in cfg.mlp_hidden:
-            layers += [nn.Linear(previous, hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
-            previous = hidden
-        self.mlp = nn.Sequential(*layers)
+        if cfg.experts:
+            self.moe: MixtureOfExperts | None = MixtureOfExperts(width, cfg.experts, cfg.expert_hidden, 1, cfg.dropout)
+            self.mlp = nn.Identity()
+            previous = cfg.expert_hidden
+        else:
+            self.moe = None
+            layers: list[nn.Module] = []
+            previous = width
+            for hidden in cfg.mlp_hidden:
+                layers += [nn.Linear(previous, hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
+                previous = hidden
+            self.mlp = nn.Sequential(*layers)
         self.head = nn.Linear(width + previous, 1)
+
+    def embedding_input(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(emb (B, sum D), missing (B, F))``: missing rows (and, in training, dropped ones) hold the cold vector."""
+        emb, missing = batch["emb"], batch["emb_missing"]
+        if not emb.shape[1]:
+            return emb, missing
+        if self.training and self.embedding_dropout > 0:
+            dropped = (torch.rand_like(missing) < self.embedding_dropout).to(missing.dtype)
+            missing = torch.maximum(missing, dropped)
+        fill = missing.repeat_interleave(self.family_dims, dim=1)  # (B, sum D)
+        return emb * (1.0 - fill) + self.cold_start * fill, missing
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         sparse = batch["sparse"]  # (B, S)
         ids = [table(sparse[:, i]) for i, table in enumerate(self.id_embeddings)]  # S x (B, E)
-        emb = batch["emb"]  # (B, sum D)
         parts = [*ids, batch["dense"]]
+        emb, missing = self.embedding_input(batch)
         if emb.shape[1]:
-            parts += [self.projection(emb), batch["emb_missing"]]
+            parts += [self.projection(emb), missing]
+        if self.sequence is not None:
+            seq = batch["seq"]  # (B, L), -1 = padding
+            items = self.id_embeddings[self.pin_table](seq.clamp(min=0))  # (B, L, E)
+            parts.append(self.sequence(items, seq < 0))  # (B, E)
         x0 = torch.cat(parts, dim=1)  # (B, d)
-        return self.head(torch.cat([self.cross(x0), self.mlp(x0)], dim=1)).squeeze(1)  # (B,)
+        deep = self.moe(x0)[:, 0] if self.moe is not None else self.mlp(x0)  # (B, H)
+        return self.head(torch.cat([self.cross(x0), deep], dim=1)).squeeze(1)  # (B,)
 
 
 # --------------------------------------------------------------------------- ranker
@@ -413,8 +567,9 @@ class Ranker:
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
     def score(self, frame: Mapping[str, Any]) -> np.ndarray:
-        """Probabilities ``(B,)`` float32 for the rows of ``frame`` (column name -> array or list)."""
-        return (1.0 / (1.0 + np.exp(-self.logits(frame).astype(np.float64)))).astype(np.float32)
+        """Calibrated probabilities ``(B,)`` float32 for the rows of ``frame`` (column name -> array or list)."""
+        scale, bias = self.spec.calibration
+        return (1.0 / (1.0 + np.exp(-(scale * self.logits(frame).astype(np.float64) + bias)))).astype(np.float32)
 
     def save(self, directory: Path) -> Path:
         """``model.pt`` and ``ranker.json`` into ``directory``, which appears (or is replaced) whole."""
@@ -433,7 +588,10 @@ def load_ranker(path: Path | str) -> Ranker:
     path = Path(path)
     spec = RankerSpec.from_json((path / SPEC_FILE).read_text())
     model = RankerModel(spec)
-    model.load_state_dict(torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True))
+    state = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
+    # Saved before the learned cold-start vector: missing embeddings were zeros, which a zero vector reproduces.
+    state.setdefault("cold_start", torch.zeros_like(model.cold_start))
+    model.load_state_dict(state)
     model.eval()
     return Ranker(spec, model)
 
@@ -474,16 +632,20 @@ def load_rankers(models_dir: Path, directories: Sequence[Path] = ()) -> dict[str
 
 
 __all__ = [
+    "SEQUENCE_COLUMN",
     "CrossNetV2",
     "FeatureTransform",
+    "MixtureOfExperts",
     "Ranker",
     "RankerModel",
     "RankerModelConfig",
     "RankerSpec",
+    "SequenceEncoder",
     "embedding_matrix",
     "hash_ids",
     "latest_ranker_dirs",
     "load_ranker",
     "load_rankers",
     "ranker_dir",
+    "sequence_matrix",
 ]

@@ -9,9 +9,16 @@ Reads top to bottom, one step per section:
 1. config (:class:`DownstreamConfig`);
 2. metrics: ROC-AUC, PR-AUC (average precision) and log loss, with vectorised
    (paired) bootstrap 95% confidence intervals;
-3. training: AdamW on BCE over a :class:`derm.training.downstream.dataset.RankerDataset`;
+3. training that does no harm: AdamW on BCE over a
+   :class:`derm.training.downstream.dataset.RankerDataset`, with a time-ordered
+   validation split (the last labelled day(s) before the evaluation days), early
+   stopping on validation log loss, weight decay and embedding dropout chosen on
+   validation (a small grid), and Platt calibration of the logit on validation; if
+   the calibrated model still does not beat the training label rate on validation,
+   the ranker predicts that rate (never worse than the base rate);
 4. :func:`run_downstream`: feature service -> ``get_historical_features`` ->
-   Parquet -> training-set gate -> temporal split -> train -> evaluate -> save
+   Parquet -> training-set gate -> temporal split (train | validation | eval) ->
+   train -> evaluate (with the base rate's log loss beside the model's) -> save
    to ``<models_dir>/downstream/<objective>/<run>/``.
 
 Example::
@@ -37,7 +44,7 @@ import torch
 
 from derm.core.paths import PlatformPaths
 from derm.core.training_set import TrainingSetInfo, read_training_set
-from derm.training.downstream.dataset import RankerDataset, label_array
+from derm.training.downstream.dataset import RankerDataset, label_array, with_user_sequences
 from derm.training.downstream.ranker import Ranker, RankerModelConfig, RankerSpec, ranker_dir
 from derm.training.downstream.training_sets import (
     build_training_set,
@@ -55,10 +62,17 @@ from derm.training.downstream.training_sets import (
 @dataclass(frozen=True)
 class DownstreamConfig:
     eval_days: int = 2  # the last N days of the window are evaluated on; earlier days train
-    epochs: int = 2  # passes over the train split
+    validation_days: int = 1  # the last labelled days before the eval days: early stopping, grid, calibration
+    epochs: int = 4  # at most this many passes over the train split (early stopping on validation log loss)
+    patience: int = 1  # epochs without a better validation log loss before stopping
     batch_size: int = 1024
     learning_rate: float = 2e-3
-    weight_decay: float = 1e-5  # AdamW
+    weight_decay: tuple[float, ...] = (1e-4, 1e-2)  # AdamW; a grid, the best on validation is kept
+    embedding_dropout: tuple[float, ...] = (0.0, 0.3)  # grid (only with embedding families)
+    calibrate: bool = True  # Platt-scale the logit on validation (a, b in RankerSpec.calibration)
+    sequence_encoder: bool = False  # a transformer over the user's recent engaged Pins (RankerModelConfig)
+    sequence_length: int = 20
+    experts: int = 0  # > 0: mixture-of-experts deep tower (MMoE gates) with this many experts
     seed: int = 0  # initial weights, shuffling and bootstrap
     bootstrap: int = 1000  # resamples for the 95% confidence intervals
     gate: bool = True  # run the Great Expectations training-set gate; refuse to train when it fails
@@ -191,17 +205,83 @@ def _columns(table: pa.Table) -> dict[str, pa.ChunkedArray]:
     return {name: table.column(name) for name in table.column_names}
 
 
-def train_ranker(
-    train: pa.Table, spec: RankerSpec, cfg: DownstreamConfig, log: Callable[[str], None] | None = None
-) -> Ranker:
-    """Fit a ranker on the train split: counting stats from ``train``, then ``cfg.epochs`` of AdamW on BCE."""
-    spec = spec.with_counting_stats(_columns(train))
+def _log_loss(labels: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return float(-np.mean(labels * np.log(p) + (1.0 - labels) * np.log(1.0 - p)))
+
+
+def base_rate_log_loss(labels: np.ndarray, rate: float) -> float:
+    """Log loss of predicting ``rate`` for every row of ``labels`` (the no-skill reference)."""
+    return _log_loss(np.asarray(labels, dtype=np.float64), np.full(len(labels), rate))
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray, steps: int = 100) -> tuple[float, float]:
+    """Platt scaling: ``(a, b)`` minimising the log loss of ``sigmoid(a * logit + b)`` on ``labels``.
+
+    Args:
+        logits: ``(N,)`` raw model logits on the validation rows.
+        labels: ``(N,)`` 0/1.
+    """
+    x = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
+    params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(params[0] * x + params[1], y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    a, b = (float(v) for v in params.detach())
+    return (a, b) if np.isfinite([a, b]).all() else (1.0, 0.0)
+
+
+def _cross_fitted_log_loss(logits: np.ndarray, labels: np.ndarray, calibrate: bool = True) -> tuple[float, bool]:
+    """Out-of-sample log loss of the calibrated model, and whether it beats a constant beyond noise.
+
+    Two time-ordered halves of the validation rows, each scored with the calibration (and the constant
+    rate) fitted on the other. "Beats" means the paired per-row loss difference to the constant has a
+    95% upper bound below zero.
+
+    Returns:
+        ``(model log loss, beats the constant)``.
+    """
+    half = len(labels) // 2
+    folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
+    model_rows, constant_rows = [], []
+    for fit, score in folds:
+        a, b = fit_calibration(logits[fit], labels[fit]) if calibrate else (1.0, 0.0)
+        p = np.clip(1.0 / (1.0 + np.exp(-(a * logits[score] + b))), 1e-7, 1 - 1e-7)
+        c = float(np.clip(np.mean(labels[fit]), 1e-7, 1 - 1e-7)) if len(labels[fit]) else 0.5
+        y = labels[score]
+        model_rows.append(-(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)))
+        constant_rows.append(-(y * np.log(c) + (1.0 - y) * np.log(1.0 - c)))
+    model, constant = np.concatenate(model_rows), np.concatenate(constant_rows)
+    if not len(model):
+        return float("inf"), False
+    difference = model - constant
+    upper = difference.mean() + 1.96 * difference.std(ddof=1) / np.sqrt(len(difference)) if len(model) > 1 else 0.0
+    return float(model.mean()), bool(upper < 0.0)
+
+
+def _fit_one(
+    data: RankerDataset,
+    validation: RankerDataset,
+    spec: RankerSpec,
+    cfg: DownstreamConfig,
+    weight_decay: float,
+    log: Callable[[str], None] | None,
+) -> tuple[Ranker, float, int]:
+    """One grid point: AdamW for at most ``cfg.epochs``, the epoch with the best validation log loss kept."""
     torch.manual_seed(cfg.seed)
     ranker = Ranker(spec)
-    data = RankerDataset(train, ranker.transform)
     model = ranker.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=weight_decay)
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    val_labels = validation.tensors["label"].numpy().astype(np.float64)
+    best, best_state, best_epoch, waited = float("inf"), None, 0, 0
     for epoch in range(cfg.epochs):
         model.train()
         started, total, steps = time.perf_counter(), 0.0, 0
@@ -212,20 +292,136 @@ def train_ranker(
             optimizer.step()
             total += loss.item()
             steps += 1
+        val_loss = _log_loss(val_labels, 1.0 / (1.0 + np.exp(-_logits(model, validation))))
         if log:
             rate = len(data) / max(time.perf_counter() - started, 1e-9)
-            log(f"  epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(steps, 1):.4f} ({rate:,.0f} rows/s)")
+            log(
+                f"  epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(steps, 1):.4f}, "
+                f"validation log loss {val_loss:.4f} ({rate:,.0f} rows/s)"
+            )
+        if val_loss < best - 1e-5:
+            best, best_epoch, waited = val_loss, epoch + 1, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            waited += 1
+            if waited > cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
+    return ranker, best, best_epoch
+
+
+def _logits(model: torch.nn.Module, data: RankerDataset, batch_size: int = 65_536) -> np.ndarray:
+    model.eval()
+    with torch.inference_mode():
+        out = [model(batch) for batch in data.loader(batch_size)]
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+def train_ranker(
+    train: pa.Table,
+    spec: RankerSpec,
+    cfg: DownstreamConfig,
+    log: Callable[[str], None] | None = None,
+    validation: pa.Table | None = None,
+) -> Ranker:
+    """Fit a ranker that does no harm: counting stats from ``train``, a grid over weight decay and
+    embedding dropout with early stopping on ``validation``, then calibration on ``validation``.
+
+    Without ``validation`` one grid point is trained for ``cfg.epochs`` (first weight decay, no
+    embedding dropout) and left uncalibrated.
+
+    Returns:
+        The ranker; ``spec.extra["selection"]`` records the grid's validation log losses, the chosen
+        point, the calibration and the validation base rate.
+    """
+    spec = spec.with_counting_stats(_columns(train))
+    rate = float(np.mean(label_array(train)))
+    data = RankerDataset(train, Ranker(spec).transform)
+    if validation is None or not validation.num_rows:
+        point = replace(spec.model, embedding_dropout=0.0)
+        ranker, _, _ = _fit_one(
+            data, data, replace(spec, model=point), replace(cfg, patience=cfg.epochs), cfg.weight_decay[0], log
+        )
+        return ranker
+    valid = RankerDataset(validation, Ranker(spec).transform)
+    dropouts = cfg.embedding_dropout if spec.families else (0.0,)
+    grid = [(wd, dropout) for wd in cfg.weight_decay for dropout in dict.fromkeys(dropouts)]
+    fits = []
+    for weight_decay, dropout in grid:
+        if log:
+            log(f"  weight decay {weight_decay:g}, embedding dropout {dropout:g}")
+        point = replace(spec, model=replace(spec.model, embedding_dropout=dropout))
+        ranker, val_loss, epochs = _fit_one(data, valid, point, cfg, weight_decay, log)
+        fits.append((val_loss, weight_decay, dropout, epochs, ranker))
+    val_loss, weight_decay, dropout, epochs, ranker = min(fits, key=lambda fit: fit[0])
+    val_labels = label_array(validation)
+    logits = _logits(ranker.model, valid)
+    calibration = fit_calibration(logits, val_labels) if cfg.calibrate else (1.0, 0.0)
+    calibrated = _log_loss(val_labels, 1.0 / (1.0 + np.exp(-(calibration[0] * logits + calibration[1]))))
+    held_out_loss, beats_constant = _cross_fitted_log_loss(logits, val_labels, cfg.calibrate)
+    reference = base_rate_log_loss(val_labels, rate)
+    # Judged out of sample (the calibration fitted on one half of the validation rows, scored on the other):
+    # the model must beat the training label rate, and a constant fitted the same way by more than noise.
+    # In sample, Platt scaling always reaches the validation rate and would never fall back.
+    fallback = not (held_out_loss < reference and beats_constant)
+    if fallback:
+        # Predict the training label rate; a vanishing slope keeps the model's order (ROC-AUC stays
+        # comparable across an ablation) while the log loss equals the base rate's to ~1e-8.
+        slope = 1e-4 / max(float(np.std(logits)), 1e-6)
+        calibration = (
+            slope,
+            float(np.log(rate / (1.0 - rate))) - slope * float(np.mean(logits)) if 0.0 < rate < 1.0 else 0.0,
+        )
+    selection = {
+        "grid": [
+            {"weight_decay": wd, "embedding_dropout": d, "validation_log_loss": v, "epochs": e}
+            for v, wd, d, e, _ in fits
+        ],
+        "weight_decay": weight_decay,
+        "embedding_dropout": dropout,
+        "epochs": epochs,
+        "validation_log_loss": val_loss,
+        "validation_log_loss_calibrated": calibrated,
+        "validation_log_loss_cross_fitted": held_out_loss,
+        "beats_a_constant_on_validation": beats_constant,
+        "validation_base_rate_log_loss": reference,
+        "train_label_rate": rate,
+        "fallback_to_base_rate": bool(fallback),
+    }
+    if log:
+        log(
+            f"  chosen: weight decay {weight_decay:g}, embedding dropout {dropout:g}, {epochs} epoch(s); validation "
+            f"log loss {held_out_loss:.4f} calibrated out of sample vs {reference:.4f} base rate"
+            + (" -> predicting the base rate" if fallback else "")
+        )
+    ranker.spec = replace(
+        ranker.spec, calibration=[float(c) for c in calibration], extra={**ranker.spec.extra, "selection": selection}
+    )
     return ranker
 
 
 def evaluate(
-    ranker: Ranker, table: pa.Table, resamples: int = 1000, seed: int = 0
+    ranker: Ranker, table: pa.Table, resamples: int = 1000, seed: int = 0, base_rate: float | None = None
 ) -> tuple[dict[str, Estimate], np.ndarray]:
-    """Metrics with bootstrap CIs on ``table``; also returns the scores ``(N,)``."""
+    """Metrics with bootstrap CIs on ``table``; also returns the scores ``(N,)``.
+
+    With ``base_rate`` (the training label rate) the metrics also hold ``base_rate_log_loss`` (predicting
+    that rate for every row) and ``log_loss_vs_base_rate`` (model - base rate, paired; <= 0 is no harm).
+    """
     scores = ranker.score(_columns(table))
-    estimates, _ = bootstrap_metrics(label_array(table), {"model": scores}, resamples=resamples, seed=seed)
-    return estimates["model"], scores
+    candidates = {"model": scores}
+    if base_rate is not None:
+        candidates["base rate"] = np.full(len(scores), base_rate, dtype=np.float64)
+    estimates, deltas = bootstrap_metrics(
+        label_array(table), candidates, resamples=resamples, seed=seed, baseline="base rate" if base_rate else None
+    )
+    metrics = dict(estimates["model"])
+    if base_rate is not None:
+        metrics["base_rate_log_loss"] = estimates["base rate"]["log_loss"]
+        metrics["log_loss_vs_base_rate"] = deltas["model"]["log_loss"]
+    return metrics, scores
 
 
 # --------------------------------------------------------------------------- 4. the run
@@ -247,13 +443,20 @@ class DownstreamResult:
     eval_scores: np.ndarray
     gate_summary: str = ""
     seconds: float = 0.0
+    rows_validation: int = 0
+    base_rate: float = float("nan")  # the training split's label rate
+
+    @property
+    def no_harm(self) -> bool:
+        """The ranker's eval log loss is at or below the base rate's (the training label rate)."""
+        return self.metrics["log_loss"].value <= self.metrics["base_rate_log_loss"].value
 
     def describe(self) -> str:
         metrics = "  ".join(f"{k} {v}" for k, v in self.metrics.items())
         versions = ", ".join(f"{f}={v}" for f, v in self.embedding_versions.items()) or "no embeddings"
         return (
             f"{self.objective} {self.run} ({self.feature_service}; {versions}): train {self.rows_train:,} rows, "
-            f"eval {self.rows_eval:,} rows\n  {metrics}"
+            f"validation {self.rows_validation:,} rows, eval {self.rows_eval:,} rows\n  {metrics}"
         )
 
 
@@ -273,31 +476,50 @@ def train_on_training_set(
     objective: str | None = None,
     save_to: Path | None = None,
     log: Callable[[str], None] | None = None,
+    events_dir: Path | None = None,
 ) -> tuple[Ranker, DownstreamResult]:
-    """Split a written training set in time, train, evaluate, and (optionally) save the ranker."""
+    """Split a written training set in time (train | validation | eval), train, evaluate, and (optionally) save.
+
+    ``events_dir`` (the event log) is needed with ``cfg.sequence_encoder``: the user sequences are built
+    from it point in time (:func:`derm.training.downstream.dataset.with_user_sequences`).
+    """
     started = time.perf_counter()
     table, info = read_training_set(path)
     if info is None:
         raise ValueError(
             f"{path}: no derm.training_set metadata (write it with derm.training.downstream.training_sets)"
         )
-    split = split_time(
-        (datetime.fromisoformat(info.window_start), datetime.fromisoformat(info.window_end)), cfg.eval_days
-    )
+    window = (datetime.fromisoformat(info.window_start), datetime.fromisoformat(info.window_end))
+    split = split_time(window, cfg.eval_days)
+    if cfg.sequence_encoder:
+        if events_dir is None:
+            raise ValueError("sequence_encoder needs the event log (events_dir) to build user sequences")
+        table = with_user_sequences(table, events_dir, cfg.sequence_length)
     train, held_out = split_table(table, split)
-    if not train.num_rows or not held_out.num_rows:
-        raise ValueError(f"{path}: empty split at {split} ({train.num_rows} train, {held_out.num_rows} eval rows)")
+    validation = None
+    if cfg.validation_days:
+        validation_split = split_time(window, cfg.eval_days + cfg.validation_days)
+        train, validation = split_table(train, validation_split)
+    if not train.num_rows or not held_out.num_rows or (validation is not None and not validation.num_rows):
+        sizes = f"{train.num_rows} train, {validation.num_rows if validation else 0} validation"
+        raise ValueError(f"{path}: empty split at {split} ({sizes}, {held_out.num_rows} eval rows)")
+    model = replace(
+        cfg.model,
+        sequence_length=cfg.sequence_length if cfg.sequence_encoder else 0,
+        experts=cfg.experts,
+    )
     spec = RankerSpec(
         objective=objective or info.objective,
         feature_service=info.feature_service,
         feature_refs=info.feature_refs,
         embedding_versions=info.embedding_versions,
         embedding_dims=info.embedding_dims,
-        model=cfg.model,
+        model=model,
         extra={"training_set": str(path), "window": [info.window_start, info.window_end], "split": split.isoformat()},
     )
-    ranker = train_ranker(train, spec, cfg, log=log)
-    metrics, scores = evaluate(ranker, held_out, resamples=cfg.bootstrap, seed=cfg.seed)
+    ranker = train_ranker(train, spec, cfg, log=log, validation=validation)
+    rate = float(np.mean(label_array(train)))
+    metrics, scores = evaluate(ranker, held_out, resamples=cfg.bootstrap, seed=cfg.seed, base_rate=rate)
     ranker.spec = replace(ranker.spec, extra={**ranker.spec.extra, "metrics": {k: vars(v) for k, v in metrics.items()}})
     if save_to is not None:
         ranker.save(save_to)
@@ -315,6 +537,8 @@ def train_on_training_set(
         eval_labels=label_array(held_out),
         eval_scores=scores,
         seconds=time.perf_counter() - started,
+        rows_validation=validation.num_rows if validation is not None else 0,
+        base_rate=rate,
     )
     return ranker, result
 
@@ -371,7 +595,9 @@ def run_downstream(
             log(f"  gate: {report.summary}")
         report.raise_for_failure()
     target = ranker_dir(paths.models_dir, objective, run) if save else None
-    _, result = train_on_training_set(path, cfg, objective=objective, save_to=target, log=log)
+    _, result = train_on_training_set(
+        path, cfg, objective=objective, save_to=target, log=log, events_dir=paths.events_dir
+    )
     result.gate_summary = gate_summary
     result.run = run
     return result
@@ -382,10 +608,12 @@ __all__ = [
     "DownstreamConfig",
     "DownstreamResult",
     "Estimate",
+    "base_rate_log_loss",
     "bootstrap_metrics",
     "bootstrap_weights",
     "default_run_name",
     "evaluate",
+    "fit_calibration",
     "run_downstream",
     "train_on_training_set",
     "train_ranker",
