@@ -32,10 +32,15 @@ def downstream_config(
     seed: int,
     gate: bool = True,
     thresholds: Path | None = None,
+    **ranker: object,
 ):
-    """The DownstreamConfig of the training options; ``thresholds`` is the training-set gate's YAML."""
+    """The DownstreamConfig of the training options; ``thresholds`` is the training-set gate's YAML.
+
+    ``ranker`` holds the options of :func:`ranker_options` (validation days, grids, sequence encoder, experts).
+    """
     from derm.training.downstream.train import DownstreamConfig
 
+    grids = {name: tuple(values) for name in ("weight_decay", "embedding_dropout") if (values := ranker.pop(name, ()))}
     return DownstreamConfig(
         epochs=epochs,
         eval_days=eval_days,
@@ -44,13 +49,64 @@ def downstream_config(
         seed=seed,
         gate=gate,
         gate_thresholds=thresholds,
+        **grids,
+        **ranker,
     )
+
+
+def ranker_options(function):
+    """Options of the ranker and of its no-harm training (issue 17), passed on as ``**ranker``."""
+    for option in reversed(
+        [
+            click.option(
+                "--validation-days",
+                type=click.IntRange(min=1),
+                default=1,
+                show_default=True,
+                help="Labelled days before the eval days used for early stopping, the grid and calibration.",
+            ),
+            click.option(
+                "--weight-decay",
+                type=click.FloatRange(min=0),
+                multiple=True,
+                help="AdamW weight decay; repeat for a grid chosen on validation (default: 1e-4 and 1e-2).",
+            ),
+            click.option(
+                "--embedding-dropout",
+                type=click.FloatRange(min=0, max=1, max_open=True),
+                multiple=True,
+                help="Share of embeddings replaced by the cold-start vector in training; repeat for a grid "
+                "(default: 0 and 0.3).",
+            ),
+            click.option(
+                "--sequence-encoder/--no-sequence-encoder",
+                default=False,
+                show_default=True,
+                help="A transformer over the user's recent engaged Pins (built point in time from the log).",
+            ),
+            click.option(
+                "--experts",
+                type=click.IntRange(min=0),
+                default=0,
+                show_default=True,
+                help="> 0: a mixture of this many experts (MMoE gates) as the deep tower.",
+            ),
+        ]
+    ):
+        function = option(function)
+    return function
 
 
 def training_options(function):
     for option in reversed(
         [
-            click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True),
+            click.option(
+                "--epochs",
+                type=click.IntRange(min=1),
+                default=4,
+                show_default=True,
+                help="At most this many epochs (early stopping on validation log loss).",
+            ),
             click.option(
                 "--eval-days",
                 type=click.IntRange(min=1),
@@ -87,6 +143,7 @@ def training_options(function):
 @click.option("--no-gate", is_flag=True, help="Skip the training-set gate (not recommended).")
 @thresholds_option
 @training_options
+@ranker_options
 def train_downstream(
     objective: str,
     run_name: str | None,
@@ -98,6 +155,7 @@ def train_downstream(
     bootstrap: int,
     seed: int,
     threads: int | None,
+    **ranker: object,
 ) -> None:
     """Train the CTR/CVR ranker on the promoted feature service (point-in-time, through Feast); print metrics.
 
@@ -117,7 +175,9 @@ def train_downstream(
         torch.set_num_threads(threads)
     console = Console(stderr=True)
     paths = PlatformPaths.from_env()
-    cfg = downstream_config(epochs, eval_days, batch_size, bootstrap, seed, gate=not no_gate, thresholds=thresholds)
+    cfg = downstream_config(
+        epochs, eval_days, batch_size, bootstrap, seed, gate=not no_gate, thresholds=thresholds, **ranker
+    )
     run_name = run_name or default_run_name()
     with online_store(paths):
         for name in ("ctr", "cvr") if objective == "both" else (objective,):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from derm.cli.downstream import downstream_config, training_options
+from derm.cli.downstream import downstream_config, ranker_options, training_options
 from derm.cli.publishing import thresholds_option
 
 
@@ -25,12 +25,22 @@ from derm.cli.publishing import thresholds_option
     show_default=True,
     help="Rankers of the embedding-family ablation.",
 )
-@click.option("--skip-aggregation", is_flag=True, help="Skip the moving-average vs overwrite ablation.")
+@click.option(
+    "--skip-aggregation", is_flag=True, help="Skip the aggregation sweep (overwrite, moving average w=0.2/0.5/0.8)."
+)
+@click.option(
+    "--name",
+    default="ablation",
+    show_default=True,
+    help="Prefix of the runs and reports (to keep, e.g., a run with --sequence-encoder beside one without).",
+)
 @thresholds_option
 @training_options
+@ranker_options
 def ablation(
     objective: str,
     skip_aggregation: bool,
+    name: str,
     thresholds: Path | None,
     epochs: int,
     eval_days: int,
@@ -38,12 +48,14 @@ def ablation(
     bootstrap: int,
     seed: int,
     threads: int | None,
+    **ranker: object,
 ) -> None:
-    """The paper's ablations: embedding families (none/user/user+pin/all four) and moving average vs overwrite.
+    """The paper's ablations: embedding families (none/user/user+pin/all four) and the aggregation sweep.
 
-    Every training set is gated with --thresholds (the overwrite version's snapshots are published with the
-    gate's drift checks relaxed, as that ablation requires); a refusal lists the failed expectations and the
-    Data Docs link and exits 1.
+    The report sets every ranker's log loss against the base rate's, draws a reliability diagram, and
+    lists the upstream quality figures of the promoted versions' manifests. Every training set is gated
+    with --thresholds (the sweep's snapshots are published with the gate's drift checks relaxed, as that
+    ablation requires); a refusal lists the failed expectations and the Data Docs link and exits 1.
     """
     import torch
     from rich.console import Console
@@ -52,7 +64,14 @@ def ablation(
     from derm.core.feast_repo import FeatureRepo
     from derm.core.paths import PlatformPaths
     from derm.experiments.ablation import AblationConfig, aggregation_ablation, embedding_ablation
-    from derm.experiments.reports import comparison_markdown, write_report
+    from derm.experiments.reports import (
+        comparison_markdown,
+        plot_upstream_quality,
+        reports_dir,
+        upstream_quality_markdown,
+        write_report,
+    )
+    from derm.training.downstream.training_sets import ranker_service, service_families
 
     if threads:
         torch.set_num_threads(threads)
@@ -60,22 +79,31 @@ def ablation(
     paths, repo = PlatformPaths.from_env(), FeatureRepo()
     cfg = AblationConfig(
         objectives=("ctr", "cvr") if objective == "both" else (objective,),
-        train=downstream_config(epochs, eval_days, batch_size, bootstrap, seed, thresholds=thresholds),
+        train=downstream_config(epochs, eval_days, batch_size, bootstrap, seed, thresholds=thresholds, **ranker),
+        run_prefix=name,
     )
     with online_store(paths), _refusals_end_cleanly():
         console.rule("embedding families")
         comparisons = embedding_ablation(paths, repo, cfg, log=partial(console.print, markup=False, highlight=False))
-        report = write_report(paths, "ablation_embeddings", "Downstream ablation: DERM embedding families", comparisons)
+        promoted = dict(service_families(repo.store(), ranker_service(repo.store(), "ctr")))
+        quality = upstream_quality_markdown(paths.snapshots_dir, promoted)
+        plot = plot_upstream_quality(paths.snapshots_dir, promoted, reports_dir(paths) / "upstream_quality.png")
+        if plot is not None:
+            quality += f"\n![upstream quality]({plot.name})\n"
+        report = write_report(
+            paths, f"{name}_embeddings", "Downstream ablation: DERM embedding families", comparisons, extra=quality
+        )
+        click.echo(quality)
         for comparison in comparisons:
             click.echo(comparison_markdown(comparison))
         click.echo(f"wrote {report} and {report.with_suffix('.png')}")
         if not skip_aggregation:
-            console.rule("moving average vs overwrite")
+            console.rule("aggregation sweep: overwrite, moving average w = 0.2, 0.5, 0.8")
             comparison = aggregation_ablation(
                 paths, repo, cfg, log=partial(console.print, markup=False, highlight=False)
             )
             report = write_report(
-                paths, "ablation_aggregation", "Downstream ablation: embedding aggregation", [comparison]
+                paths, f"{name}_aggregation", "Downstream ablation: embedding aggregation", [comparison]
             )
             click.echo(comparison_markdown(comparison))
             click.echo(f"wrote {report} and {report.with_suffix('.png')}")
