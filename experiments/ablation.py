@@ -12,10 +12,10 @@ each reported by :func:`derm.experiments.reports.write_report` into ``<data_dir>
    feature services built in code (no embeddings / ctr_user / ctr_user + ctr_pin /
    all four families, at the promoted versions), same events and split; metrics
    with paired bootstrap CIs of the lift over "no embeddings";
-2. :func:`aggregation_ablation`: the upstream refresh again with
-   ``RefreshConfig(aggregation="overwrite")`` (a new model version), its snapshots
-   published (not promoted), and the CTR ranker on all four overwrite families vs
-   the promoted moving-average ones;
+2. :func:`aggregation_ablation`: the paper's sweep of the aggregation -- overwrite and
+   the moving average with w = 0.2, 0.5 and 0.8 -- each an upstream refresh with its
+   own ``RefreshConfig`` (a model version of its own), its snapshots published (not
+   promoted), and the CTR ranker on all four families of each version, same rows;
 
 Example::
 
@@ -59,6 +59,7 @@ class AblationConfig:
     variants: tuple[tuple[str, tuple[str, ...]], ...] = EMBEDDING_VARIANTS  # (label, families); first = baseline
     train: DownstreamConfig = field(default_factory=DownstreamConfig)  # the same for every variant
     run_prefix: str = "ablation"  # runs are named <prefix>-<variant>
+    ema_weights: tuple[float | None, ...] = (None, 0.2, 0.5, 0.8)  # aggregation sweep; None = overwrite
 
 
 def _slug(label: str) -> str:
@@ -118,9 +119,10 @@ def _ordering_note(comparison: Comparison, resamples: int = 1000) -> str:
 # --------------------------------------------------------------------------- 2. aggregation
 
 
-# Overwriting replaces each vector by the day's fresh inference, so day-over-day drift is what the
-# ablation measures: the gate's drift checks (tuned for the moving average) are relaxed for this
-# version only; structure, finiteness, norms and coverage are checked as usual.
+# Overwriting replaces each vector by the day's fresh inference, and a small w comes close to it, so
+# day-over-day drift is what the sweep measures: the gate's drift checks (tuned for the promoted moving
+# average) are relaxed for the sweep's versions only; structure, finiteness, norms and coverage are checked
+# as usual. The versions are published, never promoted.
 OVERWRITE_DRIFT_OVERRIDES = {
     "min_median_cosine_to_previous": -1.0,
     "low_cosine_to_previous": -1.0,
@@ -144,22 +146,35 @@ def overwrite_thresholds(paths: PlatformPaths) -> Path:
     return path
 
 
-def publish_overwrite_version(
-    paths: PlatformPaths, repo: FeatureRepo, log: Log = None, thresholds_path: Path | None = None
-) -> str:
-    """Run the upstream refresh with ``aggregation="overwrite"`` and publish (not promote) its snapshots.
+def aggregation_config(ema_weight: float | None) -> UpstreamConfig:
+    """The upstream config of one point of the sweep (``None``: overwrite); everything else the default."""
+    if ema_weight is None:
+        return UpstreamConfig(refresh=RefreshConfig(aggregation="overwrite"))
+    return UpstreamConfig(refresh=RefreshConfig(aggregation="ema", ema_weight=ema_weight))
 
-    Returns the new model version (the same for DERM-CTR and DERM-CVR when both are new).
+
+def publish_aggregation_version(
+    paths: PlatformPaths,
+    repo: FeatureRepo,
+    ema_weight: float | None,
+    log: Log = None,
+    thresholds_path: Path | None = None,
+) -> str:
+    """Run the upstream refresh of one sweep point and publish (not promote) its snapshots not yet published.
+
+    Returns the model version (the same for DERM-CTR and DERM-CVR when both are new).
     """
-    cfg = UpstreamConfig(refresh=RefreshConfig(aggregation="overwrite"))
-    manifests = refresh(paths, ("ctr", "cvr"), cfg)
+    manifests = refresh(paths, ("ctr", "cvr"), aggregation_config(ema_weight))
     ordered = sorted((m for ms in manifests.values() for m in ms), key=lambda m: (m.snapshot_date, m.family))
     versions = {m.model_version for m in ordered}
     if len(versions) != 1:
-        raise RuntimeError(f"overwrite refresh produced versions {sorted(versions)}; expected one shared version")
+        raise RuntimeError(f"aggregation refresh produced versions {sorted(versions)}; expected one shared version")
     if thresholds_path is None:
         thresholds_path = overwrite_thresholds(paths)
+    catalog = Catalog(paths.embeddings_offline_dir)
     for manifest in ordered:
+        if catalog.published(manifest.family, manifest.model_version, manifest.snapshot_date) is not None:
+            continue  # e.g. the promoted w = 0.8 version: already published by the pipeline
         source = snapshot_dir(paths.snapshots_dir, manifest.family, manifest.model_version, manifest.snapshot_date)
         result = publish_snapshot(
             source, paths, repo=repo, thresholds_path=thresholds_path, promote_first_version=False
@@ -167,6 +182,17 @@ def publish_overwrite_version(
         if log:
             log(result.summary().splitlines()[0])
     return versions.pop()
+
+
+def publish_overwrite_version(
+    paths: PlatformPaths, repo: FeatureRepo, log: Log = None, thresholds_path: Path | None = None
+) -> str:
+    """:func:`publish_aggregation_version` of the overwrite point."""
+    return publish_aggregation_version(paths, repo, None, log, thresholds_path)
+
+
+def aggregation_label(ema_weight: float | None) -> str:
+    return "overwrite" if ema_weight is None else f"moving average w={ema_weight:g}"
 
 
 def aggregation_ablation(
@@ -177,49 +203,54 @@ def aggregation_ablation(
     overwrite_version: str | None = None,
     objective: str = "ctr",
 ) -> Comparison:
-    """The ranker on all four families: promoted (moving average) vs the overwrite version."""
+    """The ranker on all four families for each point of ``cfg.ema_weights``, paired against the first.
+
+    ``overwrite_version``: an already published overwrite version to use instead of refreshing one.
+    """
     cfg = cfg or AblationConfig()
-    overwrite_version = overwrite_version or publish_overwrite_version(paths, repo, log)
+    versions: dict[str, str] = {}
+    for weight in cfg.ema_weights:
+        if weight is None and overwrite_version is not None:
+            versions[aggregation_label(weight)] = overwrite_version
+            continue
+        if log:
+            log(f"aggregation sweep: {aggregation_label(weight)}")
+        versions[aggregation_label(weight)] = publish_aggregation_version(paths, repo, weight, log)
     store = repo.store()
-    promoted = dict(service_families(store, ranker_service(store, objective)))
     families = tuple(FAMILIES)
-    catalog = Catalog(paths.embeddings_offline_dir)
-
-    def label_of(versions: dict[str, str]) -> str:
-        manifests = catalog.manifests(families[0], versions[families[0]])
-        kind = manifests[0].aggregation if manifests else "?"
-        if kind == "ema" and manifests:
-            kind = f"moving average w={manifests[0].ema_weight}"
-        return f"{kind} ({versions[families[0]]})"
-
-    overwrite = dict.fromkeys(families, overwrite_version)
-    window = default_window(paths, [*promoted.items(), *overwrite.items()])
+    window = default_window(paths, [(family, version) for version in versions.values() for family in families])
     results = {}
-    for versions in (overwrite, promoted):
-        label = label_of(versions)
-        results[label] = run_downstream(
+    for label, version in versions.items():
+        results[f"{label} ({version})"] = run_downstream(
             paths,
             objective,
             cfg.train,
             families=list(families),
-            versions=versions,
+            versions=dict.fromkeys(families, version),
             window=window,
             run=f"{cfg.run_prefix}-aggregation-{_slug(label)}",
             store=store,
             log=log,
         )
         if log:
-            log(results[label].describe())
+            log(results[f"{label} ({version})"].describe())
     baseline = next(iter(results))
-    return compare(
+    comparison = compare(
         objective, f"{objective.upper()} ranker, all four families: embedding aggregation", results, baseline, cfg.train
     )
+    comparison.notes.append(
+        "the sweep's versions are published with the gate's drift checks relaxed (overwrite and small w move "
+        "embeddings fast by design) and never promoted"
+    )
+    return comparison
 
 
 __all__ = [
     "EMBEDDING_VARIANTS",
     "AblationConfig",
     "aggregation_ablation",
+    "aggregation_config",
     "embedding_ablation",
+    "publish_aggregation_version",
     "publish_overwrite_version",
 ]

@@ -3,7 +3,11 @@
 Every experiment (:mod:`derm.experiments.ablation`, :mod:`derm.experiments.leakage`) evaluates
 several rankers on identical rows; :func:`compare` pairs their scores in one bootstrap so a lift
 comes with its own 95% confidence interval, and :func:`write_report` writes
-``<data_dir>/reports/<name>.md`` and ``<name>.png``.
+``<data_dir>/reports/<name>.md``, ``<name>.png`` (lifts) and ``<name>_calibration.png`` (reliability
+diagram: observed label rate against predicted probability, per ranker). Every table sets each ranker's
+log loss against the base rate's (the training label rate predicted for every row).
+:func:`upstream_quality_markdown` and :func:`plot_upstream_quality` show the daily upstream quality
+figures recorded in the snapshot manifests.
 
 Example::
 
@@ -70,8 +74,8 @@ def comparison_markdown(comparison: Comparison) -> str:
         f"95% CIs from a paired bootstrap of those rows; lift = variant - `{comparison.baseline}`.",
         "",
         "| variant | embedding versions | ROC-AUC [95% CI] | ROC-AUC lift [95% CI] | PR-AUC [95% CI] "
-        "| PR-AUC lift [95% CI] | log loss [95% CI] |",
-        "|---|---|---|---|---|---|---|",
+        "| PR-AUC lift [95% CI] | log loss [95% CI] | log loss - base rate's [95% CI] |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, result in zip(comparison.labels, comparison.results, strict=True):
         e, d = comparison.estimates[label], comparison.deltas[label]
@@ -82,11 +86,156 @@ def comparison_markdown(comparison: Comparison) -> str:
         pr_lift = f"{d['pr_auc'].value:+.4f} [{d['pr_auc'].lo:+.4f}, {d['pr_auc'].hi:+.4f}] " + (
             f"({_pct(d['pr_auc'].value, base['pr_auc'].value)})"
         )
+        metrics = result.metrics
+        if "log_loss_vs_base_rate" in metrics:
+            gap = metrics["log_loss_vs_base_rate"]
+            vs_base = (
+                f"{gap.value:+.4f} [{gap.lo:+.4f}, {gap.hi:+.4f}] (base {metrics['base_rate_log_loss'].value:.4f})"
+            )
+        else:
+            vs_base = "n/a"
         lines.append(
-            f"| {label} | {versions} | {e['roc_auc']} | {roc_lift} | {e['pr_auc']} | {pr_lift} | {e['log_loss']} |"
+            f"| {label} | {versions} | {e['roc_auc']} | {roc_lift} | {e['pr_auc']} | {pr_lift} | {e['log_loss']} "
+            f"| {vs_base} |"
         )
-    lines += ["", *[f"- {note}" for note in comparison.notes], ""]
+    lines += ["", *[f"- {note}" for note in [*comparison.notes, _no_harm_note(comparison)] if note], ""]
     return "\n".join(lines)
+
+
+def _no_harm_note(comparison: Comparison) -> str:
+    judged = [
+        (label, r)
+        for label, r in zip(comparison.labels, comparison.results, strict=True)
+        if r.metrics.get("base_rate_log_loss")
+    ]
+    if not judged:
+        return ""
+    worse = [label for label, r in judged if not r.no_harm]
+    rate = judged[0][1].base_rate
+    if not worse:
+        return f"every ranker's eval log loss is at or below the base rate's (training label rate {rate:.4f})"
+    return f"eval log loss ABOVE the base rate's (training label rate {rate:.4f}) for: {', '.join(worse)}"
+
+
+def reliability_curve(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean predicted (K,), observed rate (K,))`` over ``bins`` equal-count bins of the scores."""
+    order = np.argsort(scores, kind="stable")
+    groups = [g for g in np.array_split(order, bins) if len(g)]
+    predicted = np.array([float(np.mean(scores[g])) for g in groups])
+    observed = np.array([float(np.mean(labels[g])) for g in groups])
+    return predicted, observed
+
+
+def plot_calibration(comparisons: list[Comparison], path: Path, bins: int = 10) -> Path:
+    """Reliability diagram: one panel per comparison, observed label rate vs mean predicted probability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(5.0 * len(comparisons), 4.6), squeeze=False)
+    for ax, comparison in zip(axes[0], comparisons, strict=True):
+        top = 0.0
+        for label, result in zip(comparison.labels, comparison.results, strict=True):
+            predicted, observed = reliability_curve(result.eval_labels, result.eval_scores, bins)
+            ax.plot(predicted, observed, marker="o", ms=3, label=label)
+            top = max(top, float(predicted.max()), float(observed.max()))
+        base = comparison.results[0].base_rate
+        if np.isfinite(base):
+            ax.axhline(base, color="grey", lw=0.8, ls=":", label=f"training label rate {base:.3f}")
+        top = min(1.0, top * 1.1 + 0.01)
+        ax.plot([0, top], [0, top], color="black", lw=0.8, ls="--")
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.set_xlabel("mean predicted probability (equal-count bins)")
+        ax.set_ylabel("observed label rate")
+        ax.set_title(f"{comparison.title}\nreliability diagram", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def quality_rows(snapshots_dir: Path, family: str, version: str) -> list[dict]:
+    """The ``quality`` figures of every snapshot of (family, version) that has them, by day."""
+    from derm.core.snapshot import list_snapshots, read_manifest
+
+    rows = []
+    for directory in list_snapshots(snapshots_dir, family):
+        manifest = read_manifest(directory)
+        if manifest.model_version == version and manifest.quality and manifest.quality.get("evaluated_on"):
+            rows.append({"day": manifest.snapshot_date.isoformat(), **manifest.quality})
+    return rows
+
+
+def upstream_quality_markdown(snapshots_dir: Path, versions: dict[str, str]) -> str:
+    """A table per objective: next-day ROC-AUC and recall@k of the embeddings vs popularity and yesterday's."""
+
+    def fmt(value: object) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    lines = ["## Upstream quality (next-day events, recorded in every manifest)", ""]
+    for family, version in versions.items():
+        if not family.endswith("_user"):
+            continue  # the pair's figures are the same in the user and the Pin manifest
+        rows = quality_rows(snapshots_dir, family, version)
+        if not rows:
+            continue
+        k = rows[0]["k"]
+        flagged = [r["day"] for r in rows if r.get("no_better_than_popularity")]
+        lines += [
+            f"### {family.split('_')[0].upper()} {version}",
+            "",
+            f"| snapshot day | rows | ROC-AUC | popularity | yesterday's | recall@{k} | popularity | yesterday's |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['day']} | {r['rows']:,} | {fmt(r['roc_auc'])} | {fmt(r['roc_auc_popularity'])} "
+                f"| {fmt(r['roc_auc_previous'])} | {fmt(r['recall_at_k'])} | {fmt(r['recall_at_k_popularity'])} "
+                f"| {fmt(r['recall_at_k_previous'])} |"
+            )
+        means = {
+            m: np.nanmean([np.nan if r[m] is None else r[m] for r in rows])
+            for m in ("roc_auc", "roc_auc_popularity", "recall_at_k", "recall_at_k_popularity")
+        }
+        lines += [
+            "",
+            f"- mean over days: ROC-AUC {means['roc_auc']:.4f} vs popularity {means['roc_auc_popularity']:.4f}; "
+            f"recall@{k} {means['recall_at_k']:.4f} vs popularity {means['recall_at_k_popularity']:.4f}",
+            f"- flagged no better than popularity on: {', '.join(flagged) if flagged else 'no day'}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def plot_upstream_quality(snapshots_dir: Path, versions: dict[str, str], path: Path) -> Path | None:
+    """ROC-AUC and recall@k over snapshot days, per objective: embeddings, popularity, yesterday's embeddings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {f: quality_rows(snapshots_dir, f, v) for f, v in versions.items() if f.endswith("_user")}
+    series = {f: rows for f, rows in series.items() if rows}
+    if not series:
+        return None
+    fig, axes = plt.subplots(len(series), 2, figsize=(11, 3.2 * len(series)), squeeze=False)
+    for row, (family, rows) in enumerate(series.items()):
+        days = [r["day"][5:] for r in rows]
+        for col, metric in enumerate(("roc_auc", "recall_at_k")):
+            ax = axes[row][col]
+            for suffix, name in (("", "embeddings"), ("_popularity", "popularity"), ("_previous", "yesterday's")):
+                values = [np.nan if r[metric + suffix] is None else r[metric + suffix] for r in rows]
+                ax.plot(days, values, marker="o", ms=3, label=name)
+            ax.set_title(f"{family.split('_')[0].upper()} {versions[family]}: next-day {metric}", fontsize=9)
+            ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_comparisons(comparisons: list[Comparison], path: Path) -> Path:
@@ -118,15 +267,29 @@ def plot_comparisons(comparisons: list[Comparison], path: Path) -> Path:
 
 
 def write_report(paths: PlatformPaths, name: str, title: str, comparisons: list[Comparison], extra: str = "") -> Path:
-    """``reports/<name>.md`` (tables) and ``reports/<name>.png`` (lift plot); returns the markdown path."""
+    """``reports/<name>.md`` (tables), ``<name>.png`` (lift plot) and ``<name>_calibration.png`` (reliability
+    diagram); returns the markdown path."""
     directory = reports_dir(paths)
     png = plot_comparisons(comparisons, directory / f"{name}.png")
+    calibration = plot_calibration(comparisons, directory / f"{name}_calibration.png")
     body = [f"# {title}", "", f"Generated {datetime.now().isoformat(timespec='seconds')}.", ""]
     body += [comparison_markdown(c) for c in comparisons]
-    body += [extra, f"![{name}]({png.name})", ""]
+    body += [extra, f"![{name}]({png.name})", "", f"![{name} calibration]({calibration.name})", ""]
     markdown = directory / f"{name}.md"
     markdown.write_text("\n".join(body))
     return markdown
 
 
-__all__ = ["Comparison", "compare", "comparison_markdown", "plot_comparisons", "reports_dir", "write_report"]
+__all__ = [
+    "Comparison",
+    "compare",
+    "comparison_markdown",
+    "plot_calibration",
+    "plot_comparisons",
+    "plot_upstream_quality",
+    "quality_rows",
+    "reliability_curve",
+    "reports_dir",
+    "upstream_quality_markdown",
+    "write_report",
+]
