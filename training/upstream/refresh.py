@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -166,6 +167,11 @@ def write_version_config(paths: PlatformPaths, job: _Day, cfg: UpstreamConfig) -
 def train_day(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> DermModel:
     """The model of the day: trained on day ``t`` from day ``t-1``'s checkpoint, and checkpointed."""
     checkpoint = job.checkpoint(paths)
+    shared = None if checkpoint.exists() else _same_training_checkpoint(job, paths, cfg)
+    if shared is not None:  # another version differs only in its aggregation: the day's weights are the same
+        staging = checkpoint.with_name(f".{checkpoint.name}.tmp")
+        shutil.copyfile(shared, staging)
+        staging.replace(checkpoint)
     if checkpoint.exists():  # trained before an interrupted export; training is deterministic anyway
         model, _ = load_checkpoint(checkpoint, cfg)
         return model
@@ -177,6 +183,21 @@ def train_day(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> DermModel
         train_one_day(model, optimizer, UpstreamDataset(arrays), cfg.train, job.day)
     save_checkpoint(checkpoint, model, optimizer)
     return model
+
+
+def _same_training_checkpoint(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> Path | None:
+    """The day's checkpoint of another version of the model trained identically (same model, features and
+    training config; only the aggregation differs), so an aggregation sweep re-trains nothing."""
+    training = {k: v for k, v in cfg.version_payload(job.objective).items() if k != "aggregation"}
+    for config_file in sorted(job.checkpoint(paths).parent.parent.glob("*/config.json")):
+        version = config_file.parent.name
+        if version == job.version:
+            continue
+        other = json.loads(config_file.read_text())
+        candidate = checkpoint_path(paths.models_dir, job.objective, version, job.day)
+        if {k: other.get(k) for k in training} == json.loads(json.dumps(training)) and candidate.exists():
+            return candidate
+    return None
 
 
 def _events_window(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> tuple[datetime, datetime]:
