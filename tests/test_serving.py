@@ -11,6 +11,7 @@ attributes materialized as of ``serving_time``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import shutil
@@ -884,6 +885,111 @@ def test_metrics_are_scraped(server, platform: BenchPlatform) -> None:
     day = platform.embedding_day.isoformat()
     assert after[("derm_retrieval_index_info", (("day", day), ("family", "ctr_pin"), ("version", "v1")))] == 1
     assert after[("derm_retrieval_index_age_seconds", ())] >= 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Feast's web UI on the platform's registry, driven in headless Chromium
+# ---------------------------------------------------------------------------------------------
+
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "feast-ui.png"
+
+
+@contextlib.contextmanager
+def _feast_ui(log: Path):
+    """``feast ui`` on loopback over the module's registry (the Feast environment is the platform's)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from derm.core.feast_repo import FEATURE_REPO_DIR
+    from derm.infra.redis_server import free_port
+
+    port = free_port()
+    feast = str(Path(sys.executable).with_name("feast"))
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [feast, "ui", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=FEATURE_REPO_DIR,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, f"feast ui exited: {log.read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:
+                    if page.status == 200:
+                        break
+            except OSError:
+                assert time.monotonic() < deadline, f"feast ui did not answer: {log.read_text()[-2000:]}"
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _chromium():
+    """Headless Debian Chromium through its chromedriver (both from apt: chromium, chromium-driver)."""
+    import os
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert browser and driver, "the Feast UI test needs Debian's chromium and chromium-driver (apt-get install -y ...)"
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download a browser
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1400,1100"):  # fmt: skip
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_feast_ui_lists_every_view_with_tags_and_every_service(store, tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    views = {view.name: view.tags for view in store.list_feature_views()}
+    services = [service.name for service in store.list_feature_services()]
+    embedding_views = [name for name, tags in views.items() if "family" in tags]
+    assert len(embedding_views) == 4 and {"ctr_ranker", "cvr_ranker"} <= set(services)
+
+    def page_shows(driver, url: str, texts: list[str]) -> str:
+        driver.get(url)
+        body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        try:
+            WebDriverWait(driver, 90, poll_frequency=0.5).until(lambda d: all(t in body(d) for t in texts))
+        except Exception:
+            missing = [t for t in texts if t not in body(driver)]
+            raise AssertionError(f"{url} does not show {missing}; it shows: {body(driver)[:1500]}") from None
+        return body(driver)
+
+    with _feast_ui(tmp_path / "feast-ui.log") as base:
+        driver = _chromium()
+        try:
+            page_shows(driver, f"{base}/p/{store.project}/feature-view", sorted(views))
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            assert driver.save_screenshot(str(SCREENSHOT))
+            page_shows(driver, f"{base}/p/{store.project}/feature-service", services)
+            promoted = store.get_feature_service("ctr_ranker").tags  # e.g. ctr_user_version: v1
+            assert promoted, "the ranker service records the promoted versions as tags"
+            page_shows(driver, f"{base}/p/{store.project}/feature-service/ctr_ranker",
+                       [*promoted, *promoted.values()])  # fmt: skip
+            for name in embedding_views:  # each embedding view's page shows its tags
+                tags = views[name]
+                page_shows(driver, f"{base}/p/{store.project}/feature-view/{name}",
+                           [name, *tags, tags["model_version"], tags["dim"]])  # fmt: skip
+        finally:
+            driver.quit()
+    assert SCREENSHOT.read_bytes().startswith(b"\x89PNG")
 
 
 # ---------------------------------------------------------------------------------------------
