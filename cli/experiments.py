@@ -28,6 +28,7 @@ from derm.cli.publishing import thresholds_option
 @click.option(
     "--skip-aggregation", is_flag=True, help="Skip the aggregation sweep (overwrite, moving average w=0.2/0.5/0.8)."
 )
+@click.option("--skip-embeddings", is_flag=True, help="Skip the embedding-family ablation (run only the sweep).")
 @click.option(
     "--name",
     default="ablation",
@@ -40,6 +41,7 @@ from derm.cli.publishing import thresholds_option
 def ablation(
     objective: str,
     skip_aggregation: bool,
+    skip_embeddings: bool,
     name: str,
     thresholds: Path | None,
     epochs: int,
@@ -83,20 +85,23 @@ def ablation(
         run_prefix=name,
     )
     with online_store(paths), _refusals_end_cleanly():
-        console.rule("embedding families")
-        comparisons = embedding_ablation(paths, repo, cfg, log=partial(console.print, markup=False, highlight=False))
-        promoted = dict(service_families(repo.store(), ranker_service(repo.store(), "ctr")))
-        quality = upstream_quality_markdown(paths.snapshots_dir, promoted)
-        plot = plot_upstream_quality(paths.snapshots_dir, promoted, reports_dir(paths) / "upstream_quality.png")
-        if plot is not None:
-            quality += f"\n![upstream quality]({plot.name})\n"
-        report = write_report(
-            paths, f"{name}_embeddings", "Downstream ablation: DERM embedding families", comparisons, extra=quality
-        )
-        click.echo(quality)
-        for comparison in comparisons:
-            click.echo(comparison_markdown(comparison))
-        click.echo(f"wrote {report} and {report.with_suffix('.png')}")
+        if not skip_embeddings:
+            console.rule("embedding families")
+            comparisons = embedding_ablation(
+                paths, repo, cfg, log=partial(console.print, markup=False, highlight=False)
+            )
+            promoted = dict(service_families(repo.store(), ranker_service(repo.store(), "ctr")))
+            quality = upstream_quality_markdown(paths.snapshots_dir, promoted)
+            plot = plot_upstream_quality(paths.snapshots_dir, promoted, reports_dir(paths) / "upstream_quality.png")
+            if plot is not None:
+                quality += f"\n![upstream quality]({plot.name})\n"
+            report = write_report(
+                paths, f"{name}_embeddings", "Downstream ablation: DERM embedding families", comparisons, extra=quality
+            )
+            click.echo(quality)
+            for comparison in comparisons:
+                click.echo(comparison_markdown(comparison))
+            click.echo(f"wrote {report} and {report.with_suffix('.png')}")
         if not skip_aggregation:
             console.rule("aggregation sweep: overwrite, moving average w = 0.2, 0.5, 0.8")
             comparison = aggregation_ablation(
