@@ -81,7 +81,7 @@ def _pinned(command: list[str], cores: str | None) -> list[str]:
     return ["taskset", "-c", cores, *command] if cores else command
 
 
-def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
+def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -97,15 +97,14 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 180.0) -> 
 
 
 @contextlib.contextmanager
-def _server(command: list[str], env: dict[str, str], health: str, log: Path, cwd: Path | None = None) -> Iterator[int]:
-    """Start a server process (own process group), wait until ``health`` answers, stop it after."""
+def _server(command: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """Start a server process (own process group); stop it (the whole group) after."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
         )
     try:
-        _wait_ready(health, process)
-        yield process.pid
+        yield process
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 15)
@@ -289,12 +288,12 @@ def run(
         from derm.core.feast_repo import FEATURE_REPO_DIR
 
         rank_url, feast_url = f"http://127.0.0.1:{derm_port}", f"http://127.0.0.1:{feast_port}"
-        with (
-            _server(_pinned(derm, server_cores), env, f"{rank_url}/health", Path(tmp) / "derm.log"),
-            _server(
-                _pinned(feast, server_cores), env, f"{feast_url}/health", Path(tmp) / "feast.log", cwd=FEATURE_REPO_DIR
-            ),  # fmt: skip
+        with (  # both start at once (startup takes minutes on a busy 2-core box), then both must answer
+            _server(_pinned(derm, server_cores), env, Path(tmp) / "derm.log") as derm_process,
+            _server(_pinned(feast, server_cores), env, Path(tmp) / "feast.log", cwd=FEATURE_REPO_DIR) as feast_process,
         ):
+            _wait_ready(f"{rank_url}/health", derm_process)
+            _wait_ready(f"{feast_url}/health", feast_process)
             for name, url, path, kind, pins in (
                 ("rank100", rank_url, "/rank", "rank", 100),
                 ("rank500", rank_url, "/rank", "rank", 500),
