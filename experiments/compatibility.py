@@ -255,15 +255,24 @@ def saved_rankers(paths: PlatformPaths, objective: str) -> list[tuple[Path, Rank
 def find_ranker(
     paths: PlatformPaths, objective: str, model: str, version: str, *, registered_only: bool
 ) -> tuple[Path, RankerSpec] | None:
-    """The newest saved ranker whose families of ``model`` were all trained on ``version``."""
+    """The newest saved ranker whose families of ``model`` were all trained on ``version``.
+
+    A spec that records the versions' config hashes must match the published ones too (a version name
+    of another data dir is another space); older specs are matched by version name alone.
+    """
     wanted = list(families_of(model).values())
     service = ranker_service_name(objective)
+    catalog = Catalog(paths.embeddings_offline_dir)
+    published = {f: [m.config_hash for m in catalog.manifests(f, version)][-1:] for f in wanted}
     for directory, spec in saved_rankers(paths, objective):
         if registered_only and spec.feature_service != service:
             continue  # ablation rankers are not what is served
         if not spec.feature_service.startswith(service):
             continue
-        if all(spec.embedding_versions.get(f) == version for f in wanted):
+        if not all(spec.embedding_versions.get(f) == version for f in wanted):
+            continue
+        hashes = spec.embedding_config_hashes
+        if all(f not in hashes or [hashes[f]] == published[f] for f in wanted):
             return directory, spec
     return None
 

@@ -13,6 +13,7 @@ ranker needs training, validation and two evaluation days after the first snapsh
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import date
 
@@ -163,6 +164,22 @@ def versions(tmp_path_factory: pytest.TempPathFactory, redis_server, feast_env):
     yield paths, train
     if previous is not None:
         export_feast_environment(PlatformPaths(previous), redis_server.connection_string)
+
+
+def test_ranker_specs_record_what_they_were_trained_on(versions) -> None:
+    from derm.training.downstream.ranker import SPEC_FILE, RankerSpec, ranker_dir
+
+    paths, _ = versions
+    spec_file = ranker_dir(paths.models_dir, "ctr", "on-v1") / SPEC_FILE
+    spec = RankerSpec.from_json(spec_file.read_text())
+    catalog = Catalog(paths.embeddings_offline_dir)
+    assert spec.embedding_versions == {"ctr_user": "v1", "ctr_pin": "v1"}
+    assert spec.embedding_config_hashes == {
+        f: catalog.manifests(f, v)[-1].config_hash for f, v in spec.embedding_versions.items()
+    }
+    older = json.loads(spec_file.read_text())
+    del older["embedding_config_hashes"]  # a spec saved before the field existed still loads
+    assert RankerSpec.from_json(json.dumps(older)).embedding_config_hashes == {}
 
 
 def test_gate_tells_the_purpose_built_versions_apart(versions) -> None:

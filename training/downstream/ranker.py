@@ -128,6 +128,10 @@ class RankerSpec:
     model: RankerModelConfig = field(default_factory=RankerModelConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # training window, metrics, ... (informational)
     calibration: list[float] = field(default_factory=lambda: [1.0, 0.0])  # p = sigmoid(a * logit + b), [a, b]
+    # family -> upstream config hash of the version trained on (its manifests' ``config_hash``): with
+    # ``embedding_versions``, what the ranker was trained on, even where a version name means another
+    # space (another data dir). Empty in specs saved before it existed; they load as before.
+    embedding_config_hashes: dict[str, str] = field(default_factory=dict)
 
     @property
     def families(self) -> list[str]:

@@ -44,6 +44,7 @@ import torch
 
 from derm.core.paths import PlatformPaths
 from derm.core.training_set import TrainingSetInfo, read_training_set
+from derm.materialization.catalog import Catalog
 from derm.training.downstream.dataset import RankerDataset, label_array, with_user_sequences
 from derm.training.downstream.ranker import Ranker, RankerModelConfig, RankerSpec, ranker_dir
 from derm.training.downstream.training_sets import (
@@ -477,8 +478,12 @@ def train_on_training_set(
     save_to: Path | None = None,
     log: Callable[[str], None] | None = None,
     events_dir: Path | None = None,
+    embedding_config_hashes: dict[str, str] | None = None,
 ) -> tuple[Ranker, DownstreamResult]:
     """Split a written training set in time (train | validation | eval), train, evaluate, and (optionally) save.
+
+    ``embedding_config_hashes`` (family -> upstream config hash of the version trained on) is recorded in
+    the spec beside the embedding versions (:func:`embedding_config_hashes` reads them from the catalog).
 
     ``events_dir`` (the event log) is needed with ``cfg.sequence_encoder``: the user sequences are built
     from it point in time (:func:`derm.training.downstream.dataset.with_user_sequences`).
@@ -514,6 +519,7 @@ def train_on_training_set(
         feature_refs=info.feature_refs,
         embedding_versions=info.embedding_versions,
         embedding_dims=info.embedding_dims,
+        embedding_config_hashes=dict(embedding_config_hashes or {}),
         model=model,
         extra={"training_set": str(path), "window": [info.window_start, info.window_end], "split": split.isoformat()},
     )
@@ -541,6 +547,17 @@ def train_on_training_set(
         base_rate=rate,
     )
     return ranker, result
+
+
+def embedding_config_hashes(paths: PlatformPaths, versions: Mapping[str, str]) -> dict[str, str]:
+    """family -> the upstream config hash of ``versions[family]``, from its published manifests."""
+    catalog = Catalog(paths.embeddings_offline_dir)
+    hashes = {}
+    for family, version in versions.items():
+        manifests = catalog.manifests(family, version)
+        if manifests:
+            hashes[family] = manifests[-1].config_hash
+    return hashes
 
 
 def run_downstream(
@@ -596,7 +613,13 @@ def run_downstream(
         report.raise_for_failure()
     target = ranker_dir(paths.models_dir, objective, run) if save else None
     _, result = train_on_training_set(
-        path, cfg, objective=objective, save_to=target, log=log, events_dir=paths.events_dir
+        path,
+        cfg,
+        objective=objective,
+        save_to=target,
+        log=log,
+        events_dir=paths.events_dir,
+        embedding_config_hashes=embedding_config_hashes(paths, info.embedding_versions),
     )
     result.gate_summary = gate_summary
     result.run = run
@@ -612,6 +635,7 @@ __all__ = [
     "bootstrap_metrics",
     "bootstrap_weights",
     "default_run_name",
+    "embedding_config_hashes",
     "evaluate",
     "fit_calibration",
     "run_downstream",
