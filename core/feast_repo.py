@@ -18,9 +18,11 @@ from pathlib import Path
 from derm.core.paths import (
     DATA_DIR_ENV,
     FEATURE_REPO_DIR,
+    RAY_ADDRESS_ENV,
     REDIS_CONNECTION_ENV,
     REDIS_TYPE_ENV,
     PlatformPaths,
+    feature_store_yaml,
 )
 
 
@@ -36,6 +38,8 @@ def feast_environment(paths: PlatformPaths, redis_connection_string: str | None 
         DATA_DIR_ENV: str(paths.data_dir),
         REDIS_CONNECTION_ENV: connection,
         REDIS_TYPE_ENV: os.environ.get(REDIS_TYPE_ENV, "redis"),
+        # Feast leaves an unset ${VAR} as it is: empty means a local Ray (cluster profile).
+        RAY_ADDRESS_ENV: os.environ.get(RAY_ADDRESS_ENV, ""),
     }
 
 
@@ -60,10 +64,10 @@ def _in_repo(repo_dir: Path):
 
 
 def feature_store(repo_dir: Path = FEATURE_REPO_DIR):
-    """A :class:`feast.FeatureStore` over the project's repository."""
+    """A :class:`feast.FeatureStore` over the project's repository, configured by the active profile's yaml."""
     from feast import FeatureStore
 
-    return FeatureStore(repo_path=str(repo_dir))
+    return FeatureStore(repo_path=str(repo_dir), fs_yaml_file=feature_store_yaml(repo_dir))
 
 
 def apply_repo(repo_dir: Path = FEATURE_REPO_DIR) -> None:
@@ -77,7 +81,7 @@ def apply_repo(repo_dir: Path = FEATURE_REPO_DIR) -> None:
 
     for name in _repo_module_names(repo_dir):
         sys.modules.pop(name, None)
-    config = load_repo_config(repo_dir, repo_dir / "feature_store.yaml")
+    config = load_repo_config(repo_dir, feature_store_yaml(repo_dir))
     with _in_repo(repo_dir):
         apply_total(config, repo_dir, skip_source_validation=False)
 

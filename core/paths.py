@@ -29,8 +29,18 @@ DATA_DIR_ENV = "DERM_DATA_DIR"
 REDIS_CONNECTION_ENV = "DERM_REDIS_CONNECTION_STRING"
 REDIS_TYPE_ENV = "DERM_REDIS_TYPE"
 PROFILE_ENV = "DERM_PROFILE"
+# The cluster profile's Ray (feature_store.cluster.yaml); empty = a local Ray in the process.
+RAY_ADDRESS_ENV = "DERM_RAY_ADDRESS"
 
-PROFILES = ("local", "production")
+PROFILES = ("local", "production", "cluster")
+
+# The Feast configuration of each profile, in feature_repo/: the same entities, views and services everywhere.
+FEATURE_STORE_YAML = {
+    "local": "feature_store.yaml",
+    "production": "feature_store.yaml",
+    # Ray offline store (bucketed ASOF joins in Ray tasks) and Redis Cluster online.
+    "cluster": "feature_store.cluster.yaml",
+}
 
 
 @dataclass(frozen=True)
@@ -79,10 +89,21 @@ class PlatformPaths:
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"
 
+    @property
+    def redis_cluster_dir(self) -> Path:
+        """Nodes of the private Redis Cluster of the cluster profile."""
+        return self.data_dir / "redis-cluster"
+
 
 def active_profile() -> str:
-    """``local`` (a private redis-server started by the project) or ``production``."""
+    """``local`` (a private redis-server started by the project), ``production`` (your Redis), or ``cluster``
+    (scale-out: Ray + Redis Cluster; a private local cluster unless ``DERM_REDIS_CONNECTION_STRING`` is set)."""
     profile = os.environ.get(PROFILE_ENV, "local")
     if profile not in PROFILES:
         raise ValueError(f"{PROFILE_ENV}={profile!r}: expected one of {', '.join(PROFILES)}")
     return profile
+
+
+def feature_store_yaml(repo_dir: Path = FEATURE_REPO_DIR) -> Path:
+    """The ``feature_store.yaml`` of the active profile (``DERM_PROFILE``) in ``repo_dir``."""
+    return repo_dir / FEATURE_STORE_YAML[active_profile()]

@@ -89,6 +89,8 @@ class LocalRedisCluster:
 
     def _start_node(self, port: int) -> None:
         node_dir = self.node_dir(port)
+        if node_dir.exists() and port not in self._killed:
+            shutil.rmtree(node_dir)  # a stale nodes.conf of an earlier cluster on this port would not join this one
         node_dir.mkdir(parents=True, exist_ok=True)
         args = [
             find_redis_server(),
