@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 from derm.core.feast_repo import export_feast_environment
 from derm.core.paths import REDIS_CONNECTION_ENV, PlatformPaths, active_profile
+from derm.infra.redis_cluster import LocalRedisCluster
 from derm.infra.redis_server import DataDirRedis
 
 
@@ -26,6 +27,8 @@ def resolve_redis(paths: PlatformPaths) -> str | None:
         return os.environ[REDIS_CONNECTION_ENV]
     if active_profile() == "production":
         raise RuntimeError(f"profile production: set {REDIS_CONNECTION_ENV} to your Redis connection string")
+    if active_profile() == "cluster":
+        return None  # the private Redis Cluster lives for one command (see online_store)
     return DataDirRedis(paths.redis_dir).running()
 
 
@@ -38,6 +41,16 @@ def online_store(paths: PlatformPaths) -> Iterator[str]:
         assert connection is not None
         export_feast_environment(paths, connection)
         yield connection
+        return
+    if active_profile() == "cluster":
+        # Scale-out profile without a cluster of yours: a private 3-master Redis Cluster for this command.
+        with LocalRedisCluster(paths.redis_cluster_dir) as cluster:
+            print(f"started local Redis Cluster at {cluster.connection_string}", file=sys.stderr)
+            export_feast_environment(paths, cluster.connection_string)
+            try:
+                yield cluster.connection_string
+            finally:
+                os.environ.pop(REDIS_CONNECTION_ENV, None)
         return
     server = DataDirRedis(paths.redis_dir)
     with server.session() as connection:
