@@ -21,9 +21,13 @@ back in entity order would cost more than the join: a gather of every wide
 embedding row). Everything this store cannot express
 as an ASOF JOIN falls back to the stock implementation: an entity dataframe given
 as SQL, on-demand feature views, ``filter_by_created_timestamp``, sources other
-than local Parquet files, and feature columns whose names collide. All other
-methods (materialization's ``pull_latest_from_table_or_query`` etc.) are the
-stock DuckDB store's.
+than local Parquet files, and feature columns whose names collide.
+
+A Parquet folder source with a timestamp index (:mod:`derm.feast_plugins.source_index`) is read
+file by file: a retrieval reads only the files whose timestamps can meet its entity rows (within
+the view's TTL), and materialization's ``pull_latest_from_table_or_query`` only those in its window,
+so materializing one new day costs the same after 2,000 published days as after 10. Otherwise
+``pull_latest_from_table_or_query`` and every other method are the stock DuckDB store's.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import duckdb
@@ -39,11 +43,12 @@ import ibis
 import pandas as pd
 import pyarrow as pa
 from feast.data_format import ParquetFormat
+from feast.data_source import DataSource
 from feast.feature_view import FeatureView
 from feast.infra.offline_stores import offline_utils
 from feast.infra.offline_stores.duckdb import DuckDBOfflineStore, DuckDBOfflineStoreConfig
 from feast.infra.offline_stores.file_source import FileSource
-from feast.infra.offline_stores.ibis import list_s3_files
+from feast.infra.offline_stores.ibis import list_s3_files, pull_latest_from_table_or_query_ibis
 from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMetadata
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.on_demand_feature_view import OnDemandFeatureView
@@ -54,6 +59,7 @@ from ibis.formats.pyarrow import PyArrowSchema
 
 from derm.feast_plugins.compat import get_entity_df_event_timestamp_range, write_data_source
 from derm.feast_plugins.duckdb_sql import connect, ident
+from derm.feast_plugins.source_index import files_in_window
 
 STORE_TYPE = "derm.feast_plugins.asof_offline_store.AsofDuckDBOfflineStore"
 
@@ -156,6 +162,11 @@ def _plan_view(
     )
 
 
+def _utc(moment: datetime) -> datetime:
+    # Feast reads naive timestamps as UTC.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 def _interval(ttl: timedelta) -> str:
     microseconds = (ttl.days * 86_400 + ttl.seconds) * 1_000_000 + ttl.microseconds
     return f"INTERVAL {microseconds} MICROSECONDS"
@@ -193,7 +204,7 @@ def _view_cte(view: _ViewJoin) -> str:
 
 def _asof_query(
     entity_columns: list[str], event_timestamp_column: str, views: list[_ViewJoin]
-) -> tuple[str, dict[str, str | None]]:
+) -> tuple[str, dict[str, str | list[str] | None]]:
     """The query and its parameters: the source paths, and the entity time bounds (None until execution)."""
     entity_ts = f"CAST({ident(event_timestamp_column)} AS TIMESTAMPTZ)"
     ctes = [f"entity AS (\n  SELECT *, {entity_ts} AS {_ENTITY_TS} FROM {_ENTITY_RELATION}\n)"]
@@ -226,7 +237,7 @@ def _asof_query(
             select[-1] += f" AS {ident(output)}"
     query = "WITH " + ",\n".join(ctes) + "\nSELECT " + ",\n  ".join(select) + "\nFROM entity AS e\n" + "\n".join(joins)
     # DuckDB rejects parameters a query does not use: the bounds are there only when a view reads them.
-    parameters: dict[str, str | None] = {view.source_parameter: view.source_path for view in views}
+    parameters: dict[str, str | list[str] | None] = {view.source_parameter: view.source_path for view in views}
     if views:
         parameters[_ENTITY_TS_MAX] = None
     if any(view.ttl for view in views):
@@ -255,7 +266,7 @@ class AsofRetrievalJob(RetrievalJob):
     def __init__(
         self,
         query: str,
-        parameters: dict[str, str | None],
+        parameters: dict[str, str | list[str] | None],
         entity_table: pa.Table,
         event_timestamp_column: str,
         full_feature_names: bool,
@@ -340,6 +351,41 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
     """The stock DuckDB offline store with ``get_historical_features`` done by DuckDB ASOF JOINs."""
 
     @staticmethod
+    def pull_latest_from_table_or_query(
+        config: RepoConfig,
+        data_source: DataSource,
+        join_key_columns: list[str],
+        feature_name_columns: list[str],
+        timestamp_field: str,
+        created_timestamp_column: str | None,
+        start_date: datetime,
+        end_date: datetime,
+    ) -> RetrievalJob:
+        """The stock query, over the files of an indexed folder source that can hold rows in the window."""
+        files = None
+        if isinstance(data_source, FileSource) and (path := _parquet_path(data_source)) is not None:
+            files = files_in_window(path, _utc(start_date), _utc(end_date))
+        if files is None:
+            return DuckDBOfflineStore.pull_latest_from_table_or_query(
+                config, data_source, join_key_columns, feature_name_columns, timestamp_field,
+                created_timestamp_column, start_date, end_date,
+            )  # fmt: skip
+        return pull_latest_from_table_or_query_ibis(
+            config=config,
+            data_source=data_source,
+            join_key_columns=join_key_columns,
+            feature_name_columns=feature_name_columns,
+            timestamp_field=timestamp_field,
+            created_timestamp_column=created_timestamp_column,
+            start_date=start_date,
+            end_date=end_date,
+            data_source_reader=lambda _source, _repo_path: ibis.read_parquet(files),
+            data_source_writer=write_data_source,
+            staging_location=config.offline_store.staging_location,
+            staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
+        )
+
+    @staticmethod
     def get_historical_features(
         config: RepoConfig,
         feature_views: list[FeatureView],
@@ -399,6 +445,12 @@ def _asof_retrieval(
 
     offline_config = config.offline_store
     query, parameters = _asof_query(list(entity_table.column_names), event_timestamp_column, views)
+    for view in views:
+        # Rows newer than the newest entity row, or expired before the oldest, can never be picked.
+        oldest = _utc(timestamp_range[0]) - view.ttl if view.ttl else None
+        files = files_in_window(view.source_path, oldest, _utc(timestamp_range[1]))
+        if files is not None:
+            parameters[view.source_parameter] = files
     return AsofRetrievalJob(
         query=query,
         parameters=parameters,

@@ -57,6 +57,7 @@ from derm.core.naming import FAMILIES, feature_name, feature_view_name, objectiv
 from derm.core.paths import PlatformPaths
 from derm.core.snapshot import MANIFEST_FILE, SnapshotManifest, list_snapshots, read_manifest, snapshot_dir
 from derm.core.sql import connect, ident
+from derm.feast_plugins.source_index import record_file_timestamps
 from derm.materialization.catalog import OFFLINE_DATA_FILE, Catalog
 from derm.validation.gate import GateReport, ValidationFailed, load_thresholds, validate_snapshot
 
@@ -193,7 +194,12 @@ def write_offline_partition(catalog: Catalog, manifest: SnapshotManifest, source
             {"source": str(source / manifest.data_file), "target": str(staging / OFFLINE_DATA_FILE)},
         )
     (staging / MANIFEST_FILE).write_text((source / MANIFEST_FILE).read_text())
-    publish_directory(staging, catalog.partition_dir(manifest.family, manifest.model_version, manifest.snapshot_date))
+    partition = catalog.partition_dir(manifest.family, manifest.model_version, manifest.snapshot_date)
+    publish_directory(staging, partition)
+    # Every row of a day carries the manifest's timestamp (the gate checks it): reads outside it skip the file.
+    record_file_timestamps(
+        partition.parent, f"{partition.name}/{OFFLINE_DATA_FILE}", manifest.event_timestamp, manifest.event_timestamp
+    )
 
 
 def _ensure_registered(repo: FeatureRepo, view: str) -> None:
