@@ -83,6 +83,20 @@ WORKLOADS: tuple[Workload, ...] = (
         ),
     ),
     Workload(
+        name="P1-cluster",
+        title="Materialize 64-d embeddings into a 3-master Redis Cluster (rows/s)",
+        module="bench.materialize_cluster",
+        sizes=dict(rows=1_000_000, stock_rows=50_000, repeats=3),
+        smoke=dict(rows=2_000, stock_rows=300, repeats=1),
+        scaled=("rows", "stock_rows"),
+        figures=(
+            ("fast_rows_per_s", "fast path (slot-grouped RESP per master) rows/s"),
+            ("redis_py_cluster_rows_per_s", "redis-py cluster pipelines rows/s"),
+            ("stock_rows_per_s", "stock feast materialize rows/s (at stock_rows)"),
+        ),
+        ratios=(Ratio("fast_over_redis_py_cluster", "fast / redis-py cluster pipelines", 1.0),),
+    ),
+    Workload(
         name="P2",
         title="Online read: 1 user + 500 Pins x 64-d (latency)",
         module="bench.online_read",
@@ -157,6 +171,20 @@ WORKLOADS: tuple[Workload, ...] = (
         scaled=("rows",),
         figures=(("loader_samples_per_s", "DataLoader samples/s"), ("in_memory_samples_per_s", "in-memory samples/s")),
         ratios=(Ratio("ratio", "DataLoader / in-memory", 0.8),),
+    ),
+    Workload(
+        name="publish-history",
+        title="Publish one small snapshot after 10 vs 2,000 earlier published days (seconds)",
+        module="bench.publish_history",
+        sizes=dict(short_history=10, long_history=2_000, publishes=5),
+        smoke=dict(short_history=2, long_history=4, publishes=2, entities=50),
+        scaled=("long_history",),
+        figures=(
+            ("short_publish_s", "publish s, 10 earlier days"),
+            ("long_publish_s", "publish s, 2,000 earlier days"),
+            ("first_publish_s.long", "first publish s after 2,000 results (prunes to the retention)"),
+        ),
+        ratios=(Ratio("long_over_short", "publish s, 2,000 / 10 earlier days", 1.2, higher_is_better=False),),
     ),
 )
 
