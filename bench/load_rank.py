@@ -7,7 +7,9 @@ counts as an error (the target is 0).
 By default the server runs in this process (uvicorn thread, on a throwaway platform
 built by :mod:`bench.online_read`), so clients and server share the GIL and the
 throughput is a lower bound; ``--url`` points the clients at a running ``derm serve``
-instead.
+instead. The benchmark of record is :mod:`bench.p2_load` (workload ``P2-load``):
+``derm serve --workers N`` as its own process under ``wrk``, side by side with
+``feast serve``; this module stays as a quick check without ``wrk``.
 
     python -m bench.load_rank --requests 2000 --duration 30 --concurrency 8 --pins 100
     python -m bench.load_rank --url http://127.0.0.1:8000 --users 200 --pin-pool 80
