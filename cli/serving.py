@@ -175,6 +175,9 @@ def serve(
                 host=host,
                 port=port,
                 workers=workers,
+                # A worker is ready once it has imported torch/Feast and loaded rankers and index: far more
+                # than uvicorn's default 5 s on a busy machine, which would kill and respawn it forever.
+                timeout_worker_healthcheck=600,
                 log_level="info",
                 access_log=access_log,
                 timeout_graceful_shutdown=5,
