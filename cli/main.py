@@ -31,6 +31,7 @@ from derm.cli.publishing import (
     freshness_command,
     promote_command,
     publish,
+    repair_command,
     retire_command,
     rollback_command,
 )
@@ -294,6 +295,7 @@ for _command in (
     rollback_command,
     retire_command,
     freshness_command,
+    repair_command,
     compat_command,
     train_downstream,
     ablation,

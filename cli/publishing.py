@@ -308,12 +308,50 @@ def retire_command(model: str, version: str, family_only: bool, reason: str | No
 
 
 @click.command("freshness")
-def freshness_command() -> None:
-    """Age of the newest promoted snapshot per family, gaps and accepted days; exits 1 when a day is missing."""
+@click.option("--offline-only", is_flag=True, help="The catalog alone: do not compare Redis with it.")
+def freshness_command(offline_only: bool) -> None:
+    """Age of the newest promoted snapshot per family, gaps and accepted days, and what Redis really holds.
+
+    Exits 1 when a day is missing, or when a published view is not completely in Redis (``stale``,
+    ``missing``, ``empty``: run ``derm repair``).
+    """
     from derm.materialization.publish import freshness
 
-    report = freshness(_paths())
+    paths = _paths()
+    report = freshness(paths)
     for family in report:
         click.echo(family.describe())
-    if not all(f.ok for f in report):
+    online_ok = True
+    if not offline_only:
+        from derm.cli.runtime import online_store
+        from derm.materialization.online_state import online_status
+
+        with online_store(paths):
+            states = online_status(paths, _repo())
+        for state in states:
+            click.echo(f"online {state.describe()}")
+        online_ok = all(state.status == "ok" for state in states)
+        if not online_ok:
+            click.echo("Redis lacks published days: `derm repair` re-materializes them from the offline store")
+    if not all(f.ok for f in report) or not online_ok:
+        sys.exit(1)
+
+
+@click.command("repair")
+def repair_command() -> None:
+    """Re-materialize from the offline store whatever Redis lacks (idempotent); print what Redis then holds."""
+    from derm.cli.runtime import online_store
+    from derm.materialization.online_state import repair
+
+    paths = _paths()
+    with online_store(paths):
+        repaired = repair(paths, _repo())
+    if not repaired:
+        click.echo("every published view is completely in Redis: nothing to repair")
+    for item in repaired:
+        click.echo(
+            f"{item.view}: {item.days} published days re-materialized; Redis holds {item.rows_held} of the newest "
+            f"day's {item.rows_expected} entities"
+        )
+    if any(item.rows_held != item.rows_expected for item in repaired):
         sys.exit(1)

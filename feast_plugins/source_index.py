@@ -44,10 +44,16 @@ def record_file_timestamps(folder: Path, relative_file: str, first: datetime, la
     The caller serializes writers of one folder (the platform holds its catalog lock); the file is
     replaced atomically, so readers see the old or the new index.
     """
-    if first.tzinfo is None or last.tzinfo is None:
-        raise ValueError(f"{folder / INDEX_FILE}: timestamps of {relative_file} must carry a time zone")
+    record_files_timestamps(folder, {relative_file: (first, last)})
+
+
+def record_files_timestamps(folder: Path, ranges: dict[str, tuple[datetime, datetime]]) -> None:
+    """:func:`record_file_timestamps` for many files at once."""
     index = {name: (low.isoformat(), high.isoformat()) for name, (low, high) in _read_index(folder).items()}
-    index[relative_file] = (first.isoformat(), last.isoformat())
+    for relative_file, (first, last) in ranges.items():
+        if first.tzinfo is None or last.tzinfo is None:
+            raise ValueError(f"{folder / INDEX_FILE}: timestamps of {relative_file} must carry a time zone")
+        index[relative_file] = (first.isoformat(), last.isoformat())
     with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{INDEX_FILE}.", delete=False) as handle:
         json.dump(index, handle, indent=0, sort_keys=True)
         handle.flush()

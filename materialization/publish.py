@@ -126,7 +126,8 @@ class PublishResult:
     version: str
     day: date
     offline_written: bool  # False when the identical day was already published
-    snapshot_rows: int  # rows of the snapshot materialized (the manifest's count; Redis is not re-read)
+    snapshot_rows: int  # rows of the snapshot (the manifest's count)
+    online_rows: int  # of its entities, those Redis holds at this day or newer, counted after the write
     promoted: bool
     freshness: tuple[FamilyFreshness, ...]
     accepted: str | None = None  # the gate's summary, when published by accept_snapshot despite the gate
@@ -135,7 +136,7 @@ class PublishResult:
         offline = "written" if self.offline_written else "already published"
         lines = [
             f"{self.family} {self.version} {self.day}: offline {offline}, materialized to Redis "
-            f"(snapshot of {self.snapshot_rows} rows)"
+            f"({self.online_rows} of the snapshot's {self.snapshot_rows} rows held)"
             + (", promoted" if self.promoted else "")
             + (f", ACCEPTED despite the gate ({self.accepted})" if self.accepted else "")
         ]
@@ -218,6 +219,25 @@ def _materialize_day(repo: FeatureRepo, manifest: SnapshotManifest) -> None:
     repo.store().materialize(
         start_date=ts - timedelta(seconds=1), end_date=ts + timedelta(seconds=1), feature_views=[view]
     )
+
+
+def _check_online(catalog: Catalog, repo: FeatureRepo, manifest: SnapshotManifest, source: Path) -> int:
+    """Count the day's rows Redis holds; refuse the day unless all are there; then record the watermark."""
+    from derm.materialization.online_state import count_holding, day_ids, record_watermark, redis_connection
+
+    client, project, serialization_version = redis_connection(repo)
+    try:
+        held = count_holding(client, project, serialization_version, manifest, day_ids(catalog, manifest))
+        if held != manifest.row_count:
+            raise PublishError(
+                f"{source}: after materializing, Redis holds {held} of the day's {manifest.row_count} rows of "
+                f"{feature_view_name(manifest.family, manifest.model_version)}; the day is not marked online "
+                "(re-run the publish, or `derm repair`)"
+            )
+        record_watermark(client, project, manifest, held)
+    finally:
+        client.close()
+    return held
 
 
 def publish_snapshot(
@@ -333,6 +353,7 @@ def _publish(
         _ensure_registered(repo, feature_view_name(manifest.family, manifest.model_version))
         _crash_point("apply")
         _materialize_day(repo, manifest)
+        online_rows = _check_online(catalog, repo, manifest, source)
         _crash_point("online")
         state = catalog.read_state()
         online = state.online.setdefault(manifest.family, {})
@@ -350,6 +371,7 @@ def _publish(
         day=manifest.snapshot_date,
         offline_written=existing is None,
         snapshot_rows=manifest.row_count,
+        online_rows=online_rows,
         promoted=promoted,
         freshness=tuple(freshness(paths, now=now)),
         accepted=accepted_summary,

@@ -107,3 +107,15 @@ def test_derm_docs_builds_the_index_on_demand(tmp_path: Path) -> None:
     assert f"Data Docs: {index.resolve()}" in result.output
     listed = index.read_text()
     assert all(f"ctr_user_v1_{(DAY - timedelta(days=d)).isoformat()}" in listed for d in (1, 2))
+
+
+def test_publish_history_benchmark_runs_and_keeps_the_retention() -> None:
+    from bench.publish_history import run
+    from derm.validation.gate import VALIDATION_RESULTS_KEPT_PER_SUITE
+
+    result = run(short_history=2, long_history=40, publishes=2, entities=50)
+
+    assert result["validation_results_before"]["long"] == 40
+    # The first publish pruned the row checks' suite to the retention; the dimension checks add a suite of their own.
+    assert result["validation_results_after"]["long"] <= 2 * VALIDATION_RESULTS_KEPT_PER_SUITE
+    assert result["long_publish_s"] > 0 and result["long_over_short"] > 0

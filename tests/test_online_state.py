@@ -1,0 +1,164 @@
+"""Redis compared with the catalog, and the repair (issue 12: a Redis that comes back empty is noticed).
+
+A private redis-server of this module's own (its keys are counted and flushed), a data dir of its own,
+real Feast publishes: the catalog's online days are checked against Redis entity by entity.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, timedelta
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV, PlatformPaths
+from derm.infra.redis_server import LocalRedisServer
+
+DAYS = (date(2026, 2, 1), date(2026, 2, 2))
+USERS = 40
+DIM = 8
+
+
+@dataclass
+class Published:
+    paths: PlatformPaths
+    server: LocalRedisServer
+    vectors: dict[date, np.ndarray]
+
+    def client(self):
+        return self.server.client()
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    vectors = rng.normal(size=(n, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
+    from derm.core.feast_repo import FeatureRepo
+    from derm.materialization.publish import publish_snapshot
+    from derm.training.upstream.export import snapshot_available_at, write_precomputed_snapshot
+
+    root = tmp_path_factory.mktemp("online-state")
+    names = (DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV)
+    previous = {name: os.environ.get(name) for name in names}
+    with LocalRedisServer(root / "redis", persist=False) as server:
+        paths = PlatformPaths(root / "data")
+        os.environ.update({DATA_DIR_ENV: str(paths.data_dir), REDIS_CONNECTION_ENV: server.connection_string})
+        os.environ[REDIS_TYPE_ENV] = "redis"
+        rng = np.random.default_rng(0)
+        base = _unit(rng, USERS)
+        vectors = {}
+        ids = np.arange(10**12, 10**12 + USERS, dtype=np.int64)  # sparse 64-bit ids, not 0..n
+        for offset, day in enumerate(DAYS):
+            moved = base + 0.05 * offset * _unit(rng, USERS)
+            vectors[day] = moved / np.linalg.norm(moved, axis=1, keepdims=True)
+            directory = write_precomputed_snapshot(paths, "ctr_user", day, ids, vectors[day], "e" * 64)
+            result = publish_snapshot(
+                directory, paths, repo=FeatureRepo(), now=snapshot_available_at(day, timedelta(hours=1))
+            )
+            # The count comes from Redis, not from the manifest.
+            assert result.online_rows == USERS and "40 of the snapshot's 40 rows held" in result.summary()
+        try:
+            yield Published(paths, server, vectors)
+        finally:
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def _status(published: Published) -> dict[str, str]:
+    from derm.core.feast_repo import FeatureRepo
+    from derm.materialization.online_state import online_status
+
+    return {state.view: state.status for state in online_status(published.paths, FeatureRepo())}
+
+
+def _served(published: Published) -> np.ndarray:
+    from derm.core.feast_repo import FeatureRepo
+
+    ids = [10**12 + i for i in range(USERS)]
+    response = (
+        FeatureRepo()
+        .store()
+        .get_online_features(features=["ctr_user_emb_v1:ctr_user_emb"], entity_rows=[{"user_id": i} for i in ids])
+    )
+    values = response.to_dict()["ctr_user_emb"]
+    return np.array([[np.nan] * DIM if v is None else v for v in values], dtype=np.float32)
+
+
+def test_published_days_carry_a_watermark_in_redis(published: Published) -> None:
+    from derm.core.feast_repo import FeatureRepo
+    from derm.materialization.online_state import read_watermarks
+
+    assert _status(published) == {"ctr_user_emb_v1": "ok"}
+    watermarks = read_watermarks(published.client(), FeatureRepo().store().project)
+    assert watermarks == {"ctr_user_emb_v1": (DAYS[-1], USERS)}
+    np.testing.assert_allclose(_served(published), published.vectors[DAYS[-1]], rtol=1e-6)
+
+
+def test_a_redis_restarted_empty_is_reported_and_repaired(published: Published) -> None:
+    from derm.cli.publishing import freshness_command, repair_command
+
+    published.client().flushall()
+    assert _status(published) == {"ctr_user_emb_v1": "empty"}
+    checked = CliRunner().invoke(freshness_command, [])
+    assert checked.exit_code == 1 and "ctr_user_emb_v1: empty" in checked.output and "derm repair" in checked.output
+
+    repaired = CliRunner().invoke(repair_command, [])
+
+    assert repaired.exit_code == 0, repaired.output
+    assert "ctr_user_emb_v1: 2 published days re-materialized; Redis holds 40 of the newest day's 40" in repaired.output
+    assert _status(published) == {"ctr_user_emb_v1": "ok"}
+    np.testing.assert_allclose(_served(published), published.vectors[DAYS[-1]], rtol=1e-6)
+    again = CliRunner().invoke(repair_command, [])
+    assert again.exit_code == 0 and "nothing to repair" in again.output, "a second repair is a no-op"
+
+
+def test_lost_entities_make_the_view_stale_until_repaired(published: Published) -> None:
+    from derm.core.feast_repo import FeatureRepo
+    from derm.materialization.online_state import repair
+
+    client = published.client()
+    user_keys = [key for key in client.scan_iter() if not key.startswith(b"derm:")]
+    client.delete(*user_keys[: len(user_keys) // 2])
+    # The watermark survived (the same server), but half of the day's entities did not.
+    assert _status(published) == {"ctr_user_emb_v1": "stale"}
+
+    [item] = repair(published.paths, FeatureRepo())
+
+    assert (item.rows_held, item.rows_expected) == (USERS, USERS)
+    assert _status(published) == {"ctr_user_emb_v1": "ok"}
+    np.testing.assert_allclose(_served(published), published.vectors[DAYS[-1]], rtol=1e-6)
+
+
+def test_an_older_day_restored_is_stale(published: Published) -> None:
+    from derm.core.feast_repo import FeatureRepo
+    from derm.materialization.online_state import WATERMARK_KEY, repair
+
+    project = FeatureRepo().store().project
+    client = published.client()
+    client.flushall()
+    # A dump from before the second day: the first day's rows and watermark only.
+    first = DAYS[0]
+    FeatureRepo().store().materialize(
+        start_date=_at(first) - timedelta(seconds=1), end_date=_at(first) + timedelta(seconds=1),
+        feature_views=["ctr_user_emb_v1"],
+    )  # fmt: skip
+    client.hset(WATERMARK_KEY.format(project=project), "ctr_user_emb_v1", f"{first.isoformat()}|{USERS}")
+    assert _status(published) == {"ctr_user_emb_v1": "stale"}
+    repair(published.paths, FeatureRepo())
+    assert _status(published) == {"ctr_user_emb_v1": "ok"}
+
+
+def _at(day: date):
+    from derm.training.upstream.export import snapshot_available_at
+
+    return snapshot_available_at(day, timedelta(hours=1)).astimezone(UTC)
