@@ -21,7 +21,11 @@ Contract (the HTTP API documents the same):
 * refusals raise :class:`ServingError` with an HTTP-style status: 422 for a request that
   can never succeed (both or neither of ``pin_ids``/``k``, no candidates, unknown
   ``surface`` or ``sort_by``), 413 for one above a limit (``max_candidates``, ``max_k``).
-  Redis down or too slow raises :class:`derm.serving.embedding_reader.RedisUnavailable`.
+  Redis down, too slow or answering an error reply raises
+  :class:`derm.serving.embedding_reader.RedisUnavailable`; a stored vector with NULL/NaN/inf
+  elements raises :class:`CorruptOnlineValue` (502) naming the feature and the entity.
+* every :class:`Ranked` names the rankers that scored it (``rankers``: objective -> id) and the
+  embedding versions each read; every result carries its stage timings (``timings``).
 * version consistency (issue 15): a ranker scores with the embedding versions it was trained on
   (its feature refs). When the catalog promotes another version of one of those families, the
   service answers **409** (clear error, no fallback) naming the ranker, the families and both
@@ -43,6 +47,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import threading
 import time
 import warnings
@@ -631,6 +636,7 @@ class RankingService:
         redis_ok = self.redis.ping()
         return {
             "status": "ok" if redis_ok else "unavailable",
+            "process": os.getpid(),  # which worker answered (derm serve --workers N)
             "redis": "ok" if redis_ok else f"unreachable at {self.redis.connection_string.split(',', 1)[0]}",
             "models": {
                 objective: {

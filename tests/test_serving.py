@@ -888,6 +888,73 @@ def test_metrics_are_scraped(server, platform: BenchPlatform) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# derm serve --workers N: worker processes sharing one saved index, metrics aggregated
+# ---------------------------------------------------------------------------------------------
+
+
+def test_serve_workers_share_one_saved_index_and_their_metrics(platform: BenchPlatform, service, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from derm.infra.redis_server import free_port
+    from derm.training.downstream.ranker import ranker_dir
+
+    for objective, ranker in service.rankers.items():  # where `derm serve` looks for the newest rankers
+        ranker.save(ranker_dir(platform.paths.models_dir, objective, "workers-test"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    derm = str(Path(sys.executable).with_name("derm"))
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [derm, "serve", "--port", str(port), "--workers", "2"], stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def get(path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(f"{base}{path}", timeout=10) as answer:
+            return answer.status, answer.read().decode()
+
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                if get("/health")[0] == 200:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        pids = set()
+        for _ in range(8):  # fresh connections: the kernel hands them to either worker
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            status, body = post_json(connection, "/rank", {"user_id": 2, "pin_ids": [1, 2, 3]})
+            connection.close()
+            assert status == 200 and body["rankers"]["ctr"] == "ctr/workers-test", body
+            health = json.loads(get("/health")[1])
+            pids.add(health["process"])
+            assert health["retrieval"]["index"]["source"].startswith("loaded"), health["retrieval"]
+        saved = list((platform.paths.data_dir / "serving" / "ann-index").glob("*.faiss"))
+        assert len(saved) == 1, saved  # built once by `derm serve`, loaded by each worker
+        text = get("/metrics")[1]
+        print("\n".join(line for line in text.splitlines() if line.startswith(("# HELP derm_", "derm_"))))
+        scraped = _samples(text)
+        ok = scraped[("derm_http_requests_total", (("endpoint", "/rank"), ("method", "POST"), ("status", "200")))]
+        assert ok == 8, "any worker's /metrics counts every worker's requests"
+        assert pids and all(pid != process.pid for pid in pids)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+# ---------------------------------------------------------------------------------------------
 # Feast's web UI on the platform's registry, driven in headless Chromium
 # ---------------------------------------------------------------------------------------------
 
