@@ -46,6 +46,15 @@ if ! command -v redis-server >/dev/null; then
   }
 fi
 
+if [ "$mode" = test ]; then
+  # The load benchmark's smoke run drives `wrk`; the Feast UI test drives headless Chromium.
+  missing=()
+  command -v wrk >/dev/null || missing+=(wrk)
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
+  if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   if ! "$python" -m venv .venv 2>/dev/null; then
     rm -rf .venv
