@@ -88,21 +88,31 @@ class RayAsofOfflineStoreConfig(asof.AsofDuckDBOfflineStoreConfig):
 
 
 def ensure_ray(config: RayAsofOfflineStoreConfig) -> None:
-    """Connect to ``ray_address`` or start a local Ray once per process."""
+    """Connect to ``ray_address`` or start a local Ray once per process.
+
+    A local start is tried twice: Ray gives its raylet a fixed 30 s to register, which a
+    busy machine can miss the first time.
+    """
     import ray
 
     if ray.is_initialized():
         return
     if config.ray_address:
-        ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=config.num_cpus,
-            object_store_memory=config.object_store_memory,
-            include_dashboard=False,
-            ignore_reinit_error=True,
-            log_to_driver=False,
-        )
+        ray.init(address=config.ray_address, log_to_driver=False)
+        return
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                num_cpus=config.num_cpus,
+                object_store_memory=config.object_store_memory,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
 
 
 @dataclass(frozen=True)
