@@ -163,6 +163,22 @@ WORKLOADS: tuple[Workload, ...] = (
         ),
     ),
     Workload(
+        name="P3-scale",
+        title="Point-in-time retrieval on Ray (local, 2 workers) vs the single-node ASOF store (s, driver peak RSS)",
+        module="bench.historical_retrieval_ray",
+        sizes=dict(events=1_000_000, entities=20_000, days=30, repeats=1, num_cpus=2, buckets=8),
+        smoke=dict(events=2_000, entities=50, days=3, repeats=1, num_cpus=2, buckets=2),
+        scaled=("events", "entities"),
+        figures=(
+            ("ray_store.seconds", "Ray ASOF store s (result to Parquet)"),
+            ("asof_store.seconds", "single-node ASOF store s (result in memory)"),
+            ("ray_store.peak_rss_mb", "Ray store driver peak RSS MB"),
+            ("asof_store.peak_rss_mb", "single-node store peak RSS MB"),
+            ("result_vector_mb", "result vectors MB"),
+        ),
+        ratios=(Ratio("ray_over_asof_seconds", "Ray / single-node seconds", 1.5, higher_is_better=False),),
+    ),
+    Workload(
         name="P4",
         title="Downstream training input (samples/s)",
         module="bench.dataloader",
