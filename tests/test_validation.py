@@ -645,6 +645,11 @@ def test_validation_results_are_pruned_to_the_retention_and_the_index_is_built_o
     # Four row-check runs, two kept: the newest two days, and only their pages remain.
     assert [p.parts[-3] for p in rows_results] == ["ctr_user_v1_2026-01-07", "ctr_user_v1_2026-01-08"]
     assert [page.exists() for page in pages] == [False, False, True, True]
+    # No empty run folders left behind: GE walks them on every build.
+    run_folders = {p.name for p in (results / "embedding_snapshot/ctr_user/v1/rows").iterdir()}
+    assert run_folders == {"ctr_user_v1_2026-01-07", "ctr_user_v1_2026-01-08"}
+    page_folders = {p.name for p in (site / "validations/embedding_snapshot/ctr_user/v1/rows").iterdir()}
+    assert page_folders == run_folders
     assert not (site / "index.html").exists()
 
     index = gate.build_data_docs_index(docs)

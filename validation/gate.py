@@ -224,12 +224,27 @@ def _prune_results(context: Any, suite_name: str, keep: int, page: Path | None, 
     keys = [key for key in keys if key.expectation_suite_identifier.name == suite_name]
     keys.sort(key=lambda key: key.run_id.run_time, reverse=True)
     pages_root = page.parents[len(page_key.to_tuple()) - 1] if page is not None else None
+    results_root = Path(store.store_backend.full_base_directory)
     for key in keys[keep:]:
         store.remove_key(key)
+        *folders, batch = key.to_tuple()
         if pages_root is not None:
-            *folders, batch = key.to_tuple()
             pages_root.joinpath(*folders, f"{batch}.html").unlink(missing_ok=True)
+        # GE leaves the run name and run time folders behind; walking them would grow with history again.
+        for root in (results_root, pages_root):
+            if root is not None:
+                _remove_empty_folders(root.joinpath(*folders), stop=root.joinpath(*prefix))
     return max(len(keys) - keep, 0)
+
+
+def _remove_empty_folders(folder: Path, stop: Path) -> None:
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another result of this run), or already gone
+            if folder.exists():
+                return
+        folder = folder.parent
 
 
 def build_data_docs_index(docs_dir: Path) -> Path | None:
