@@ -57,7 +57,7 @@ def env(platform: PlatformPaths, redis_server, monkeypatch: pytest.MonkeyPatch) 
     from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV
 
     monkeypatch.setenv(DATA_DIR_ENV, str(platform.data_dir))
-    monkeypatch.setenv(REDIS_CONNECTION_ENV, f"{redis_server.connection_string},db=7")
+    monkeypatch.setenv(REDIS_CONNECTION_ENV, redis_server.connection_string)  # the module's own server
     monkeypatch.setenv(REDIS_TYPE_ENV, "redis")
     return platform
 
@@ -70,7 +70,9 @@ def _run(command, args: list[str], exit_code: int) -> Result:
     return result
 
 
-def test_publish_all_publishes_other_chains_reports_and_accept_unblocks(env: PlatformPaths) -> None:
+def test_publish_all_publishes_other_chains_reports_and_accept_unblocks(env: PlatformPaths, tmp_path: Path) -> None:
+    from derm.cli.downstream import train_downstream
+    from derm.cli.experiments import ablation
     from derm.cli.publishing import accept_command, freshness_command, publish
 
     user1 = _unit_rows(1)
@@ -112,6 +114,15 @@ def test_publish_all_publishes_other_chains_reports_and_accept_unblocks(env: Pla
     final = _run(publish, ["--all"], exit_code=0).output
     assert "published 1, refused 0, blocked 0" in final and f"published  ctr_user v1   {D3}" in final
     assert _run(publish, ["--all"], exit_code=0).output.strip() == "nothing to publish"
+
+    # ctr_user and cvr_pin are promoted now, so the CTR training set builds: a training-set refusal ends
+    # cleanly with its failures and Data Docs (here, in this test, so that it never depends on test order).
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("training_set:\n  label_rate_min: 0.99\n")
+    fast = ["--objective", "ctr", "--epochs", "1", "--bootstrap", "10", "--threads", "1", "--thresholds", strict]
+    for command, extra in ((train_downstream, []), (ablation, ["--skip-aggregation"])):
+        out = _run(command, [*fast, *extra], exit_code=1).output
+        assert "validation failed for" in out and "label" in out and "Data Docs: " in out, out
 
 
 def test_discard_moves_the_refused_chain_aside_never_a_published_day(env: PlatformPaths) -> None:
@@ -163,16 +174,3 @@ def test_every_gating_command_takes_the_same_thresholds_option(tmp_path: Path) -
         result = _run(command, args, exit_code=2)
         assert "label_rate_minimum" in result.output, result.output
     assert downstream_config(1, 1, 2, 10, 0, thresholds=typo).gate_thresholds == typo
-
-
-def test_training_set_refusal_ends_cleanly_with_failures_and_docs(env: PlatformPaths, tmp_path: Path) -> None:
-    """Run after the first test: ctr_user and cvr_pin are promoted, so the CTR training set builds."""
-    from derm.cli.downstream import train_downstream
-    from derm.cli.experiments import ablation
-
-    strict = tmp_path / "strict.yaml"
-    strict.write_text("training_set:\n  label_rate_min: 0.99\n")
-    fast = ["--objective", "ctr", "--epochs", "1", "--bootstrap", "10", "--threads", "1", "--thresholds", strict]
-    for command, extra in ((train_downstream, []), (ablation, ["--skip-aggregation"])):
-        out = _run(command, [*fast, *extra], exit_code=1).output
-        assert "validation failed for" in out and "label" in out and "Data Docs: " in out, out
