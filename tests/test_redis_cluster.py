@@ -358,3 +358,25 @@ def test_master_killed_during_writes_and_reads(tmp_path: Path, redis_cluster: Lo
     finally:
         redis_cluster.restart(victim)  # back as a replica, so later tests see 3 masters + 3 replicas
         redis_cluster.wait_until_healthy()
+
+
+def test_cluster_profile_is_configuration_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_cluster: LocalRedisCluster
+) -> None:
+    """DERM_PROFILE=cluster loads feature_store.cluster.yaml: the Ray ASOF store and the fast store on a cluster."""
+    from derm.core.feast_repo import feast_environment, feature_store
+    from derm.core.paths import PROFILE_ENV, PlatformPaths, feature_store_yaml
+    from derm.feast_plugins.ray_asof_offline_store import RayAsofOfflineStoreConfig
+
+    monkeypatch.setenv(PROFILE_ENV, "cluster")
+    monkeypatch.delenv("DERM_RAY_ADDRESS", raising=False)
+    for name, value in feast_environment(PlatformPaths(tmp_path), redis_cluster.connection_string).items():
+        monkeypatch.setenv(name, value)
+    assert feature_store_yaml().name == "feature_store.cluster.yaml"
+    config = feature_store().config
+    assert isinstance(config.offline_store, RayAsofOfflineStoreConfig)
+    assert config.offline_store.ray_address is None  # empty: a local Ray
+    assert config.offline_store.storage_path == f"{tmp_path}/retrieval"
+    assert str(config.online_store.redis_type.value) == "redis_cluster"
+    assert config.online_store.connection_string == redis_cluster.connection_string
+    assert config.online_store.replica_acks == 1
