@@ -10,7 +10,8 @@ too, so nothing written before can vouch for it.
 
 :func:`online_status` compares each published view with Redis, entity by entity for a sample of
 the newest day (``ok``, ``stale``: older or partial, ``missing``: nothing of this view, ``empty``:
-Redis holds no key at all). :func:`repair` re-materializes from the offline store, through Feast,
+Redis holds no key at all; ``stale`` too when a day is offline but was never marked online, a publish
+that died between its offline and online steps). :func:`repair` re-materializes from the offline store, through Feast,
 every view that is not ``ok`` (its whole published window, so each entity gets its newest day, as
 Feast keeps the newer of two writes), and the counting and attribute views when Redis lost data;
 it reports what Redis holds afterwards. It is idempotent: a second run finds everything ``ok``.
@@ -53,6 +54,7 @@ class OnlineState:
     version: str
     view: str
     catalog_day: date | None  # the newest day the catalog calls online
+    offline_day: date | None  # the newest day published offline (newer than catalog_day: a publish died between)
     watermark_day: date | None  # the newest day Redis' own watermark records
     sampled: int  # entities of the newest day checked
     present: int  # of those, holding that day (or newer)
@@ -61,8 +63,13 @@ class OnlineState:
     def describe(self) -> str:
         watermark = self.watermark_day.isoformat() if self.watermark_day else "none"
         catalog = self.catalog_day.isoformat() if self.catalog_day else "none"
+        behind = (
+            f", offline up to {self.offline_day.isoformat()}"
+            if self.offline_day and (self.catalog_day is None or self.offline_day > self.catalog_day)
+            else ""
+        )
         return (
-            f"{self.view}: {self.status} (catalog online {catalog}, Redis watermark {watermark}, "
+            f"{self.view}: {self.status} (catalog online {catalog}{behind}, Redis watermark {watermark}, "
             f"{self.present}/{self.sampled} sampled entities hold it)"
         )
 
@@ -149,6 +156,7 @@ def online_status(paths: PlatformPaths, repo: FeatureRepo, *, sample: int = 200,
     for published in catalog.versions():
         online_day = state.online.get(published.family, {}).get(published.version)
         catalog_day = date.fromisoformat(online_day) if online_day else None
+        offline_day = max(published.days) if published.days else None
         watermark = watermarks.get(published.feature_view)
         sampled = present = 0
         if catalog_day is not None:
@@ -161,7 +169,13 @@ def online_status(paths: PlatformPaths, repo: FeatureRepo, *, sample: int = 200,
             status = "empty"
         elif present == 0 and watermark is None:
             status = "missing"
-        elif watermark is None or catalog_day is None or watermark[0] < catalog_day or present < sampled:
+        elif (
+            watermark is None
+            or catalog_day is None
+            or watermark[0] < catalog_day
+            or present < sampled
+            or (offline_day is not None and offline_day > catalog_day)
+        ):
             status = "stale"
         else:
             status = "ok"
@@ -171,6 +185,7 @@ def online_status(paths: PlatformPaths, repo: FeatureRepo, *, sample: int = 200,
                 version=published.version,
                 view=published.feature_view,
                 catalog_day=catalog_day,
+                offline_day=offline_day,
                 watermark_day=watermark[0] if watermark else None,
                 sampled=sampled,
                 present=present,
@@ -191,7 +206,7 @@ class Repaired:
 def repair(paths: PlatformPaths, repo: FeatureRepo, *, now: datetime | None = None) -> list[Repaired]:
     """Re-materialize from the offline store whatever Redis lacks; what Redis holds afterwards, per view."""
     catalog = Catalog(paths.embeddings_offline_dir)
-    broken = [state for state in online_status(paths, repo) if state.status != "ok" and state.catalog_day]
+    broken = [state for state in online_status(paths, repo) if state.status != "ok" and state.offline_day]
     if not broken:
         return []
     client, project, serialization_version = redis_connection(repo)
@@ -199,8 +214,8 @@ def repair(paths: PlatformPaths, repo: FeatureRepo, *, now: datetime | None = No
     repaired = []
     with catalog.locked():
         for state in broken:
+            # Every day published offline, including one whose publish died before it was marked online.
             manifests = catalog.manifests(state.family, state.version)
-            manifests = [m for m in manifests if m.snapshot_date <= state.catalog_day]
             first, newest = manifests[0], manifests[-1]
             # The whole window: Feast writes each entity's newest row, which is what the day-by-day publishes left.
             store.materialize(
@@ -212,6 +227,11 @@ def repair(paths: PlatformPaths, repo: FeatureRepo, *, now: datetime | None = No
             held = count_holding(client, project, serialization_version, newest, ids)
             if held == len(ids):
                 record_watermark(client, project, newest, held)
+                current = catalog.read_state()
+                online = current.online.setdefault(state.family, {})
+                if online.get(state.version, "") < newest.snapshot_date.isoformat():
+                    online[state.version] = newest.snapshot_date.isoformat()
+                    catalog.write_state(current)
             repaired.append(Repaired(state.view, len(manifests), held, len(ids)))
     # Redis lost data: the counting features and Pin attributes are gone too. Feast's incremental
     # materialization would skip the intervals it already did, so materialize their whole history.

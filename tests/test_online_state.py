@@ -74,11 +74,11 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
                     os.environ[name] = value
 
 
-def _status(published: Published) -> dict[str, str]:
+def _status(published: Published, view: str = "ctr_user_emb_v1") -> dict[str, str]:
     from derm.core.feast_repo import FeatureRepo
     from derm.materialization.online_state import online_status
 
-    return {state.view: state.status for state in online_status(published.paths, FeatureRepo())}
+    return {state.view: state.status for state in online_status(published.paths, FeatureRepo()) if state.view == view}
 
 
 def _served(published: Published) -> np.ndarray:
@@ -110,7 +110,12 @@ def test_a_redis_restarted_empty_is_reported_and_repaired(published: Published) 
     published.client().flushall()
     assert _status(published) == {"ctr_user_emb_v1": "empty"}
     checked = CliRunner().invoke(freshness_command, [])
-    assert checked.exit_code == 1 and "ctr_user_emb_v1: empty" in checked.output and "derm repair" in checked.output
+    assert (
+        checked.exit_code == 1
+        and "empty" in checked.output
+        and "ctr_user_emb_v1: empty" in checked.output
+        and "derm repair" in checked.output
+    )
 
     repaired = CliRunner().invoke(repair_command, [])
 
@@ -162,3 +167,39 @@ def _at(day: date):
     from derm.training.upstream.export import snapshot_available_at
 
     return snapshot_available_at(day, timedelta(hours=1)).astimezone(UTC)
+
+
+def test_a_day_offline_but_never_online_is_stale_until_repaired(published: Published) -> None:
+    """A publish killed between its offline and online steps: the catalog never marked the day online."""
+    from derm.core.feast_repo import FeatureRepo
+    from derm.core.snapshot import read_manifest
+    from derm.materialization.catalog import Catalog
+    from derm.materialization.online_state import online_status, repair
+    from derm.materialization.publish import publish_snapshot, write_offline_partition
+    from derm.training.upstream.export import write_precomputed_snapshot
+
+    rng = np.random.default_rng(5)
+    ids = np.arange(7, 7 + USERS, dtype=np.int64)
+    vectors = [_unit(rng, USERS) for _ in DAYS]
+    # Another model version, so the other tests' view is left alone.
+    first = write_precomputed_snapshot(published.paths, "ctr_user", DAYS[0], ids, vectors[0], "f" * 64)
+    publish_snapshot(first, published.paths, repo=FeatureRepo(), now=_at(DAYS[0]) + timedelta(hours=1))
+    second = write_precomputed_snapshot(published.paths, "ctr_user", DAYS[1], ids, vectors[1], "f" * 64)
+    catalog = Catalog(published.paths.embeddings_offline_dir)
+    write_offline_partition(catalog, read_manifest(second), second)  # ... and the process died here
+
+    [state] = [s for s in online_status(published.paths, FeatureRepo()) if s.view == "ctr_user_emb_v2"]
+    assert state.status == "stale" and state.catalog_day == DAYS[0] and state.offline_day == DAYS[1]
+    assert "offline up to 2026-02-02" in state.describe()
+
+    repaired = {item.view: item for item in repair(published.paths, FeatureRepo())}
+
+    assert (repaired["ctr_user_emb_v2"].rows_held, repaired["ctr_user_emb_v2"].days) == (USERS, 2)
+    assert catalog.read_state().online["ctr_user"]["v2"] == DAYS[1].isoformat()
+    assert _status(published, "ctr_user_emb_v2") == {"ctr_user_emb_v2": "ok"}
+    response = (
+        FeatureRepo()
+        .store()
+        .get_online_features(features=["ctr_user_emb_v2:ctr_user_emb"], entity_rows=[{"user_id": int(i)} for i in ids])
+    )
+    np.testing.assert_allclose(np.array(response.to_dict()["ctr_user_emb"]), vectors[1], rtol=1e-6)
