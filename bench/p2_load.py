@@ -167,7 +167,7 @@ def wrk(
 def measure_target(
     name: str, url: str, path: str, bodies: Path, *, duration: float, max_requests: int, cores: str | None
 ) -> dict[str, Any]:
-    wrk(url, path, bodies, connections=2, duration=1.0, max_requests=200, cores=cores)  # warm up
+    wrk(url, path, bodies, connections=4, duration=3.0, max_requests=2000, cores=cores)  # warm up every worker
     saturation = [
         wrk(url, path, bodies, connections=c, duration=duration, max_requests=max_requests, cores=cores)
         for c in CONNECTIONS

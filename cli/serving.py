@@ -93,6 +93,7 @@ def build_app(options: dict[str, Any], *, wait_for_index: bool = True, announce:
         for objective, ranker in rankers.items():
             versions = ", ".join(f"{f}={v}" for f, v in ranker.embedding_versions.items())
             click.echo(f"{objective} ranker {service.ranker_ids[objective]}: {versions}", err=True)
+    service.warm_up()  # trace the rankers and open a Redis connection before taking traffic
     if wait_for_index and service.index_manager is not None:
         service.index_manager.refresh(wait=True)  # build (or load) the Pin index before taking traffic
         if announce:

@@ -391,6 +391,16 @@ class RankingService:
             timings=timings,
         )
 
+    def warm_up(self) -> None:
+        """Score two Pins once so the first request pays no one-off cost (model traces, Redis connection).
+
+        Failures (e.g. Redis not up yet) are logged, not raised: requests will report them.
+        """
+        try:
+            self.score(0, np.arange(2, dtype=np.int64))
+        except Exception as error:
+            log.warning("warm-up request failed (%s: %s)", type(error).__name__, error)
+
     def resolve_sort_by(self, sort_by: str | None) -> str:
         """The ranker that orders the Pins: ``sort_by``, else ``ctr`` when loaded, else the first ranker."""
         resolved = sort_by or ("ctr" if "ctr" in self.rankers else next(iter(self.rankers)))
