@@ -74,17 +74,27 @@ class OnlineState:
         )
 
 
-def redis_client(connection_string: str) -> redis.Redis:
-    """A client for Feast's connection string (``host:port[,password=..][,db=N][,ssl=true]``)."""
+def redis_client(connection_string: str, cluster: bool = False) -> redis.Redis:
+    """A client for Feast's connection string (``host:port[,password=..][,db=N][,ssl=true]``).
+
+    ``cluster``: the string names Redis Cluster nodes (``redis_type: redis_cluster``); the client
+    follows the slots (pipelines are split per node, MOVED replies followed).
+    """
     nodes, options = parse_redis_connection_string(connection_string)
+    if cluster:
+        from redis.cluster import ClusterNode, RedisCluster
+
+        options.pop("db", None)  # a cluster has one database
+        return RedisCluster(startup_nodes=[ClusterNode(n["host"], int(n["port"])) for n in nodes], **options)
     return redis.Redis(host=nodes[0]["host"], port=int(nodes[0]["port"]), **options)
 
 
 def redis_connection(repo: FeatureRepo) -> tuple[redis.Redis, str, int]:
     """A client of the repository's online store, its Feast project and entity-key serialization version."""
     config = repo.store().config
+    cluster = str(getattr(config.online_store, "redis_type", "redis")).endswith("redis_cluster")
     return (
-        redis_client(config.online_store.connection_string),
+        redis_client(config.online_store.connection_string, cluster=cluster),
         config.project,
         config.entity_key_serialization_version,
     )
