@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -69,24 +70,44 @@ def published(platform_paths: PlatformPaths, counting_features: Path, feast_env:
     return {"day1": day1, "day2": day2, "results": results}
 
 
-def _online(user_ids: list[int], view: str = "ctr_user_emb_v1") -> np.ndarray:
+def _online(ids: list[int], view: str = "ctr_user_emb_v1", family: str = "ctr_user") -> np.ndarray:
     from derm.core.feast_repo import feature_store
+    from derm.core.naming import feature_name, join_key
 
-    result = (
-        feature_store()
-        .get_online_features(features=[f"{view}:ctr_user_emb"], entity_rows=[{"user_id": u} for u in user_ids])
-        .to_dict()
-    )
-    return result["ctr_user_emb"]
+    feature = feature_name(family)
+    rows = [{join_key(family): i} for i in ids]
+    return feature_store().get_online_features(features=[f"{view}:{feature}"], entity_rows=rows).to_dict()[feature]
 
 
-def test_publish_writes_offline_registers_view_and_serves_online(published, platform_paths: PlatformPaths) -> None:
+def online_days(client, view: str) -> Counter:
+    """How many entities Redis holds for a feature view, by the availability time of the row stored.
+
+    Read from the store itself (the view's ``_ts:<view>`` field of each entity hash), not from what
+    the publisher reports.
+    """
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    held: Counter = Counter()
+    for key in client.scan_iter(count=1000):
+        stamp = client.hget(key, f"_ts:{view}")
+        if stamp is not None:
+            held[Timestamp.FromString(stamp).ToDatetime(tzinfo=UTC)] += 1
+    return held
+
+
+def test_publish_writes_offline_registers_view_and_serves_online(
+    published, platform_paths: PlatformPaths, redis_server
+) -> None:
     from derm.core.feast_repo import feature_store
 
     first, second = published["results"]
-    assert first.promoted and not second.promoted and first.offline_written and second.snapshot_rows == USERS
+    assert first.promoted and not second.promoted and first.offline_written and second.offline_written
+    # Redis holds every entity of the view, at the newest day published.
+    day2_ts = snapshot_available_at(DAY1 + timedelta(days=1), timedelta(hours=1))
+    assert online_days(redis_server.client(), "ctr_user_emb_v1") == {day2_ts: USERS}
     catalog = Catalog(platform_paths.embeddings_offline_dir)
-    assert [p.days for p in catalog.versions()] == [(DAY1, DAY1 + timedelta(days=1))]
+    versions = [(p.family, p.version, p.days) for p in catalog.versions() if p.family == "ctr_user"]
+    assert versions == [("ctr_user", "v1", (DAY1, DAY1 + timedelta(days=1)))]
 
     store = feature_store()
     view = store.get_feature_view("ctr_user_emb_v1")
@@ -107,7 +128,6 @@ def test_publish_writes_offline_registers_view_and_serves_online(published, plat
     # Offline, point in time: an event between the two snapshots sees day 1, one after sees day 2.
     import pandas as pd
 
-    day2_ts = snapshot_available_at(DAY1 + timedelta(days=1), timedelta(hours=1))
     entity_df = pd.DataFrame(
         {"user_id": [3, 3], "event_timestamp": [day2_ts - timedelta(minutes=1), day2_ts + timedelta(minutes=1)]}
     )
@@ -251,7 +271,7 @@ def test_freshness_reports_age_and_missing_days(published, platform_paths: Platf
     assert ctr_user.version == "v1" and ctr_user.newest_day == DAY1 + timedelta(days=1)
     assert ctr_user.age == NOW - snapshot_available_at(DAY1 + timedelta(days=1), timedelta(hours=1))
     assert ctr_user.missing_days == (date(2026, 1, 4), date(2026, 1, 5)), "days up to yesterday must be flagged"
-    assert report["cvr_pin"].version is None and not report["cvr_pin"].ok
+    assert report["cvr_user"].version is None and not report["cvr_user"].ok  # never published in this module
 
 
 def test_publish_killed_mid_way_keeps_promoted_version_served_and_completes_on_rerun(
@@ -260,9 +280,21 @@ def test_publish_killed_mid_way_keeps_promoted_version_served_and_completes_on_r
     from derm.core.feast_repo import feature_store
     from derm.materialization.publish import CRASH_AFTER_ENV, publish_snapshot
 
+    # A family of its own (first published here, so promoted), so that no other test sees the third day.
+    family, view = "cvr_pin", "cvr_pin_emb_v1"
+    days = [_unit_rows(51)]
+    days += [drifted(days[0], 52), drifted(drifted(days[0], 52), 53)]
+    for i in (0, 1):
+        make_snapshot(platform_paths, DAY1 + timedelta(days=i), days[i], family=family)
+        publish_snapshot(
+            snapshot_dir(platform_paths.snapshots_dir, family, "v1", DAY1 + timedelta(days=i)),
+            platform_paths,
+            repo=FeatureRepo(),
+            now=NOW,
+        )
     day3 = DAY1 + timedelta(days=2)
-    vectors = drifted(published["day2"], 5)
-    source = make_snapshot(platform_paths, day3, vectors)
+    vectors = days[2]
+    source = make_snapshot(platform_paths, day3, vectors, family=family)
     script = (
         "import sys; from datetime import datetime; from pathlib import Path;"
         "from derm.materialization.publish import publish_snapshot; from derm.core.paths import PlatformPaths;"
@@ -276,16 +308,20 @@ def test_publish_killed_mid_way_keeps_promoted_version_served_and_completes_on_r
 
     # The promoted version is still whole: every entity serves the last completed day, and the catalog
     # does not claim the new day is online.
-    np.testing.assert_array_equal(np.asarray(_online(list(range(USERS))), np.float32), published["day2"])
+    everyone = list(range(USERS))
+    np.testing.assert_array_equal(np.asarray(_online(everyone, view, family), np.float32), days[1])
+    day2_ts, day3_ts = (snapshot_available_at(d, timedelta(hours=1)) for d in (DAY1 + timedelta(days=1), day3))
+    assert online_days(redis_server.client(), view) == {day2_ts: USERS}
     catalog = Catalog(platform_paths.embeddings_offline_dir)
-    assert catalog.read_state().online["ctr_user"]["v1"] == (DAY1 + timedelta(days=1)).isoformat()
-    assert catalog.published("ctr_user", "v1", day3) is not None, "the offline day was renamed in whole"
+    assert catalog.read_state().online[family]["v1"] == (DAY1 + timedelta(days=1)).isoformat()
+    assert catalog.published(family, "v1", day3) is not None, "the offline day was renamed in whole"
     assert not list((platform_paths.embeddings_offline_dir / ".staging").glob("*"))
 
     rerun = publish_snapshot(source, platform_paths, repo=FeatureRepo(), now=NOW)
-    assert not rerun.offline_written and rerun.snapshot_rows == USERS
-    np.testing.assert_array_equal(np.asarray(_online(list(range(USERS))), np.float32), vectors)
-    assert catalog.read_state().online["ctr_user"]["v1"] == day3.isoformat()
+    assert not rerun.offline_written
+    assert online_days(redis_server.client(), view) == {day3_ts: USERS}
+    np.testing.assert_array_equal(np.asarray(_online(everyone, view, family), np.float32), vectors)
+    assert catalog.read_state().online[family]["v1"] == day3.isoformat()
     views = {v.name for v in feature_store().list_feature_views()}
     assert views == {*COUNTING_VIEWS, PIN_ATTRIBUTES_VIEW} | {p.feature_view for p in catalog.versions()}
 
@@ -395,7 +431,8 @@ def test_refusal_blocks_only_its_chain_then_discard_and_refresh_rederive_it(on_c
     assert "published 5, refused 1, blocked 2" in table and f"Data Docs: {refusal.data_docs}" in table
     assert "derm accept SNAPSHOT_DIR --reason TEXT" in table and "derm discard SNAPSHOT_DIR" in table
     catalog = Catalog(paths.embeddings_offline_dir)
-    assert catalog.read_state().online == {"ctr_pin": {"v1": "2026-01-04"}, "ctr_user": {"v1": "2026-01-01"}}
+    online = {family: days for family, days in catalog.read_state().online.items() if family.startswith("ctr_")}
+    assert online == {"ctr_pin": {"v1": "2026-01-04"}, "ctr_user": {"v1": "2026-01-01"}}  # cvr_user: the test below
 
     # A re-run tries the refused day again (still refused) and nothing behind it.
     again = publish_batch(pending_snapshots(paths), paths, repo=FeatureRepo())
@@ -461,8 +498,10 @@ def test_accept_publishes_a_refused_day_with_its_reason_and_unblocks_its_chain(o
     assert report.accepted == ((CHAIN_START + timedelta(days=1), "model retrained on purpose (ticket 42)"),)
     assert "accepted 2026-01-02: model retrained on purpose (ticket 42)" in report.describe()
 
-    final = publish_batch(pending_snapshots(paths), paths, repo=FeatureRepo())
-    assert final.ok and [r.day for r in final.published if r.family == "cvr_user"] == [CHAIN_START + timedelta(days=2)]
+    # Only this test's chain: the ctr chains pending here belong to the test above, whatever the order.
+    own = [d for d in pending_snapshots(paths) if d.parent.parent.name == "cvr_user"]
+    final = publish_batch(own, paths, repo=FeatureRepo())
+    assert final.ok and [r.day for r in final.published] == [CHAIN_START + timedelta(days=2)]
 
     # A snapshot that is not readable as one cannot be served, so it cannot be accepted.
     broken = make_snapshot(paths, CHAIN_START + timedelta(days=3), drifted(_unit_rows(32), 34), family="cvr_user")
