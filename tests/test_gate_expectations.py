@@ -71,7 +71,7 @@ EXPECTATIONS = [
     Expected("row_count", "expect_table_row_count_to_equal", None),
     # snapshot, against the recent days (coverage, overlap, per-dimension) or the day before (cosine)
     Expected("coverage_change", "expect_table_row_count_to_be_between", None),
-    Expected("overlap", "expect_column_values_to_be_in_set", suites.SEEN_IN_RECENT_DAYS),
+    Expected("retention", "expect_column_sum_to_be_between", suites.IN_PREVIOUS_DAY),
     Expected("median_cosine", "expect_column_median_to_be_between", suites.COSINE_TO_PREVIOUS),
     Expected("low_cosine_fraction", "expect_column_values_to_be_between", suites.COSINE_TO_PREVIOUS),
     Expected("mean_shift", "expect_column_values_to_be_between", suites.MEAN_SHIFT),
@@ -207,6 +207,7 @@ class SnapshotCase:
     fails: tuple[str, ...]
     entity_ids: list | None = None  # offending ids the target failure must name
     now: datetime = NOW
+    thresholds: GateThresholds | None = None  # default: the shipped thresholds
 
 
 def _good() -> np.ndarray:
@@ -320,16 +321,19 @@ SNAPSHOT_CASES: dict[str, SnapshotCase] = {
         lambda p: {"vectors": refreshed(p)[:100]},
         ("coverage_change",),
     ),
-    "coverage_grows": SnapshotCase(
+    # Growth has no upper bound by default (a young or bursty log grows by multiples); an operator's
+    # coverage_change_max bounds it.
+    "coverage_grows_beyond_a_configured_bound": SnapshotCase(
         lambda: unit_vectors(7, 100),
         lambda p: {"vectors": np.concatenate([refreshed(p), unit_vectors(8, 100)])},
         ("coverage_change",),
+        thresholds=replace(THRESHOLDS, snapshot=replace(THRESHOLDS.snapshot, coverage_change_max=0.5)),
     ),
-    # 60% of the ids remapped: only 40% seen the day before (< 50%); the rest still drift little.
+    # 60% of the ids remapped: only 40% of the day before's entities are still here (< 50%).
     "remapped_ids": SnapshotCase(
         _good,
         lambda p: {"vectors": refreshed(p), "ids": [*range(80), *range(1000, 1000 + ENTITIES - 80)]},
-        ("overlap",),
+        ("retention",),
     ),
     # Every entity turned by the same angle: median cosine 0.7 < 0.8, none below 0.5.
     "space_moved": SnapshotCase(_good, lambda p: {"vectors": _rotated(p, 0.7, 3)}, ("median_cosine",)),
@@ -361,7 +365,9 @@ def run_snapshot_case(root: Path, docs_dir: Path, case: SnapshotCase | None) -> 
     previous = history[-1]
     arguments = case.current(previous) if case else {"vectors": refreshed(previous)}
     folder = write_day(root, DAY, arguments.pop("vectors"), **arguments)
-    return validate_snapshot(folder, docs_dir=docs_dir, now=case.now if case else NOW)
+    return validate_snapshot(
+        folder, docs_dir=docs_dir, now=case.now if case else NOW, thresholds=case.thresholds if case else None
+    )
 
 
 def assert_fails_exactly(report: GateReport, names: tuple[str, ...]) -> None:
@@ -388,6 +394,13 @@ def test_snapshot_positive_control_passes_every_expectation(tmp_path: Path, docs
     passed, total = report.summary.rsplit(": ", 1)[1].split(" ")[0].split("/")
     assert passed == total and int(total) == len(SNAPSHOT_NAMES), report.summary  # every check ran
     assert not report.notes, report.notes
+
+
+def test_growth_passes_with_the_default_thresholds(tmp_path: Path, docs_dir: Path) -> None:
+    # Positive control of coverage_grows_beyond_a_configured_bound: 100 -> 200 entities, every old one kept.
+    spec = SNAPSHOT_CASES["coverage_grows_beyond_a_configured_bound"]
+    report = run_snapshot_case(tmp_path, docs_dir, SnapshotCase(spec.previous, spec.current, ()))
+    assert report.success, report.failures
 
 
 def test_a_quiet_day_within_the_recent_days_passes(tmp_path: Path, docs_dir: Path) -> None:

@@ -407,7 +407,7 @@ def test_remapped_entity_ids_are_rejected(history: tuple[Path, np.ndarray], docs
     folder = write_snapshot(root, DAY, next_day(previous), ids=list(range(1000, 1000 + ENTITIES)))
     report = validate_snapshot(folder, docs_dir=docs_dir, now=NOW)
     assert not report.success
-    assert ("expect_column_values_to_be_in_set", "seen_in_recent_days") in _failed(report), report.failures
+    assert ("expect_column_sum_to_be_between", "in_previous_day") in _failed(report), report.failures
 
 
 # --------------------------------------------------------------------------- issue 11: real-log shapes
@@ -437,7 +437,9 @@ def test_real_log_day_two_small_population_growth_passes(tmp_path: Path, docs_di
 
 
 def test_coverage_change_beyond_the_absolute_floor_fails_alone(tmp_path: Path, docs_dir: Path) -> None:
-    report = validate_snapshot(_populations(tmp_path, 100, 200), docs_dir=docs_dir, now=NOW)
+    thresholds = GateThresholds.load()
+    bounded = replace(thresholds, snapshot=replace(thresholds.snapshot, coverage_change_max=0.5))
+    report = validate_snapshot(_populations(tmp_path, 100, 200), docs_dir=docs_dir, now=NOW, thresholds=bounded)
     assert _failed(report) == {("expect_table_row_count_to_be_between", None)}, report.failures
     assert "at most 50 entities" in report.failures[0].description
 

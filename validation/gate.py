@@ -424,15 +424,15 @@ def _derive_snapshot_frames(
         else:
             parameters["previous"] = str(previous[0] / previous[1].data_file)
             history_files = [str(directory / recent.data_file) for directory, recent in history]
-            parameters["history"] = history_files
             # One vector per entity even if the previous snapshot (wrongly) had duplicates.
             previous_rows = (
                 f"SELECT {key}, any_value(embedding) AS embedding FROM read_parquet($previous) GROUP BY {key}"
             )
             # list_cosine_similarity rejects lists of unequal length or with NULL elements; those fail
             # their own checks.
-            # Overlap is judged against every recent day: an entity absent on a quiet day is not new.
-            seen = f", c.{key} IN (SELECT {key} FROM read_parquet($history)) AS {suites.SEEN_IN_RECENT_DAYS}"
+            # Retention: which of today's entities the day before had; their count against the day before's
+            # row count is the fraction of yesterday's entities still here (growth is not a failure).
+            seen = f", (c.{key} IN (SELECT {key} FROM read_parquet($previous)))::INT AS {suites.IN_PREVIOUS_DAY}"
             cosine = (
                 ", CASE WHEN len(c.embedding) = len(p.embedding) AND list_count(c.embedding) = len(c.embedding) "
                 "AND list_count(p.embedding) = len(p.embedding) "
@@ -487,7 +487,7 @@ def _derive_snapshot_frames(
             """,
             {
                 "current": parameters["current"],
-                "history": parameters["history"],
+                "history": history_files,
                 "dim": manifest.dim,
                 "norm_min": norm_bounds[0],
                 "norm_max": norm_bounds[1],

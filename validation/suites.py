@@ -2,7 +2,7 @@
 
 GE has no vector expectations, so the gate first derives one scalar column per property of a
 vector (``embedding_dim``, ``l2_norm``, ``all_values_finite``, ``no_null_values``,
-``has_nonzero_value``, ``cosine_to_previous``, ``seen_in_recent_days``) and one
+``has_nonzero_value``, ``cosine_to_previous``, ``in_previous_day``) and one
 row per embedding dimension (``mean_shift_in_previous_std``, ``std_ratio_to_previous``). The
 suites below are plain built-in expectations over those columns, so Data Docs read as
 sentences about the data ("l2_norm values must be between 0.9 and 1.1").
@@ -33,7 +33,7 @@ ALL_VALUES_FINITE = "all_values_finite"
 NO_NULL_VALUES = "no_null_values"
 HAS_NONZERO_VALUE = "has_nonzero_value"
 COSINE_TO_PREVIOUS = "cosine_to_previous"
-SEEN_IN_RECENT_DAYS = "seen_in_recent_days"
+IN_PREVIOUS_DAY = "in_previous_day"
 DIMENSION = "dimension"
 MEAN_SHIFT = "mean_shift_in_previous_std"
 STD_RATIO = "std_ratio_to_previous"
@@ -163,20 +163,23 @@ def snapshot_rows_suite(
             max_value=high,
             description=(
                 f"Coverage change versus {history_label or previous_label} ({counts}) within "
-                f"[{thresholds.coverage_change_min:+.0%}, {thresholds.coverage_change_max:+.0%}], "
-                f"or at most {thresholds.coverage_change_min_entities} entities either way: [{low}, {high}] rows"
+                f"[{thresholds.coverage_change_min:+.0%}, {_upper(thresholds.coverage_change_max)}], "
+                f"or at most {thresholds.coverage_change_min_entities} entities either way: "
+                f"[{low}, {'any' if high is None else high}] rows"
             ),
         )
     )
     if judge_overlap:
+        retained = thresholds.min_fraction_of_previous_retained
+        previous_count = recent_row_counts[-1]
         expectations.append(
-            gxe.ExpectColumnValuesToBeInSet(
-                column=SEEN_IN_RECENT_DAYS,
-                value_set=[True],
-                mostly=thresholds.min_fraction_seen_in_previous,
+            gxe.ExpectColumnSumToBeBetween(
+                column=IN_PREVIOUS_DAY,
+                min_value=math.ceil(retained * previous_count),
                 description=(
-                    f"At least {thresholds.min_fraction_seen_in_previous:.0%} of entities also in "
-                    f"{history_label or previous_label}: guards against remapped ids"
+                    f"At least {retained:.0%} of the {previous_count} entities of {previous_label} are still here "
+                    f"(sum of in_previous_day at least {math.ceil(retained * previous_count)}): guards against "
+                    "remapped or dropped ids; new entities are growth, not a failure"
                 ),
             )
         )
@@ -205,7 +208,7 @@ def snapshot_rows_suite(
     return _suite(name, expectations)
 
 
-def coverage_bounds(recent_row_counts: int | list[int], thresholds: SnapshotThresholds) -> tuple[int, int]:
+def coverage_bounds(recent_row_counts: int | list[int], thresholds: SnapshotThresholds) -> tuple[int, int | None]:
     """Allowed row counts: the relative bounds around the recent days' fewest and most rows.
 
     Each side is widened to +/- ``coverage_change_min_entities`` entities, so that percentages are
@@ -216,8 +219,14 @@ def coverage_bounds(recent_row_counts: int | list[int], thresholds: SnapshotThre
     fewest, most = min(counts), max(counts)
     floor = thresholds.coverage_change_min_entities
     low = min(math.ceil(fewest * (1 + thresholds.coverage_change_min)), fewest - floor)
+    if thresholds.coverage_change_max is None:
+        return max(low, 1), None
     high = max(math.floor(most * (1 + thresholds.coverage_change_max)), most + floor)
     return max(low, 1), high
+
+
+def _upper(change: float | None) -> str:
+    return "no upper bound" if change is None else f"{change:+.0%}"
 
 
 def snapshot_dimensions_suite(name: str, thresholds: SnapshotThresholds, previous_label: str) -> gx.ExpectationSuite:

@@ -25,10 +25,10 @@ class SnapshotThresholds:
     max_fraction_outside_norm_bounds: float = 0.01
     history_days: int = 7
     coverage_change_min: float = -0.2
-    coverage_change_max: float = 0.5
+    coverage_change_max: float | None = None
     coverage_change_min_entities: int = 50
     min_population_for_relative_checks: int = 50
-    min_fraction_seen_in_previous: float = 0.5
+    min_fraction_of_previous_retained: float = 0.5
     min_median_cosine_to_previous: float = 0.8
     low_cosine_to_previous: float = 0.5
     max_fraction_below_low_cosine: float = 0.05
