@@ -44,7 +44,10 @@ def validate(
     """
     from derm.validation.gate import GateThresholds, validate_snapshot
 
+    from derm.core.paths import PlatformPaths
+
     thresholds = GateThresholds.load(thresholds_path)
+    docs_dir = docs_dir or PlatformPaths.from_env().validation_dir
     targets = list(snapshot_dirs) or [_snapshot_from_options(family, model_version, day)]
     all_passed = True
     for target in targets:

@@ -189,11 +189,6 @@ def test_the_gate_passes_the_refresh_output_of_all_four_families(flow: Flow) -> 
         assert sum(f"/snapshots/{family}/v1/date=" in line for line in passed) == DAYS, output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: cli/validation.py passes docs_dir=None to validate_snapshot when --docs-dir is left out "
-    "(TypeError), though its help says the default is <data dir>/validation",
-)
 def test_validate_defaults_to_the_data_dirs_validation_folder(flow: Flow) -> None:
     expect(flow, "validate-default-docs", 0)
 
