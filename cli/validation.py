@@ -42,9 +42,8 @@ def validate(
     Give SNAPSHOT_DIRS, or --family and --version (and optionally --date) to pick a snapshot
     under the platform's snapshots directory.
     """
-    from derm.validation.gate import GateThresholds, validate_snapshot
-
     from derm.core.paths import PlatformPaths
+    from derm.validation.gate import GateThresholds, validate_snapshot
 
     thresholds = GateThresholds.load(thresholds_path)
     docs_dir = docs_dir or PlatformPaths.from_env().validation_dir
