@@ -154,6 +154,30 @@ def read_watermarks(client: redis.Redis, project: str) -> dict[str, tuple[date, 
     return watermarks
 
 
+def promoted_online_state(catalog: Catalog, client: redis.Redis, project: str) -> dict[str, str]:
+    """family -> ok / stale / missing / empty for each promoted version: Redis' watermark against the catalog.
+
+    Two small reads (the watermark hash, DBSIZE), cheap enough for a serving process to repeat every
+    few seconds; :func:`online_status` also samples entities.
+    """
+    state = catalog.read_state()
+    watermarks = read_watermarks(client, project)
+    empty = client.dbsize() == 0
+    statuses = {}
+    for family, version in state.promoted.items():
+        online_day = state.online.get(family, {}).get(version)
+        watermark = watermarks.get(feature_view_name(family, version))
+        if empty:
+            statuses[family] = "empty"
+        elif watermark is None:
+            statuses[family] = "missing"
+        elif online_day is not None and watermark[0].isoformat() < online_day:
+            statuses[family] = "stale"
+        else:
+            statuses[family] = "ok"
+    return statuses
+
+
 def online_status(paths: PlatformPaths, repo: FeatureRepo, *, sample: int = 200, seed: int = 0) -> list[OnlineState]:
     """Each published, not retired (family, version) against Redis (see the module docstring)."""
     client, project, serialization_version = redis_connection(repo)

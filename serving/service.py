@@ -331,6 +331,7 @@ class RankingService:
         self._query_lock = threading.Lock()
         self.catalog = catalog
         self._catalog_seen: tuple[int, CatalogState] | None = None  # (catalog file mtime, state)
+        self._online_seen: tuple[float, dict[str, str]] | None = None  # (monotonic time, family -> status)
 
     # ----------------------------------------------------------------------------- ranking
 
@@ -495,6 +496,7 @@ class RankingService:
         """Scores of every ranker for (user, each Pin); Pins keep their given order (repeats are scored again)."""
         pins = np.asarray(pin_ids, dtype=np.int64)
         self._refuse_version_skew()
+        self._refuse_not_online()
         started = time.perf_counter()
         frames, features = self.model_inputs(user_id, pins, surface, now)
         timings = {"redis": time.perf_counter() - started}
@@ -533,6 +535,43 @@ class RankingService:
             for objective, ranker in self.rankers.items()
         }
         return {objective: families for objective, families in skew.items() if families}
+
+    def online_state(self, max_age_s: float = 2.0) -> dict[str, str]:
+        """family -> ok / stale / missing / empty: the promoted view in Redis against the catalog.
+
+        Redis' own online watermark (``derm.materialization.online_state``) against the day the catalog
+        calls online: a Redis restarted empty has lost its watermarks with its data. Read at most every
+        ``max_age_s`` seconds (two small reads), so a request pays for it rarely.
+        """
+        if self.catalog is None:
+            return {}
+        now = time.monotonic()
+        if self._online_seen is not None and now - self._online_seen[0] < max_age_s:
+            return self._online_seen[1]
+        import redis
+
+        from derm.materialization.online_state import promoted_online_state, redis_client
+        from derm.serving.embedding_reader import RedisUnavailable
+
+        cluster = str(getattr(self.store.config.online_store, "redis_type", "redis")).endswith("redis_cluster")
+        try:
+            with redis_client(self.redis.connection_string, cluster=cluster) as client:
+                statuses = promoted_online_state(self.catalog, client, self.store.config.project)
+        except (redis.RedisError, OSError) as error:
+            raise RedisUnavailable(f"Redis unreadable while checking what it holds: {error}") from error
+        self._online_seen = (now, statuses)
+        return statuses
+
+    def _refuse_not_online(self) -> None:
+        families = {family for ranker in self.rankers.values() for family in ranker.embedding_versions}
+        lacking = {f: status for f, status in self.online_state().items() if status != "ok" and f in families}
+        if lacking:
+            described = ", ".join(f"{family} {status}" for family, status in sorted(lacking.items()))
+            raise ServingError(
+                503,
+                f"the online store does not hold the promoted embeddings ({described}): "
+                "run `derm repair` to re-materialize them from the offline store",
+            )
 
     def _refuse_version_skew(self) -> None:
         skew = self.version_skew()
@@ -644,8 +683,11 @@ class RankingService:
 
     def health(self) -> dict[str, Any]:
         redis_ok = self.redis.ping()
+        online = self.online_state(max_age_s=0.0) if redis_ok else {}
+        status = "ok" if redis_ok and all(v == "ok" for v in online.values()) else "degraded"
         return {
-            "status": "ok" if redis_ok else "unavailable",
+            "status": status if redis_ok else "unavailable",
+            "online": online,  # promoted family -> ok / stale / missing / empty (derm repair fixes the last three)
             "process": os.getpid(),  # which worker answered (derm serve --workers N)
             "redis": "ok" if redis_ok else f"unreachable at {self.redis.connection_string.split(',', 1)[0]}",
             "models": {

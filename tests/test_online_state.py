@@ -203,3 +203,23 @@ def test_a_day_offline_but_never_online_is_stale_until_repaired(published: Publi
         .get_online_features(features=["ctr_user_emb_v2:ctr_user_emb"], entity_rows=[{"user_id": int(i)} for i in ids])
     )
     np.testing.assert_allclose(np.array(response.to_dict()["ctr_user_emb"]), vectors[1], rtol=1e-6)
+
+
+
+def test_the_promoted_state_serving_checks_sees_a_redis_restarted_empty(published: Published) -> None:
+    """What ``/health`` reports under ``online`` and what makes ``/rank`` answer 503 (serving/service.py)."""
+    from derm.core.feast_repo import FeatureRepo
+    from derm.materialization.catalog import Catalog
+    from derm.materialization.online_state import promoted_online_state, repair
+
+    catalog, client = Catalog(published.paths.embeddings_offline_dir), published.client()
+    project = FeatureRepo().store().project
+    assert promoted_online_state(catalog, client, project)["ctr_user"] == "ok"
+    client.flushall()
+    assert promoted_online_state(catalog, client, project)["ctr_user"] == "empty"
+    repair(published.paths, FeatureRepo())
+    assert promoted_online_state(catalog, client, project)["ctr_user"] == "ok"
+    key = "derm:online_watermark:" + project
+    client.hdel(key, "ctr_user_emb_v1")
+    assert promoted_online_state(catalog, client, project)["ctr_user"] == "missing"
+    repair(published.paths, FeatureRepo())
