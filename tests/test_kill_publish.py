@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV, PlatformPaths
+from bench.online_read import feast_environment, unit_vectors
+from derm.core.paths import DATA_DIR_ENV, PlatformPaths
 from derm.infra.redis_server import LocalRedisServer
 
 DAYS = (date(2026, 3, 1), date(2026, 3, 2), date(2026, 3, 3))
@@ -50,8 +51,7 @@ class Template:
 
 
 def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    vectors = rng.normal(size=(n, DIM)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return unit_vectors(rng, n, DIM)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,6 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
     from derm.training.upstream.export import write_precomputed_snapshot
 
     root = tmp_path_factory.mktemp("kill")
-    names = (DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV)
-    previous = {name: os.environ.get(name) for name in names}
     paths = PlatformPaths(root / "template")
     rng = np.random.default_rng(0)
     ids = np.arange(5_000, 5_000 + ENTITIES, dtype=np.int64)
@@ -73,27 +71,16 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
             vectors[family, day] = current.copy()
             write_precomputed_snapshot(paths, family, day, ids, current, family[:1] * 64)
     with LocalRedisServer(root / "redis", persist=False) as server:
-        try:
+        # Each trial points DERM_DATA_DIR at its own folder; the environment is restored after the module.
+        with feast_environment(paths, server.connection_string):
             yield Template(root, server, paths.snapshots_dir, vectors, ids)
-        finally:
-            for name, value in previous.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
 
 def _fresh(template: Template, trial: int) -> PlatformPaths:
     paths = PlatformPaths(template.root / f"trial{trial}")
     shutil.copytree(template.snapshots, paths.snapshots_dir)
     template.server.client().flushall()
-    os.environ.update(
-        {
-            DATA_DIR_ENV: str(paths.data_dir),
-            REDIS_CONNECTION_ENV: template.server.connection_string,
-            REDIS_TYPE_ENV: "redis",
-        }
-    )
+    os.environ[DATA_DIR_ENV] = str(paths.data_dir)
     return paths
 
 

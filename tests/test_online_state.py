@@ -6,7 +6,6 @@ real Feast publishes: the catalog's online days are checked against Redis entity
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, timedelta
@@ -15,7 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV, PlatformPaths
+from bench.online_read import feast_environment, unit_vectors
+from derm.core.paths import PlatformPaths
 from derm.infra.redis_server import LocalRedisServer
 
 DAYS = (date(2026, 2, 1), date(2026, 2, 2))
@@ -34,8 +34,7 @@ class Published:
 
 
 def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    vectors = rng.normal(size=(n, DIM)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return unit_vectors(rng, n, DIM)
 
 
 @pytest.fixture(scope="module")
@@ -45,33 +44,23 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
     from derm.training.upstream.export import snapshot_available_at, write_precomputed_snapshot
 
     root = tmp_path_factory.mktemp("online-state")
-    names = (DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV)
-    previous = {name: os.environ.get(name) for name in names}
     with LocalRedisServer(root / "redis", persist=False) as server:
         paths = PlatformPaths(root / "data")
-        os.environ.update({DATA_DIR_ENV: str(paths.data_dir), REDIS_CONNECTION_ENV: server.connection_string})
-        os.environ[REDIS_TYPE_ENV] = "redis"
-        rng = np.random.default_rng(0)
-        base = _unit(rng, USERS)
-        vectors = {}
-        ids = np.arange(10**12, 10**12 + USERS, dtype=np.int64)  # sparse 64-bit ids, not 0..n
-        for offset, day in enumerate(DAYS):
-            moved = base + 0.05 * offset * _unit(rng, USERS)
-            vectors[day] = moved / np.linalg.norm(moved, axis=1, keepdims=True)
-            directory = write_precomputed_snapshot(paths, "ctr_user", day, ids, vectors[day], "e" * 64)
-            result = publish_snapshot(
-                directory, paths, repo=FeatureRepo(), now=snapshot_available_at(day, timedelta(hours=1))
-            )
-            # The count comes from Redis, not from the manifest.
-            assert result.online_rows == USERS and "40 of the snapshot's 40 rows held" in result.summary()
-        try:
+        with feast_environment(paths, server.connection_string):
+            rng = np.random.default_rng(0)
+            base = _unit(rng, USERS)
+            vectors = {}
+            ids = np.arange(10**12, 10**12 + USERS, dtype=np.int64)  # sparse 64-bit ids, not 0..n
+            for offset, day in enumerate(DAYS):
+                moved = base + 0.05 * offset * _unit(rng, USERS)
+                vectors[day] = moved / np.linalg.norm(moved, axis=1, keepdims=True)
+                directory = write_precomputed_snapshot(paths, "ctr_user", day, ids, vectors[day], "e" * 64)
+                result = publish_snapshot(
+                    directory, paths, repo=FeatureRepo(), now=snapshot_available_at(day, timedelta(hours=1))
+                )
+                # The count comes from Redis, not from the manifest.
+                assert result.online_rows == USERS and "40 of the snapshot's 40 rows held" in result.summary()
             yield Published(paths, server, vectors)
-        finally:
-            for name, value in previous.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
 
 def _status(published: Published, view: str = "ctr_user_emb_v1") -> dict[str, str]:
@@ -203,7 +192,6 @@ def test_a_day_offline_but_never_online_is_stale_until_repaired(published: Publi
         .get_online_features(features=["ctr_user_emb_v2:ctr_user_emb"], entity_rows=[{"user_id": int(i)} for i in ids])
     )
     np.testing.assert_allclose(np.array(response.to_dict()["ctr_user_emb"]), vectors[1], rtol=1e-6)
-
 
 
 def test_the_promoted_state_serving_checks_sees_a_redis_restarted_empty(published: Published) -> None:
