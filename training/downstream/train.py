@@ -503,7 +503,14 @@ def train_on_training_set(
     train, held_out = split_table(table, split)
     validation = None
     if cfg.validation_days:
-        validation_split = split_time(window, cfg.eval_days + cfg.validation_days)
+        # The last validation_days days *with rows* before the eval days: a log with a gap (a calendar day
+        # without events) still validates on real days.
+        days = np.unique(train.column("event_timestamp").to_numpy().astype("datetime64[D]"))
+        if len(days) > cfg.validation_days:
+            first = days[-cfg.validation_days].astype(object)  # a datetime.date
+            validation_split = datetime.combine(first, datetime.min.time(), UTC)
+        else:
+            validation_split = split_time(window, cfg.eval_days + cfg.validation_days)
         train, validation = split_table(train, validation_split)
     if not train.num_rows or not held_out.num_rows or (validation is not None and not validation.num_rows):
         sizes = f"{train.num_rows} train, {validation.num_rows if validation else 0} validation"
