@@ -134,3 +134,20 @@ def test_publish_history_benchmark_runs_and_keeps_the_retention() -> None:
     # The first publish pruned the row checks' suite to the retention; the dimension checks add a suite of their own.
     assert result["validation_results_after"]["long"] <= 2 * VALIDATION_RESULTS_KEPT_PER_SUITE
     assert result["long_publish_s"] > 0 and result["long_over_short"] > 0
+
+
+def test_new_entities_elsewhere_in_the_space_do_not_count_as_drift(tmp_path: Path, docs_dir: Path) -> None:
+    # The conformance log's day 4: 61 users, then 107 new ones whose vectors sit elsewhere. Over the whole
+    # population the per-dimension mean jumps; over the 61 entities of both days nothing moved.
+    rng = np.random.default_rng(7)
+    old = unit_vectors(rng, n=61) * 0.2 + np.eye(8, dtype=np.float32)[0]
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    for back in (2, 1):
+        write_snapshot(tmp_path, DAY - timedelta(days=back), old)
+    new = unit_vectors(rng, n=107) * 0.2 + np.eye(8, dtype=np.float32)[1]
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    today = write_snapshot(tmp_path, DAY, np.concatenate([old, new]))
+
+    report = validate_snapshot(today, docs_dir=docs_dir, now=NOW)
+
+    assert report.success, report.failures

@@ -467,9 +467,12 @@ def _derive_snapshot_frames(
                 FROM (
                     SELECT source, generate_subscripts(embedding, 1) AS d, unnest(embedding)::DOUBLE AS v
                     FROM (
+                        -- Entities of both sides only: new entities change the population, not the space.
                         SELECT 'current' AS source, embedding FROM read_parquet($current)
+                        WHERE {key} IN (SELECT {key} FROM read_parquet($history))
                         UNION ALL
                         SELECT 'previous' AS source, embedding FROM read_parquet($history)
+                        WHERE {key} IN (SELECT {key} FROM read_parquet($current))
                     )
                     WHERE len(embedding) = $dim AND list_count(embedding) = $dim
                       AND list_bool_and(list_transform(embedding, lambda x: isfinite(x)))

@@ -237,7 +237,7 @@ def snapshot_dimensions_suite(name: str, thresholds: SnapshotThresholds, previou
             column=MEAN_SHIFT,
             max_value=thresholds.max_dimension_mean_shift,
             description=(
-                f"Per dimension, |mean - mean in {previous_label}| at most "
+                f"Per dimension, over the entities present in both, |mean - mean in {previous_label}| at most "
                 f"{thresholds.max_dimension_mean_shift} previous standard deviations"
             ),
         )
