@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import shutil
 import socket
 import threading
@@ -958,7 +959,9 @@ def test_serve_workers_share_one_saved_index_and_their_metrics(platform: BenchPl
 # Feast's web UI on the platform's registry, driven in headless Chromium
 # ---------------------------------------------------------------------------------------------
 
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "feast-ui.png"
+# The README's screenshot; a test run writes its own under tmp_path unless DERM_UPDATE_SCREENSHOTS=1,
+# so that running the tests never leaves the checkout modified.
+README_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "feast-ui.png"
 
 
 @contextlib.contextmanager
@@ -1041,12 +1044,13 @@ def test_feast_ui_lists_every_view_with_tags_and_every_service(store, tmp_path) 
             raise AssertionError(f"{url} does not show {missing}; it shows: {body(driver)[:1500]}") from None
         return body(driver)
 
+    screenshot = README_SCREENSHOT if os.environ.get("DERM_UPDATE_SCREENSHOTS") == "1" else tmp_path / "feast-ui.png"
     with _feast_ui(tmp_path / "feast-ui.log") as base:
         driver = _chromium()
         try:
             page_shows(driver, f"{base}/p/{store.project}/feature-view", sorted(views))
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            assert driver.save_screenshot(str(SCREENSHOT))
+            screenshot.parent.mkdir(exist_ok=True)
+            assert driver.save_screenshot(str(screenshot))
             page_shows(driver, f"{base}/p/{store.project}/feature-service", services)
             promoted = store.get_feature_service("ctr_ranker").tags  # e.g. ctr_user_version: v1
             assert promoted, "the ranker service records the promoted versions as tags"
@@ -1058,7 +1062,7 @@ def test_feast_ui_lists_every_view_with_tags_and_every_service(store, tmp_path) 
                            [name, *tags, tags["model_version"], tags["dim"]])  # fmt: skip
         finally:
             driver.quit()
-    assert SCREENSHOT.read_bytes().startswith(b"\x89PNG")
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
 
 
 # ---------------------------------------------------------------------------------------------
