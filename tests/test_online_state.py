@@ -89,7 +89,8 @@ def test_published_days_carry_a_watermark_in_redis(published: Published) -> None
 
     assert _status(published) == {"ctr_user_emb_v1": "ok"}
     watermarks = read_watermarks(published.client(), FeatureRepo().store().project)
-    assert watermarks == {"ctr_user_emb_v1": (DAYS[-1], USERS)}
+    # Other tests of the module may publish another version first (random order): judge this view's own.
+    assert watermarks["ctr_user_emb_v1"] == (DAYS[-1], USERS)
     np.testing.assert_allclose(_served(published), published.vectors[DAYS[-1]], rtol=1e-6)
 
 
