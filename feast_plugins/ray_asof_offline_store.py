@@ -276,7 +276,7 @@ class RayAsofRetrievalJob(RetrievalJob):
         os.replace(partial, destination)  # nothing half-written under the dataset's name
 
 
-class RayAsofOfflineStore(DuckDBOfflineStore):
+class RayAsofOfflineStore(asof.AsofDuckDBOfflineStore):
     """The DuckDB offline store with ``get_historical_features`` as bucketed ASOF JOINs in Ray tasks."""
 
     @staticmethod
