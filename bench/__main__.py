@@ -250,6 +250,15 @@ def _fmt(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+NOTES_DIR = BENCH_DIR / "notes"
+
+
+def _notes(workload: str) -> list[str]:
+    """The hand-written conditions of a workload's last run (``bench/notes/<name>.md``), kept across runs."""
+    note = NOTES_DIR / f"{workload}.md"
+    return [note.read_text().strip(), ""] if note.exists() else []
+
+
 def write_markdown(results: list[dict[str, Any]], path: Path, chart: Path | None) -> None:
     lines = [
         "# Performance report",
@@ -271,7 +280,11 @@ def write_markdown(results: list[dict[str, Any]], path: Path, chart: Path | None
                 lines.append(f"| {q['name']} | {_fmt(q['value'])} | {bound} {q['target']} | {met} |")
         if isinstance(r["result"], dict) and r["result"].get("chart"):  # a workload's own chart
             lines += ["", f"![{r['workload']}]({r['result']['chart']})"]
-        lines.append("")
+        lines += ["", *_notes(r["workload"])]
+    measured = {r["workload"] for r in results}
+    for workload in WORKLOADS:  # notes of workloads measured outside this results.json (by their module)
+        if workload.name not in measured and _notes(workload.name):
+            lines += [f"## {workload.name}: {workload.title}", "", *_notes(workload.name)]
     if chart is not None:
         lines += [f"![ratios against their targets]({chart.name})", ""]
     path.write_text("\n".join(lines))
