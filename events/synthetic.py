@@ -18,7 +18,20 @@ What the paper's ablation steps need is planted on purpose (issue 17):
   on average (geometric lifetimes, start days spread over and before the log),
   so entities come and go and idle entities exist;
 * drift: ``drift`` is large enough (cosine of a factor to itself ~0.8 over 9
-  days) that stale embeddings lose signal and the moving average's weight matters.
+  days) that stale embeddings lose signal and the moving average's weight matters;
+* decoupled data: a share ``organic_share`` of the events is organic engagement
+  (``is_ad`` false). Users' *interests* (a latent factor of their own, Pins' side
+  clustered by category) drive organic engagement fully but ads clicks only by
+  ``ads_interest_weight``: the ads impressions the rankers train on show them
+  weakly, the organic stream the upstream models also learn from shows them
+  clearly -- information the rankers can only get through the embeddings;
+* label timing: a conversion happens ``conversion_delay_median_hours`` (median,
+  log-normal, ``conversion_delay_sigma``) after its click -- hours to days -- and is
+  written to ``conversion_timestamp``; the log is exported with every conversion
+  in it, also those after its last day.
+
+The interest factor, the organic flags and the delays come from random streams of
+their own, so the other draws of a config do not depend on them.
 
 Memory stays bounded: the log is written one day at a time, in chunks of at
 most ``chunk_rows`` rows.
@@ -43,7 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from derm.core.files import replace_directory
-from derm.events.schema import EVENT_LOG_SCHEMA, SURFACES
+from derm.events.schema import CANONICAL_SCHEMA, SURFACES
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,11 @@ class SyntheticConfig:
     intent_click_weight: float = 0.4  # how much the purchase-intent factor moves clicks (0: conversions only)
     user_lifetime_days: float | None = 8.0  # mean active span of a user (None: users never churn)
     pin_lifetime_days: float | None = 15.0  # mean active span of a Pin (None: Pins never churn)
+    organic_share: float = 0.4  # share of the events that is organic engagement, not ads impressions
+    organic_click_base_logit: float = -1.0  # organic engagement is more frequent than ads clicks
+    ads_interest_weight: float = 0.3  # how much the interest factor moves ads clicks (organic: 1)
+    conversion_delay_median_hours: float | None = 6.0  # None: no conversion time (known at the event)
+    conversion_delay_sigma: float = 1.2  # log-normal spread of the delay (95% within ~2 days)
     chunk_rows: int = 1_000_000  # bounded memory: rows generated and written at once
     seed: int = 7
     # Shapes of real logs (all off by default):
@@ -76,7 +94,13 @@ class SyntheticConfig:
         "tiny": dict(n_users=200, n_pins=80, n_advertisers=10, n_categories=5, n_days=6, events_per_day=2_000),
         "local": {},
         "bench": dict(
-            n_users=1_000_000, n_pins=200_000, n_advertisers=5_000, n_categories=50, n_days=30, events_per_day=333_334
+            n_users=1_000_000,
+            n_pins=200_000,
+            n_advertisers=5_000,
+            n_categories=50,
+            n_days=30,
+            events_per_day=333_334,
+            organic_share=0.0,  # the benchmarks' figures count ads impressions, as before
         ),
         # The shape of a public interaction log converted to the contract: ~1k users active in short
         # bursts, ~2k items, 215 days of 30 to 3,500 events with a few empty days, click rate ~0.55.
@@ -93,6 +117,8 @@ class SyntheticConfig:
             user_lifetime_days=None,
             pin_lifetime_days=60.0,
             click_base_logit=0.3,
+            organic_share=0.0,  # the real log has no organic stream
+            ads_interest_weight=0.0,
         ),
     }
 
@@ -134,6 +160,8 @@ class _World:
     pin_factor: np.ndarray  # (P, K)
     user_cvr_factor: np.ndarray  # (U, K/2) conversion-only latent
     pin_cvr_factor: np.ndarray  # (P, K/2)
+    user_interest: np.ndarray  # (U, K) interests: full weight in organic engagement, weak in ads clicks
+    pin_interest: np.ndarray  # (P, K), clustered by category
 
 
 def _lifetimes(n: int, mean_days: float | None, n_days: int, rng: np.random.Generator):
@@ -156,6 +184,9 @@ def _init_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
     category_center = rng.normal(size=(cfg.n_categories, k))
     pin_category = rng.integers(0, cfg.n_categories, cfg.n_pins)
     pin_factor = (category_center[pin_category] + rng.normal(size=(cfg.n_pins, k))) / np.sqrt(2 * k)
+    interest_rng = np.random.default_rng([cfg.seed, 10**6 + 1])
+    interest_center = interest_rng.normal(size=(cfg.n_categories, k))
+    pin_interest = (interest_center[pin_category] + interest_rng.normal(size=(cfg.n_pins, k))) / np.sqrt(2 * k)
     return _World(
         user_activity=rng.lognormal(0.0, 1.0, cfg.n_users),
         user_first_day=(
@@ -175,6 +206,8 @@ def _init_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
         pin_factor=pin_factor,
         user_cvr_factor=rng.normal(size=(cfg.n_users, k // 2)) / np.sqrt(k),
         pin_cvr_factor=rng.normal(size=(cfg.n_pins, k // 2)) / np.sqrt(k),
+        user_interest=interest_rng.normal(size=(cfg.n_users, k)) / np.sqrt(k),
+        pin_interest=pin_interest,
     )
 
 
@@ -188,7 +221,12 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _day_chunks(
-    cfg: SyntheticConfig, world: _World, day_index: int, volume: int, rng: np.random.Generator
+    cfg: SyntheticConfig,
+    world: _World,
+    day_index: int,
+    volume: int,
+    rng: np.random.Generator,
+    extra: np.random.Generator,
 ) -> Iterator[pa.Table]:
     day_start = datetime.combine(cfg.days[day_index], datetime.min.time(), tzinfo=UTC)
     day_start_us = int(day_start.timestamp() * 1_000_000)
@@ -217,9 +255,16 @@ def _day_chunks(
             * cfg.affinity_scale
             * np.sqrt(cfg.latent_dim)
         )
+        interest = (
+            np.einsum("nk,nk->n", world.user_interest[users], world.pin_interest[pins])
+            * cfg.affinity_scale
+            * np.sqrt(cfg.latent_dim)
+        )
+        is_ad = extra.random(n) >= cfg.organic_share
         click_logit = (
-            cfg.click_base_logit
+            np.where(is_ad, cfg.click_base_logit, cfg.organic_click_base_logit)
             + affinity
+            + np.where(is_ad, cfg.ads_interest_weight, 1.0) * interest
             + cfg.intent_click_weight * intent
             + world.user_bias[users]
             + world.pin_bias[pins]
@@ -230,12 +275,16 @@ def _day_chunks(
         advertisers = world.pin_advertiser[pins]
         cvr_logit = cfg.conversion_base_logit + shared + intent + world.advertiser_cvr_bias[advertisers]
         converted = clicked & (rng.random(n) < _sigmoid(cvr_logit))
+        event_us = day_start_us + offsets_us[start : start + n]
+        conversion_us = None
+        if cfg.conversion_delay_median_hours is not None:
+            median_us = cfg.conversion_delay_median_hours * 3_600_000_000
+            delay_us = np.exp(np.log(median_us) + cfg.conversion_delay_sigma * extra.normal(size=n)).astype(np.int64)
+            conversion_us = pa.array(event_us + delay_us, pa.int64(), mask=~converted)
         yield pa.table(
             {
                 "event_id": np.arange(start, start + n, dtype=np.int64) + day_index * 10**10,
-                "event_timestamp": pa.array(day_start_us + offsets_us[start : start + n], pa.int64()).cast(
-                    pa.timestamp("us", tz="UTC")
-                ),
+                "event_timestamp": pa.array(event_us, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
                 "user_id": users.astype(np.int64),
                 "pin_id": pins.astype(np.int64),
                 "advertiser_id": advertisers.astype(np.int64),
@@ -243,8 +292,12 @@ def _day_chunks(
                 "surface": pa.array(np.asarray(SURFACES, dtype=object)[surface], pa.string()),
                 "clicked": clicked,
                 "converted": converted,
+                "is_ad": is_ad,
+                "conversion_timestamp": (pa.nulls(n, pa.int64()) if conversion_us is None else conversion_us).cast(
+                    pa.timestamp("us", tz="UTC")
+                ),
             },
-            schema=EVENT_LOG_SCHEMA,
+            schema=CANONICAL_SCHEMA,
         )
 
 
@@ -274,18 +327,21 @@ def generate_event_log(cfg: SyntheticConfig, events_dir: Path, progress: bool = 
         days = track(days, description="generating events")
     for day_index in days:
         day_rng = np.random.default_rng([cfg.seed, day_index])
+        extra_rng = np.random.default_rng([cfg.seed, day_index, 1])  # interests, organic flags, delays
         if day_index:
             world.user_factor = _drift(world.user_factor, cfg.drift, day_rng)
             world.pin_factor = _drift(world.pin_factor, cfg.drift, day_rng)
             world.user_cvr_factor = _drift(world.user_cvr_factor, cfg.drift, day_rng)
             world.pin_cvr_factor = _drift(world.pin_cvr_factor, cfg.drift, day_rng)
+            world.user_interest = _drift(world.user_interest, cfg.drift, extra_rng)
+            world.pin_interest = _drift(world.pin_interest, cfg.drift, extra_rng)
         volume = cfg.day_volume(day_rng)
         if volume == 0:  # an empty calendar day has no partition, as in a real export
             continue
         path = staging / f"date={cfg.days[day_index].isoformat()}" / "part-0.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with pq.ParquetWriter(path, EVENT_LOG_SCHEMA) as writer:
-            for chunk in _day_chunks(cfg, world, day_index, volume, day_rng):
+        with pq.ParquetWriter(path, CANONICAL_SCHEMA) as writer:
+            for chunk in _day_chunks(cfg, world, day_index, volume, day_rng, extra_rng):
                 writer.write_table(chunk)
         files.append(events_dir / path.relative_to(staging))
     replace_directory(staging, events_dir)

@@ -6,6 +6,12 @@ hands an event the counts of its own day. The 7-day sums are windowed over
 calendar days (``RANGE``), not over rows, so a gap in activity shortens the
 window instead of stretching it.
 
+The counts are the rankers' own: ads impressions only (``is_ad``; organic
+engagement reaches the rankers only through the upstream embeddings). A
+conversion is counted in ``conversions_1d`` on the day it became known
+(:data:`derm.events.schema.CONVERSION_KNOWN_SQL`), not on its click's day, and
+only if that is within the log (its last day's end is the platform's "now").
+
 ``pin_attributes`` has the same grain and stamp: one row per (Pin, day the Pin
 appeared) with its ``advertiser_id`` and ``category_id`` as of its newest event up
 to the end of that day. A Pin that appeared on a day has its newest event up to
@@ -43,7 +49,14 @@ from derm.core.naming import (
     counting_features,
 )
 from derm.core.sql import connect, ident
-from derm.events.schema import check_event_log, latest_pin_attributes_sql, partition_day
+from derm.events.schema import (
+    CONVERSION_KNOWN_SQL,
+    check_event_log,
+    event_columns_sql,
+    latest_pin_attributes_sql,
+    partition_day,
+    read_events_sql,
+)
 
 # The expression of each counting feature over an entity's days; the feature names (``<entity>_<suffix>``)
 # and the views come from derm.core.naming, which the Feast views and the rankers read too.
@@ -58,21 +71,28 @@ _COUNTING_EXPRESSIONS = {
 }
 
 
-def _daily_stats_sql(view: str) -> str:
-    """One row per (entity, day with activity) of a counting view, stamped end of day, partitioned by date."""
+def _daily_stats_sql(view: str, files: Sequence[Path]) -> str:
+    """One row per (entity, day with ads activity or a conversion known), stamped end of day, partitioned
+    by date; ``$files`` are the event files, ``$known_by`` the end of the log's last day."""
     key = ident(ENTITIES[COUNTING_VIEWS[view]])
     features = ",\n       ".join(
         f"{_COUNTING_EXPRESSIONS[suffix]} AS {ident(name)}"
         for suffix, name in zip(COUNTING_SUFFIXES, counting_features(view), strict=True)
     )
     return f"""
-WITH daily AS (
-    SELECT {key},
-           CAST(timezone('UTC', event_timestamp) AS DATE) AS day,
-           count(*) AS impressions,
-           count(*) FILTER (WHERE clicked) AS clicks,
-           count(*) FILTER (WHERE converted) AS conversions
-    FROM read_parquet($files)
+WITH ads AS (
+    SELECT * FROM (SELECT {event_columns_sql(files)} FROM {read_events_sql("files", files)}) WHERE is_ad
+),
+daily AS (
+    SELECT {key}, day, sum(impressions) AS impressions, sum(clicks) AS clicks, sum(conversions) AS conversions
+    FROM (
+        SELECT {key}, CAST(timezone('UTC', event_timestamp) AS DATE) AS day,
+               1 AS impressions, CAST(clicked AS INTEGER) AS clicks, 0 AS conversions
+        FROM ads
+        UNION ALL
+        SELECT {key}, CAST(timezone('UTC', {CONVERSION_KNOWN_SQL}) AS DATE), 0, 0, 1
+        FROM ads WHERE converted AND {CONVERSION_KNOWN_SQL} < $known_by
+    )
     GROUP BY ALL
 )
 SELECT {key},
@@ -93,6 +113,7 @@ def build_counting_features(events_dir: Path, stats_dir: Path) -> dict[str, int]
     leaves the previous offline tables as they were, and a reader never sees half a table.
     """
     files = check_event_log(events_dir)
+    known_by = day_end(max(partition_day(path) for path in files))
     stats_dir = Path(stats_dir)
     stats_dir.mkdir(parents=True, exist_ok=True)
     staged: dict[str, Path] = {}
@@ -102,8 +123,8 @@ def build_counting_features(events_dir: Path, stats_dir: Path) -> dict[str, int]
             for table in COUNTING_VIEWS:
                 staging = staged[table] = _staging_dir(stats_dir, table)
                 con.execute(
-                    f"COPY ({_daily_stats_sql(table)}) TO $path (FORMAT parquet, PARTITION_BY (date))",
-                    {"files": [str(f) for f in files], "path": str(staging)},
+                    f"COPY ({_daily_stats_sql(table, files)}) TO $path (FORMAT parquet, PARTITION_BY (date))",
+                    {"files": [str(f) for f in files], "path": str(staging), "known_by": known_by},
                 )
                 counts[table] = _rows(con, staging)
             staging = staged[PIN_ATTRIBUTES_VIEW] = _staging_dir(stats_dir, PIN_ATTRIBUTES_VIEW)

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from derm.events.schema import EVENT_LOG_SCHEMA, EventLogError, check_event_log
+from derm.events.schema import CANONICAL_SCHEMA, EventLogError, check_event_log
 from derm.events.synthetic import SyntheticConfig, generate_event_log
 
 MICRO = SyntheticConfig.preset("tiny", n_days=2, events_per_day=500, start_date=date(2026, 3, 1))
@@ -34,7 +34,7 @@ def test_same_seed_writes_identical_logs(tmp_path: Path) -> None:
 def test_log_matches_contract_and_has_planted_signal(tiny_event_log: Path) -> None:
     files = check_event_log(tiny_event_log)
     assert len(files) == SyntheticConfig.preset("tiny").n_days
-    assert pq.read_schema(files[0]).equals(EVENT_LOG_SCHEMA)
+    assert pq.read_schema(files[0]).equals(CANONICAL_SCHEMA)
     con = duckdb.connect()
     rates = con.execute(
         f"""SELECT avg(clicked::INT), sum(converted::INT) / sum(clicked::INT), count(DISTINCT surface)
@@ -96,8 +96,58 @@ def _first_file(events_dir: Path) -> Path:
             lambda t: t.set_column(2, "user_id", pa.array([None, *t["user_id"].to_pylist()[1:]], pa.int64())),
             "column 'user_id' has 1 null values",
         ),
+        (
+            lambda t: t.set_column(9, "is_ad", pa.array([2] * t.num_rows, pa.int8())),
+            "column 'is_ad' has 500 values outside {0, 1}",
+        ),
+        (
+            lambda t: t.set_column(9, "is_ad", pa.array(["paid"] * t.num_rows).dictionary_encode()),
+            "column 'is_ad' has 500 values outside ('ads', 'organic')",
+        ),
+        (
+            lambda t: t.set_column(9, "is_ad", pa.array([1.0] * t.num_rows)),
+            "column 'is_ad' has type double, expected bool, integer 0/1 or string ads/organic",
+        ),
+        (
+            lambda t: t.set_column(9, "is_ad", pa.array([None, *t["is_ad"].to_pylist()[1:]], pa.bool_())),
+            "column 'is_ad' has 1 null values",
+        ),
+        (
+            lambda t: t.set_column(10, "conversion_timestamp", t["conversion_timestamp"].cast(pa.timestamp("us"))),
+            "column 'conversion_timestamp' has type timestamp[us], expected timestamp[us, tz=UTC]",
+        ),
+        (
+            lambda t: t.set_column(10, "conversion_timestamp", t["event_timestamp"]),
+            "column 'conversion_timestamp' is set on",
+        ),
+        (
+            lambda t: t.set_column(
+                10,
+                "conversion_timestamp",
+                pc.if_else(
+                    t["converted"],
+                    pc.subtract(t["event_timestamp"].cast(pa.int64()), 1).cast(pa.timestamp("us", tz="UTC")),
+                    None,
+                ),
+            ),
+            "column 'conversion_timestamp' is before 'event_timestamp' on",
+        ),
     ],
-    ids=["missing-column", "wrong-type", "naive-timestamp", "conversion-without-click", "unknown-surface", "nulls"],
+    ids=[
+        "missing-column",
+        "wrong-type",
+        "naive-timestamp",
+        "conversion-without-click",
+        "unknown-surface",
+        "nulls",
+        "is_ad-not-0-1",
+        "is_ad-unknown-source",
+        "is_ad-float",
+        "is_ad-null",
+        "conversion-naive",
+        "conversion-time-without-conversion",
+        "conversion-before-event",
+    ],
 )
 def test_bad_log_is_rejected_naming_file_and_column(log_copy: Path, corrupt, message: str) -> None:
     path = _first_file(log_copy)
@@ -124,3 +174,29 @@ def test_duplicate_event_ids_are_rejected(log_copy: Path) -> None:
 def test_empty_folder_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(EventLogError, match="no event files"):
         check_event_log(tmp_path)
+
+
+def test_generator_plants_organic_interest_and_conversion_delays(tiny_event_log: Path) -> None:
+    """Organic rows exist and follow the interest factor more closely than ads rows; conversions come later."""
+    con = duckdb.connect()
+    files = [str(p) for p in sorted(tiny_event_log.glob("date=*/*.parquet"))]
+    shares = con.execute(
+        """SELECT avg((NOT is_ad)::INT), count(*) FILTER (WHERE conversion_timestamp IS NOT NULL) = sum(converted::INT),
+                  min(epoch(conversion_timestamp) - epoch(event_timestamp)),
+                  median(epoch(conversion_timestamp) - epoch(event_timestamp)) / 3600,
+                  max(epoch(conversion_timestamp) - epoch(event_timestamp)) / 3600
+           FROM read_parquet($files)""",
+        {"files": files},
+    ).fetchone()
+    organic, every_conversion_timed, min_delay, median_hours, max_hours = shares
+    assert 0.3 < organic < 0.5 and every_conversion_timed and min_delay > 0
+    assert 1 < median_hours < 24 and max_hours > 24, "delays of hours to days"
+    # A user's engagement across categories is far more concentrated in the organic stream (interests at
+    # full weight) than among ads impressions (interests at a small weight).
+    spread = con.execute(
+        """WITH uc AS (SELECT is_ad, user_id, category_id, avg(clicked::INT) AS ctr, count(*) AS n
+                       FROM read_parquet($files) GROUP BY ALL HAVING n >= 8)
+           SELECT stddev(ctr) FILTER (WHERE NOT is_ad), stddev(ctr) FILTER (WHERE is_ad) FROM uc""",
+        {"files": files},
+    ).fetchone()
+    assert spread[0] > spread[1] + 0.03, spread

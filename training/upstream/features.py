@@ -13,6 +13,13 @@ read events strictly before it.
 * The export for day ``t`` embeds every entity active in the last
   ``active_window_days`` with features as of ``t+1 00:00 UTC`` (end of day ``t``),
   which is before the snapshot becomes available.
+* Labels have times too: every relation over a window ``[start, end)`` marks a row
+  ``converted`` only when its conversion was known before ``end``
+  (:data:`derm.events.schema.CONVERSION_KNOWN_SQL`). Day ``t``'s CVR examples are
+  labelled with the conversions known by the end of day ``t``, when the day is
+  trained; ``n_conv`` counts conversions known before the cutoff.
+* Upstream models learn from every row of the log: ads impressions and organic
+  engagement (``is_ad``) alike; that is the broader data the rankers never see.
 
 Entity features: log1p of impressions, clicks and conversions in the
 ``count_window_days`` before the cutoff, and for users the last ``seq_len``
@@ -39,7 +46,15 @@ import torch
 from derm.core.days import day_end, day_start
 from derm.core.naming import OBJECTIVES
 from derm.core.sql import connect, ident
-from derm.events.schema import EVENT_TIMESTAMP_US_SQL, SURFACES, event_files, latest_pin_attributes_sql, partition_day
+from derm.events.schema import (
+    CONVERSION_KNOWN_SQL,
+    SURFACES,
+    event_columns_sql,
+    event_files,
+    latest_pin_attributes_sql,
+    partition_day,
+    read_events_sql,
+)
 
 
 @dataclass(frozen=True)
@@ -62,17 +77,23 @@ _Params = dict[str, object]
 
 def _events_sql(name: str, files: list[Path], start: datetime, end: datetime) -> tuple[str, _Params]:
     """A relation over the events in ``[start, end)``, with its parameters (named ``<name>_*`` so that
-    relations over other windows can share a query); an empty, correctly typed one when no file overlaps."""
+    relations over other windows can share a query); an empty, correctly typed one when no file overlaps.
+
+    ``converted`` is true only for a conversion known before ``end``: nothing read through a window
+    sees a label that was not known when the window closed."""
     if not files:
         return (
             "(SELECT NULL::BIGINT AS event_id, NULL::TIMESTAMPTZ AS event_timestamp, NULL::BIGINT AS user_id, "
             "NULL::BIGINT AS pin_id, NULL::BIGINT AS advertiser_id, NULL::BIGINT AS category_id, "
-            "NULL::VARCHAR AS surface, NULL::BOOLEAN AS clicked, NULL::BOOLEAN AS converted LIMIT 0)"
+            "NULL::VARCHAR AS surface, NULL::BOOLEAN AS clicked, NULL::BOOLEAN AS converted, "
+            "NULL::BOOLEAN AS is_ad LIMIT 0)"
         ), {}
     sql = (
-        f"(SELECT event_id, {EVENT_TIMESTAMP_US_SQL} AS event_timestamp, user_id, pin_id, advertiser_id, category_id, "
-        f"surface, clicked, converted FROM read_parquet(${name}_files) "
-        f"WHERE event_timestamp >= ${name}_start AND event_timestamp < ${name}_end)"
+        "(SELECT event_id, event_timestamp, user_id, pin_id, advertiser_id, category_id, surface, clicked, "
+        f"converted AND {CONVERSION_KNOWN_SQL} < ${name}_end AS converted, is_ad "
+        f"FROM (SELECT {event_columns_sql(files)} "
+        f"FROM {read_events_sql(f'{name}_files', files)} "
+        f"WHERE event_timestamp >= ${name}_start AND event_timestamp < ${name}_end))"
     )
     params = {f"{name}_files": [str(p) for p in files], f"{name}_start": start, f"{name}_end": end}
     return sql, params
