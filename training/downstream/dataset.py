@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from derm.core.sql import connect
 from derm.core.training_set import LABEL
-from derm.events.schema import EVENT_TIMESTAMP_US_SQL, event_files, partition_day
+from derm.events.schema import event_columns_sql, event_files, partition_day, read_events_sql
 from derm.training.downstream.ranker import SEQUENCE_COLUMN, FeatureTransform
 
 
@@ -95,7 +95,8 @@ def with_user_sequences(table: pa.Table, events_dir: Path, length: int, lookback
     ``lookback_days``), read from the event log with DuckDB.
 
     Point in time: an engagement at or after the impression's own time never enters its sequence
-    (the impression's own click is the label). Ties in time are ordered by ``event_id``.
+    (the impression's own click is the label). Ties in time are ordered by ``event_id``. Ads clicks
+    only (``is_ad``): organic engagement reaches the ranker only through the upstream embeddings.
 
     Args:
         table: rows with ``user_id`` and ``event_timestamp`` (a training set).
@@ -120,9 +121,9 @@ def with_user_sequences(table: pa.Table, events_dir: Path, length: int, lookback
         }
     )
     sql = f"""
-        WITH clicks AS (
-            SELECT user_id, pin_id, {EVENT_TIMESTAMP_US_SQL} AS ts, event_id
-            FROM read_parquet($files) WHERE clicked
+        WITH clicks AS (  -- ads clicks only: the ranker never sees organic engagement (issue 17)
+            SELECT user_id, pin_id, event_timestamp AS ts, event_id
+            FROM (SELECT {event_columns_sql(files)} FROM {read_events_sql("files", files)}) WHERE clicked AND is_ad
         ),
         recent AS (
             SELECT r.row, c.pin_id, c.ts, c.event_id

@@ -8,10 +8,21 @@ A training set is the event log's labelled events (DuckDB over
 with ``FeatureStore.get_historical_features`` to a feature service: the registered
 ``ctr_ranker`` / ``cvr_ranker`` (counting views + every family at its promoted
 version) or a :class:`feast.FeatureService` built in code from registered views
-(ablations). Objectives::
+(ablations). The rankers learn from ads impressions only (``is_ad``; organic engagement
+reaches them only through the upstream embeddings). Objectives::
 
-    ctr: every impression, label = clicked
-    cvr: every click,      label = converted
+    ctr: every ads impression, label = clicked
+    cvr: every ads click,      label = converted, as known at the label cut-off
+
+Label timing. A conversion is a label only once it is known
+(:data:`derm.events.schema.CONVERSION_KNOWN_SQL`): a CVR row is labelled 1 when its
+conversion became known within :data:`ATTRIBUTION_WINDOW` of the click *and* before
+the set's label cut-off, which is the end of the set's window (the moment the set is
+built for). ``label_timestamp`` records when each positive label became known (the
+click's time for CTR; null on negatives), and :func:`split_table` labels the rows
+before a time split as known at the split, so a ranker trained "at" the split never
+learns from a conversion that arrived after it. The last hours of a set have fewer
+known conversions than they will have: delayed feedback, as in production.
 
 The entity dataframe carries ``event_id``, ``event_timestamp``, ``user_id``,
 ``pin_id``, ``advertiser_id``, ``category_id``, ``surface``, ``day_of_week`` and
@@ -44,7 +55,14 @@ from derm.core.naming import COUNTING_VIEWS, FAMILIES, OBJECTIVES, feature_name,
 from derm.core.paths import PlatformPaths
 from derm.core.sql import connect, ident
 from derm.core.training_set import LABEL, TrainingSetInfo, write_training_set
-from derm.events.schema import event_files, log_days
+from derm.events.schema import (
+    CONVERSION_KNOWN_SQL,
+    event_columns_sql,
+    event_files,
+    log_days,
+    partition_day,
+    read_events_sql,
+)
 from derm.materialization.catalog import Catalog
 
 if TYPE_CHECKING:
@@ -61,33 +79,79 @@ ENTITY_COLUMNS = (
     "day_of_week",
     LABEL,
 )
+LABEL_TIMESTAMP = "label_timestamp"  # when a positive label became known (null on negatives)
+# A conversion known later than this after its click is not attributed to it (a common ads attribution window).
+ATTRIBUTION_WINDOW = timedelta(days=7)
 
 
 # --------------------------------------------------------------------------- entity dataframe
 
 
-def labelled_events(events_dir: Path, objective: str, start: datetime | None = None, end: datetime | None = None):
-    """The entity dataframe of ``objective``: labelled events in ``[start, end)``, ordered by time then event id.
+def labelled_events(
+    events_dir: Path,
+    objective: str,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    label_cutoff: datetime | None = None,
+):
+    """The entity dataframe of ``objective``: labelled ads events in ``[start, end)``, ordered by time then event id.
+
+    Args:
+        events_dir: the event log.
+        objective: ``"ctr"`` or ``"cvr"``.
+        start, end: the window (``None``: unbounded).
+        label_cutoff: labels as known at this time (default ``end``; ``None`` with no ``end``: every
+            conversion in the log, within :data:`ATTRIBUTION_WINDOW`).
 
     Returns:
-        pandas DataFrame with :data:`ENTITY_COLUMNS`; ``day_of_week`` is 0 = Monday (UTC),
-        ``label`` is int64 0/1.
+        pandas DataFrame with :data:`ENTITY_COLUMNS` and :data:`LABEL_TIMESTAMP`; ``day_of_week`` is
+        0 = Monday (UTC), ``label`` is int64 0/1.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}: expected one of {sorted(OBJECTIVES)}")
     label, population = OBJECTIVES[objective]  # column names the platform defines, not input
+    if label == "converted":
+        known = CONVERSION_KNOWN_SQL
+        positive = f"converted AND {known} <= event_timestamp + $attribution AND ($cutoff IS NULL OR {known} < $cutoff)"
+    else:  # a click is known when it happens
+        known, positive = "event_timestamp", ident(label)
+    first = start.date() if start is not None else None
+    last = (end - timedelta(microseconds=1)).date() if end is not None else None
+    files = [
+        str(path)
+        for path in event_files(events_dir)
+        if (first is None or partition_day(path) >= first) and (last is None or partition_day(path) <= last)
+    ]
+    frame_columns = [*ENTITY_COLUMNS, LABEL_TIMESTAMP]
+    if not files:
+        return _empty_entity_frame(frame_columns)
     query = f"""
         SELECT event_id, event_timestamp, user_id, pin_id, advertiser_id, category_id, surface,
                CAST(isodow(event_timestamp) - 1 AS BIGINT) AS day_of_week,
-               CAST({ident(label)} AS BIGINT) AS {ident(LABEL)}
-        FROM read_parquet($files)
-        WHERE {ident(population) if population else "true"}
+               CAST(coalesce({positive}, false) AS BIGINT) AS {ident(LABEL)},
+               CASE WHEN {positive} THEN {known} END AS {ident(LABEL_TIMESTAMP)}
+        FROM (SELECT {event_columns_sql(files)} FROM {read_events_sql("files", files)})
+        WHERE is_ad AND {ident(population) if population else "true"}
           AND ($start IS NULL OR event_timestamp >= $start) AND ($end IS NULL OR event_timestamp < $end)
         ORDER BY event_timestamp, event_id"""
-    files = [str(path) for path in event_files(events_dir)]
+    cutoff = label_cutoff if label_cutoff is not None else end
+    params = {"files": files, "start": start, "end": end}
+    if label == "converted":
+        params.update(cutoff=cutoff, attribution=ATTRIBUTION_WINDOW)
     with connect() as con:
-        frame = con.execute(query, {"files": files, "start": start, "end": end}).df()
-    frame["event_timestamp"] = frame["event_timestamp"].dt.tz_convert("UTC")
+        frame = con.execute(query, params).df()
+    for column in ("event_timestamp", LABEL_TIMESTAMP):
+        frame[column] = frame[column].dt.tz_convert("UTC")
+    return frame
+
+
+def _empty_entity_frame(columns: list[str]):
+    import pandas as pd
+
+    frame = pd.DataFrame({column: pd.Series(dtype="int64") for column in columns})
+    for column in ("event_timestamp", LABEL_TIMESTAMP):
+        frame[column] = pd.Series(dtype="datetime64[us, UTC]")
+    frame["surface"] = pd.Series(dtype="object")
     return frame
 
 
@@ -207,7 +271,18 @@ def build_training_set(
         entity_df = labelled_events(paths.events_dir, objective, *window)
     families = service_families(store, service)
     dims = {f: int(store.get_feature_view(feature_view_name(f, v)).tags.get("dim", 0)) for f, v in families}
+    label_times = None
+    if LABEL_TIMESTAMP in entity_df.columns:  # kept out of Feast's join, put back by event id
+        label_times = pa.Table.from_pandas(entity_df[["event_id", LABEL_TIMESTAMP]], preserve_index=False)
+        entity_df = entity_df.drop(columns=[LABEL_TIMESTAMP])
     table = store.get_historical_features(entity_df=entity_df, features=_retrievable(store, service)).to_arrow()
+    if label_times is not None:
+        label_times = label_times.cast(
+            pa.schema([pa.field("event_id", pa.int64()), pa.field(LABEL_TIMESTAMP, pa.timestamp("us", tz="UTC"))])
+        )
+        # A lookup, not Table.join: Acero's join refuses the list<float> embedding columns.
+        position = pc.index_in(table.column("event_id"), value_set=label_times.column("event_id"))
+        table = table.append_column(LABEL_TIMESTAMP, label_times.column(LABEL_TIMESTAMP).take(position))
     # Offline stores (stock and ASOF) return rows in no particular order; a fixed order makes the file reproducible.
     order = pc.sort_indices(table, [("event_timestamp", "ascending"), ("event_id", "ascending")])
     table = table.take(order)
@@ -269,15 +344,35 @@ def gate_training_set(
 
 
 def split_table(table: pa.Table, split: datetime) -> tuple[pa.Table, pa.Table]:
-    """``(train, eval)``: rows before ``split`` and rows at or after it."""
+    """``(train, eval)``: rows before ``split`` and rows at or after it.
+
+    With a :data:`LABEL_TIMESTAMP` column, the rows before ``split`` are labelled as known at
+    ``split``: a positive whose label became known at or after it is a negative there (and its
+    label time is dropped), as for a ranker trained at that moment.
+    """
     stamps = table.column("event_timestamp")
     cutoff = pa.scalar(split, type=stamps.type)
     before = pc.less(stamps, cutoff)
-    return table.filter(before), table.filter(pc.invert(before))
+    train, held_out = table.filter(before), table.filter(pc.invert(before))
+    if LABEL_TIMESTAMP in train.column_names and train.num_rows:
+        times = train.column(LABEL_TIMESTAMP)
+        known = pc.fill_null(pc.less(times, pa.scalar(split, type=times.type)), False)
+        labels = train.column(LABEL)
+        train = train.set_column(
+            train.schema.get_field_index(LABEL), LABEL, pc.if_else(known, labels, pa.scalar(0, type=labels.type))
+        )
+        train = train.set_column(
+            train.schema.get_field_index(LABEL_TIMESTAMP),
+            LABEL_TIMESTAMP,
+            pc.if_else(known, times, pa.scalar(None, type=times.type)),
+        )
+    return train, held_out
 
 
 __all__ = [
+    "ATTRIBUTION_WINDOW",
     "ENTITY_COLUMNS",
+    "LABEL_TIMESTAMP",
     "build_training_set",
     "default_window",
     "embedding_columns",
