@@ -35,6 +35,28 @@ class TrainConfig:
     temperature: float = 0.1  # tau of the in-batch sampled softmax
     contrastive_weight: float = 0.5  # total loss = BCE + weight * contrastive
     seed: int = 0  # initial weights and per-day shuffling
+    # Replay window for sparse days (see derm.training.upstream.train.replay_arrays). A day with fewer than
+    # ``replay_min_examples`` examples of the objective (impressions for CTR, clicks for CVR) also trains on
+    # the examples of the days just before it, newest first, until the minimum is reached or
+    # ``replay_max_days`` earlier days have been added; 0 turns replay off. A day without any example replays
+    # nothing (no new event to dilute; its weights stay those of the day before). Why these defaults:
+    # - 1,024 = two batches of the default size. The in-batch softmax draws its negatives and its log-Q
+    #   estimate from the batch; below two batches a day's update is one or two noisy steps taken on a
+    #   handful of (often bursty) users, which moves the warm-started weights toward that day's few
+    #   entities and away from everything else. Padding the update with recent history keeps each
+    #   step's negatives varied without changing what a normal-volume day does (it replays nothing).
+    # - 7 days: a bound on how often one event is seen again (at most 7 extra passes, over a week) and
+    #   on staleness, so a replayed event is never older than one weekly cycle; under drift the most
+    #   recent days are the ones still worth learning from, which is why replay walks back newest first
+    #   and stops as soon as the minimum is met.
+    replay_min_examples: int = 1_024
+    replay_max_days: int = 7
+
+    def __post_init__(self) -> None:
+        if self.replay_min_examples < 0:
+            raise ValueError(f"replay_min_examples={self.replay_min_examples}: expected 0 (off) or more")
+        if self.replay_max_days < 0:
+            raise ValueError(f"replay_max_days={self.replay_max_days}: expected 0 (off) or more")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ For each model (``ctr``: impressions -> click, ``cvr``: clicks -> conversion)
 and each day ``t`` of the event log, :func:`refresh_day`:
 
 1. trains on day ``t``'s examples, warm-started from day ``t-1``'s checkpoint
-   (so the weights have seen every event up to the end of ``t``);
+   (so the weights have seen every event up to the end of ``t``); a sparse day also
+   replays a bounded window of the days just before it (``TrainConfig.replay_*``,
+   :func:`~derm.training.upstream.train.replay_arrays`);
 2. embeds every user and Pin active in the last ``active_window_days``, with
    features as of the end of day ``t`` -- one embedding per entity per day;
 3. aggregates ``E(t) = w * E(t-1) + (1 - w) * E_daily(t)`` (or overwrites) for the
@@ -65,10 +67,16 @@ from derm.training.upstream.features import (
     UpstreamDataset,
     entity_feature_batches,
     events_used_window,
-    training_arrays,
 )
 from derm.training.upstream.model import DermModel
-from derm.training.upstream.train import build_model, checkpoint_path, load_checkpoint, save_checkpoint, train_one_day
+from derm.training.upstream.train import (
+    build_model,
+    checkpoint_path,
+    load_checkpoint,
+    replay_arrays,
+    save_checkpoint,
+    train_one_day,
+)
 
 
 class RefreshGapError(RuntimeError):
@@ -178,7 +186,7 @@ def train_day(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> DermModel
     model, optimizer = (
         load_checkpoint(job.checkpoint(paths, job.previous_day), cfg) if job.warm_start else build_model(cfg)
     )
-    arrays = training_arrays(paths.events_dir, job.day, job.objective, cfg.features)
+    arrays, _ = replay_arrays(paths.events_dir, job.day, job.objective, cfg.features, cfg.train)
     if len(arrays["label"]):
         train_one_day(model, optimizer, UpstreamDataset(arrays), cfg.train, job.day)
     save_checkpoint(checkpoint, model, optimizer)

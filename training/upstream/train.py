@@ -5,6 +5,11 @@ https://arxiv.org/abs/2509.04337. Day ``t`` trains on that day's examples,
 starting from day ``t-1``'s weights and optimizer state, so the weights have seen
 every event up to the end of ``t``.
 
+A sparse day (fewer than ``TrainConfig.replay_min_examples`` examples) also replays
+the days just before it, newest first, at most ``TrainConfig.replay_max_days`` of them
+(:func:`replay_arrays`); every replayed example is older than the day, so nothing the
+day's snapshot could not know is learned.
+
 Layout::
 
     <models_dir>/upstream/<objective>/<version>/date=YYYY-MM-DD.pt   model + optimizer state
@@ -18,7 +23,7 @@ Example::
 from __future__ import annotations
 
 import io
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +61,65 @@ def save_checkpoint(path: Path, model: DermModel, optimizer: torch.optim.Optimiz
     buffer = io.BytesIO()  # bytes, not a path: torch.save names the archive after the file
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def replay_arrays(
+    events_dir: Path, day: date, objective: str, features: FeatureConfig, cfg: TrainConfig
+) -> tuple[dict[str, np.ndarray], list[date]]:
+    """The examples ``day`` trains on: its own, plus a bounded replay of the days before it when it is sparse.
+
+    When ``day`` has some examples but fewer than ``cfg.replay_min_examples``, the examples of ``day - 1``,
+    ``day - 2``, ... (each with its own point-in-time features, as on the day it was first trained)
+    are added, newest first, until the total reaches the minimum or ``cfg.replay_max_days`` earlier
+    calendar days have been looked at. ``pin_logq`` is recomputed over the union, since the in-batch
+    negatives are now drawn from it.
+
+    Args:
+        events_dir: the day-partitioned event log.
+        day: the day ``t`` being trained.
+        objective: ``"ctr"`` or ``"cvr"``.
+        features: entity feature config.
+        cfg: training config (replay settings).
+
+    Returns:
+        ``(arrays, replayed_days)``: the columns of :func:`training_arrays` for the day and the replayed
+        days, oldest first (time order), and the earlier days whose examples were added, newest first.
+
+    Example::
+
+        arrays, replayed = replay_arrays(events_dir, date(2026, 3, 1), "ctr", FeatureConfig(), TrainConfig())
+        # replayed == [date(2026, 2, 28), date(2026, 2, 27)] when Mar 1 alone had too few impressions
+    """
+    parts = [training_arrays(events_dir, day, objective, features)]
+    replayed: list[date] = []
+    total = len(parts[0]["label"])
+    for back in range(1, cfg.replay_max_days + 1):
+        # A day without examples replays nothing: there is no new event to dilute, and replaying would only
+        # give the days before it an extra epoch (the weights stay those of day t-1).
+        if total == 0 or total >= cfg.replay_min_examples:
+            break
+        earlier = day - timedelta(days=back)
+        arrays = training_arrays(events_dir, earlier, objective, features)
+        replayed.append(earlier)
+        if len(arrays["label"]):
+            parts.append(arrays)
+            total += len(arrays["label"])
+    if len(parts) == 1:
+        return parts[0], replayed
+    merged = {key: np.concatenate([part[key] for part in reversed(parts)]) for key in parts[0]}
+    merged["pin_logq"] = _positive_log_share(merged["pin_id"], merged["label"])
+    return merged, replayed
+
+
+def _positive_log_share(pin_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``log(share of the Pin among all positives)`` on positive rows, ``0`` on negatives (the sampling bias Q)."""
+    out = np.zeros(len(pin_ids), dtype=np.float32)
+    positive = labels > 0
+    if not positive.any():
+        return out
+    _, inverse, counts = np.unique(pin_ids[positive], return_inverse=True, return_counts=True)
+    out[positive] = np.log(counts[inverse] / positive.sum()).astype(np.float32)
+    return out
 
 
 def train_one_day(
