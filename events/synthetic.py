@@ -19,9 +19,10 @@ What the paper's ablation steps need is planted on purpose (issue 17):
   so entities come and go and idle entities exist;
 * drift: ``drift`` is large enough (cosine of a factor to itself ~0.8 over 9
   days) that stale embeddings lose signal and the moving average's weight matters;
-* decoupled data: a share ``organic_share`` of the events is organic engagement
-  (``is_ad`` false). Users' *interests* (a latent factor of their own, Pins' side
-  clustered by category) drive organic engagement fully but ads clicks only by
+* decoupled data: ``organic_per_ad`` organic engagement events (``is_ad`` false)
+  come on top of each ads impression (``events_per_day`` counts ads impressions).
+  Users' *interests* (a latent factor of their own, Pins' side clustered by
+  category) drive organic engagement fully but ads clicks only by
   ``ads_interest_weight``: the ads impressions the rankers train on show them
   weakly, the organic stream the upstream models also learn from shows them
   clearly -- information the rankers can only get through the embeddings;
@@ -30,8 +31,10 @@ What the paper's ablation steps need is planted on purpose (issue 17):
   written to ``conversion_timestamp``; the log is exported with every conversion
   in it, also those after its last day.
 
-The interest factor, the organic flags and the delays come from random streams of
-their own, so the other draws of a config do not depend on them.
+Organic engagement, the interest factor and the delays draw from random streams of
+their own: the ads impressions draw exactly what they drew before issue 17 (only the
+small interest term moves their clicks; with ``ads_interest_weight = 0`` and
+``organic_per_ad = 0`` they are the same rows).
 
 Memory stays bounded: the log is written one day at a time, in chunks of at
 most ``chunk_rows`` rows.
@@ -66,7 +69,7 @@ class SyntheticConfig:
     n_advertisers: int = 60
     n_categories: int = 12
     n_days: int = 10
-    events_per_day: int = 20_000
+    events_per_day: int = 20_000  # ads impressions (organic engagement comes on top)
     start_date: date = date(2026, 1, 1)
     latent_dim: int = 8  # planted factor size; first half shared by clicks and conversions
     drift: float = 0.2  # per-day innovation of the latent random walk (0 = static)
@@ -78,7 +81,7 @@ class SyntheticConfig:
     intent_click_weight: float = 0.4  # how much the purchase-intent factor moves clicks (0: conversions only)
     user_lifetime_days: float | None = 8.0  # mean active span of a user (None: users never churn)
     pin_lifetime_days: float | None = 15.0  # mean active span of a Pin (None: Pins never churn)
-    organic_share: float = 0.4  # share of the events that is organic engagement, not ads impressions
+    organic_per_ad: float = 0.5  # organic engagement events on top of each ads impression (0: ads only)
     organic_click_base_logit: float = -1.0  # organic engagement is more frequent than ads clicks
     ads_interest_weight: float = 0.3  # how much the interest factor moves ads clicks (organic: 1)
     conversion_delay_median_hours: float | None = 6.0  # None: no conversion time (known at the event)
@@ -100,7 +103,7 @@ class SyntheticConfig:
             n_categories=50,
             n_days=30,
             events_per_day=333_334,
-            organic_share=0.0,  # the benchmarks' figures count ads impressions, as before
+            organic_per_ad=0.0,  # the benchmarks' figures count ads impressions, as before
         ),
         # The shape of a public interaction log converted to the contract: ~1k users active in short
         # bursts, ~2k items, 215 days of 30 to 3,500 events with a few empty days, click rate ~0.55.
@@ -117,7 +120,7 @@ class SyntheticConfig:
             user_lifetime_days=None,
             pin_lifetime_days=60.0,
             click_base_logit=0.3,
-            organic_share=0.0,  # the real log has no organic stream
+            organic_per_ad=0.0,  # the real log has no organic stream
             ads_interest_weight=0.0,
         ),
     }
@@ -243,59 +246,76 @@ def _day_chunks(
     pin_p = popularity / popularity.sum()
     half = cfg.latent_dim // 2
     surface_bias = np.asarray(cfg.surface_click_bias)
-    for start in range(0, volume, cfg.chunk_rows):
-        n = min(cfg.chunk_rows, volume - start)
-        users = rng.choice(cfg.n_users, size=n, p=user_p)
-        pins = rng.choice(cfg.n_pins, size=n, p=pin_p)
-        surface = rng.choice(len(SURFACES), size=n, p=np.asarray(cfg.surface_share))
+
+    def engagement(n: int, is_ad: bool, draws: np.random.Generator) -> dict[str, np.ndarray]:
+        """``n`` rows of one stream: who, what, where, clicked, converted (``draws`` in a fixed order)."""
+        users = draws.choice(cfg.n_users, size=n, p=user_p)
+        pins = draws.choice(cfg.n_pins, size=n, p=pin_p)
+        surface = draws.choice(len(SURFACES), size=n, p=np.asarray(cfg.surface_share))
         u, p = world.user_factor[users], world.pin_factor[pins]
-        affinity = np.einsum("nk,nk->n", u, p) * cfg.affinity_scale * np.sqrt(cfg.latent_dim)
-        intent = (  # purchase intent: drives conversions, nudges clicks (see the module docstring)
-            np.einsum("nk,nk->n", world.user_cvr_factor[users], world.pin_cvr_factor[pins])
-            * cfg.affinity_scale
-            * np.sqrt(cfg.latent_dim)
-        )
-        interest = (
-            np.einsum("nk,nk->n", world.user_interest[users], world.pin_interest[pins])
-            * cfg.affinity_scale
-            * np.sqrt(cfg.latent_dim)
-        )
-        is_ad = extra.random(n) >= cfg.organic_share
+        scale = cfg.affinity_scale * np.sqrt(cfg.latent_dim)
+        affinity = np.einsum("nk,nk->n", u, p) * scale
+        # purchase intent: drives conversions, nudges clicks (see the module docstring)
+        intent = np.einsum("nk,nk->n", world.user_cvr_factor[users], world.pin_cvr_factor[pins]) * scale
+        # interests: all of organic engagement, a small part of ads clicks
+        interest = np.einsum("nk,nk->n", world.user_interest[users], world.pin_interest[pins]) * scale
         click_logit = (
-            np.where(is_ad, cfg.click_base_logit, cfg.organic_click_base_logit)
+            (cfg.click_base_logit if is_ad else cfg.organic_click_base_logit)
             + affinity
-            + np.where(is_ad, cfg.ads_interest_weight, 1.0) * interest
+            + (cfg.ads_interest_weight if is_ad else 1.0) * interest
             + cfg.intent_click_weight * intent
             + world.user_bias[users]
             + world.pin_bias[pins]
             + surface_bias[surface]
         )
-        clicked = rng.random(n) < _sigmoid(click_logit)
-        shared = np.einsum("nk,nk->n", u[:, :half], p[:, :half]) * cfg.affinity_scale * np.sqrt(cfg.latent_dim)
+        clicked = draws.random(n) < _sigmoid(click_logit)
+        shared = np.einsum("nk,nk->n", u[:, :half], p[:, :half]) * scale
         advertisers = world.pin_advertiser[pins]
         cvr_logit = cfg.conversion_base_logit + shared + intent + world.advertiser_cvr_bias[advertisers]
-        converted = clicked & (rng.random(n) < _sigmoid(cvr_logit))
-        event_us = day_start_us + offsets_us[start : start + n]
-        conversion_us = None
-        if cfg.conversion_delay_median_hours is not None:
+        converted = clicked & (draws.random(n) < _sigmoid(cvr_logit))
+        return {
+            "user_id": users,
+            "pin_id": pins,
+            "advertiser_id": advertisers,
+            "category_id": world.pin_category[pins],
+            "surface": surface,
+            "clicked": clicked,
+            "converted": converted,
+            "is_ad": np.full(n, is_ad),
+        }
+
+    for start in range(0, volume, cfg.chunk_rows):
+        n = min(cfg.chunk_rows, volume - start)
+        ads = engagement(n, True, rng)  # the ads impressions draw from ``rng`` as they always did
+        ads["event_id"] = np.arange(start, start + n, dtype=np.int64) + day_index * 10**10
+        ads["event_us"] = day_start_us + offsets_us[start : start + n]
+        # Organic engagement on top, from its own stream, spread over the chunk's time range.
+        m = int(np.rint(n * cfg.organic_per_ad))
+        organic = engagement(m, False, extra)
+        organic["event_id"] = np.arange(start, start + m, dtype=np.int64) + day_index * 10**10 + 5 * 10**9
+        organic["event_us"] = extra.integers(ads["event_us"][0], ads["event_us"][-1] + 1, m)
+        rows = {k: np.concatenate([ads[k], organic[k]]) for k in ads}
+        order = np.lexsort((rows["event_id"], rows["event_us"]))  # time order, within and across chunks
+        rows = {k: v[order] for k, v in rows.items()}
+        total = n + m
+        conversion_us = pa.nulls(total, pa.int64())
+        if cfg.conversion_delay_median_hours is not None:  # hours to days after the click
             median_us = cfg.conversion_delay_median_hours * 3_600_000_000
-            delay_us = np.exp(np.log(median_us) + cfg.conversion_delay_sigma * extra.normal(size=n)).astype(np.int64)
-            conversion_us = pa.array(event_us + delay_us, pa.int64(), mask=~converted)
+            delay_us = np.exp(np.log(median_us) + cfg.conversion_delay_sigma * extra.normal(size=total))
+            conversion_us = pa.array(rows["event_us"] + delay_us.astype(np.int64), pa.int64(), mask=~rows["converted"])
         yield pa.table(
             {
-                "event_id": np.arange(start, start + n, dtype=np.int64) + day_index * 10**10,
-                "event_timestamp": pa.array(event_us, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-                "user_id": users.astype(np.int64),
-                "pin_id": pins.astype(np.int64),
-                "advertiser_id": advertisers.astype(np.int64),
-                "category_id": world.pin_category[pins].astype(np.int64),
-                "surface": pa.array(np.asarray(SURFACES, dtype=object)[surface], pa.string()),
-                "clicked": clicked,
-                "converted": converted,
-                "is_ad": is_ad,
-                "conversion_timestamp": (pa.nulls(n, pa.int64()) if conversion_us is None else conversion_us).cast(
-                    pa.timestamp("us", tz="UTC")
-                ),
+                "event_id": rows["event_id"],
+                "event_timestamp": pa.array(rows["event_us"], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+                "user_id": rows["user_id"].astype(np.int64),
+                "pin_id": rows["pin_id"].astype(np.int64),
+                "advertiser_id": rows["advertiser_id"].astype(np.int64),
+                "category_id": rows["category_id"].astype(np.int64),
+                "surface": pa.array(np.asarray(SURFACES, dtype=object)[rows["surface"]], pa.string()),
+                "clicked": rows["clicked"],
+                "converted": rows["converted"],
+                "is_ad": rows["is_ad"],
+                "conversion_timestamp": conversion_us.cast(pa.timestamp("us", tz="UTC")),
             },
             schema=CANONICAL_SCHEMA,
         )
