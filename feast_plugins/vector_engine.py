@@ -86,11 +86,14 @@ def record_batches(job: RetrievalJob, rows: int) -> Generator[pa.RecordBatch, No
 class VectorMaterializationEngine(LocalComputeEngine):
     """The local engine, with a vectorized, pipelined path for views materialized into fast Redis."""
 
+    config_class: type[VectorMaterializationEngineConfig] = VectorMaterializationEngineConfig
+    """The settings model of ``batch_engine`` (a subclass engine brings its own)."""
+
     def __init__(
         self, *, repo_config: RepoConfig, offline_store: OfflineStore, online_store: OnlineStore, **settings: Any
     ):
         # Feast passes the raw ``batch_engine`` mapping from feature_store.yaml (including ``type``).
-        self.config = VectorMaterializationEngineConfig(**settings)
+        self.config = self.config_class(**settings)
         super().__init__(
             backend=self.config.backend,
             repo_config=repo_config,
