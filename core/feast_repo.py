@@ -4,11 +4,21 @@
 (and a fresh ``import feast``) each; the pipeline and the tests call the very
 functions those commands call instead, so what they do is what a user's
 ``feast`` command does.
+
+The registry is Feast's SQL registry (``registry_type: sql``): a SQLite file,
+``<data dir>/registry.db``, on the local profile, a Postgres URL in production.
+Every object is one row written in its own transaction, so a killed or failed
+write leaves the previous row, and two commands changing different objects keep
+both changes (Feast's file registry rewrote the whole file in place).
+:func:`prepare_registry` runs before Feast opens it: it refuses a SQLite path that
+SQLAlchemy would misread, and moves a data directory's file registry (from before
+the switch) into SQLite once, objects and materialization intervals included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sys
 from dataclasses import dataclass
@@ -66,8 +76,145 @@ def _in_repo(repo_dir: Path):
 def feature_store(repo_dir: Path = FEATURE_REPO_DIR):
     """A :class:`feast.FeatureStore` over the project's repository, configured by the active profile's yaml."""
     from feast import FeatureStore
+    from feast.repo_config import load_repo_config
 
-    return FeatureStore(repo_path=str(repo_dir), fs_yaml_file=feature_store_yaml(repo_dir))
+    config = load_repo_config(repo_dir, feature_store_yaml(repo_dir))
+    prepare_registry(config)
+    return FeatureStore(repo_path=str(repo_dir), config=config)
+
+
+# The first 16 bytes of every SQLite database file.
+_SQLITE_HEADER = b"SQLite format 3\x00"
+FILE_REGISTRY_BACKUP_SUFFIX = ".file-registry"
+
+
+class RegistryPathError(ValueError):
+    """The registry's SQLite URL does not name the file it was written as (a ``?`` or ``%`` in the path)."""
+
+
+def sqlite_registry_file(config) -> Path | None:
+    """The SQLite file of a ``registry_type: sql`` registry on SQLite; None for any other registry.
+
+    Raises:
+        RegistryPathError: the path holds characters SQLAlchemy reads as URL syntax (``?`` starts the
+            query, ``%XX`` is decoded), so the database would be another file than the one named.
+    """
+    from sqlalchemy.engine import make_url
+
+    registry = config.registry
+    if registry.registry_type != "sql" or not registry.path.startswith("sqlite:///"):
+        return None
+    named = registry.path.removeprefix("sqlite:///")
+    database = make_url(registry.path).database
+    if database != named:
+        raise RegistryPathError(
+            f"registry path {registry.path!r}: SQLAlchemy reads it as the file {database!r} ('?' starts a "
+            "query and '%XX' is decoded in a database URL); use a data directory without '?' or '%'"
+        )
+    return Path(named)
+
+
+def prepare_registry(config) -> None:
+    """Make the configured registry ready for Feast: check a SQLite path, migrate a file registry found there.
+
+    A data directory from before the SQL registry holds Feast's file registry (a protobuf) at the
+    path that now names the SQLite database. It is copied, object by object with its materialization
+    intervals, into a new SQLite file beside it, which then replaces it in one rename; the protobuf is
+    kept as ``registry.db.file-registry``. A process killed part way leaves the protobuf in place and
+    the next command starts over; a lock keeps two commands from migrating at once.
+
+    Args:
+        config: a loaded :class:`feast.repo_config.RepoConfig`.
+
+    Raises:
+        RegistryPathError: see :func:`sqlite_registry_file`.
+    """
+    path = sqlite_registry_file(config)
+    if path is None or not _is_file_registry(path):
+        return
+    with open(path.with_name(f".{path.name}.migrate.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_file_registry(path):  # another command may have migrated it meanwhile
+            _migrate_file_registry(config, path)
+
+
+def _is_file_registry(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return False
+    return bool(head) and head != _SQLITE_HEADER
+
+
+def _migrate_file_registry(config, path: Path) -> None:
+    from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+
+    from derm.core.files import atomic_write_bytes
+
+    data = path.read_bytes()
+    proto = RegistryProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as error:  # protobuf's DecodeError
+        raise ValueError(f"{path}: neither a SQLite database nor a Feast file registry ({error})") from error
+    staging = path.with_name(f".{path.name}.migrating")
+    staging.unlink(missing_ok=True)
+    _copy_registry_proto(proto, config, f"sqlite:///{staging}")
+    atomic_write_bytes(path.with_name(path.name + FILE_REGISTRY_BACKUP_SUFFIX), data)
+    os.replace(staging, path)
+    print(
+        f"moved the Feast file registry {path} into the SQL registry (old file kept as {path.name}"
+        f"{FILE_REGISTRY_BACKUP_SUFFIX})",
+        file=sys.stderr,
+    )
+
+
+def _copy_registry_proto(proto, config, url: str) -> None:
+    """Write every object of a file registry's protobuf into a new SQL registry at ``url``."""
+    from feast.data_source import DataSource
+    from feast.entity import Entity
+    from feast.feature_service import FeatureService
+    from feast.feature_view import FeatureView
+    from feast.infra.infra_object import Infra
+    from feast.infra.registry.sql import SqlRegistry, SqlRegistryConfig
+    from feast.on_demand_feature_view import OnDemandFeatureView
+    from feast.permissions.permission import Permission
+    from feast.project import Project
+    from feast.saved_dataset import SavedDataset, ValidationReference
+    from feast.stream_feature_view import StreamFeatureView
+
+    settings = config.registry.model_dump(exclude={"path", "read_path", "registry_type"})
+    target = SqlRegistry(SqlRegistryConfig(path=url, **settings), config.project, None)
+    # Not "sync": a sync registry re-reads every table after each write, which a one-off copy does not need.
+    target.cache_mode = "none"
+    try:
+        for item in proto.projects:
+            target.apply_project(Project.from_proto(item))
+        for item in proto.entities:
+            target.apply_entity(Entity.from_proto(item), item.spec.project)
+        for item in proto.data_sources:
+            target.apply_data_source(DataSource.from_proto(item), item.project)
+        # Views before the services that reference them; each keeps its materialization intervals.
+        for kind, items in (
+            (FeatureView, proto.feature_views),
+            (StreamFeatureView, proto.stream_feature_views),
+            (OnDemandFeatureView, proto.on_demand_feature_views),
+        ):
+            for item in items:
+                target.apply_feature_view(kind.from_proto(item), item.spec.project)
+        for item in proto.feature_services:
+            target.apply_feature_service(FeatureService.from_proto(item), item.spec.project)
+        for item in proto.saved_datasets:
+            target.apply_saved_dataset(SavedDataset.from_proto(item), item.spec.project)
+        for item in proto.validation_references:
+            target.apply_validation_reference(ValidationReference.from_proto(item), item.project)
+        for item in proto.permissions:
+            target.apply_permission(Permission.from_proto(item), item.spec.project)
+        if proto.HasField("infra"):
+            target.update_infra(Infra.from_proto(proto.infra), config.project)
+    finally:
+        target.write_engine.dispose()
 
 
 def apply_repo(repo_dir: Path = FEATURE_REPO_DIR) -> None:
@@ -82,6 +229,7 @@ def apply_repo(repo_dir: Path = FEATURE_REPO_DIR) -> None:
     for name in _repo_module_names(repo_dir):
         sys.modules.pop(name, None)
     config = load_repo_config(repo_dir, feature_store_yaml(repo_dir))
+    prepare_registry(config)
     with _in_repo(repo_dir):
         apply_total(config, repo_dir, skip_source_validation=False)
 
@@ -118,3 +266,25 @@ class FeatureRepo:
 
     def materialize_incremental(self, end: datetime, views: list[str] | None = None) -> None:
         materialize_incremental(end, self.repo_dir, views)
+
+    def teardown_views(self, names: list[str]) -> list[str]:
+        """Delete the online rows of the registered feature views ``names`` (what ``feast apply`` does to a
+        view it drops); returns those found in the registry.
+
+        ``feast apply`` on the SQL registry deletes a dropped view's row before it clears the view's online
+        rows, so an apply killed in between would leave the rows with nothing left to name them. A caller
+        about to drop views clears their rows first, through the provider's own ``update_infra``.
+        """
+        store = self.store()
+        registered = {view.name: view for view in store.list_feature_views()}
+        tables = [registered[name] for name in names if name in registered]
+        if tables:
+            store._get_provider().update_infra(
+                project=store.project,
+                tables_to_delete=tables,
+                tables_to_keep=[],
+                entities_to_delete=[],
+                entities_to_keep=[],
+                partial=False,
+            )
+        return [table.name for table in tables]
