@@ -566,8 +566,11 @@ class Ranker:
         self.model.eval()
         out = []
         with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                out.append(self.model({k: v[start : start + batch_size] for k, v in batch.items()}))
+            if 0 < n <= batch_size:  # serving's case: one batch, no slicing of every tensor
+                out.append(self.model(batch))
+            else:
+                for start in range(0, n, batch_size):
+                    out.append(self.model({k: v[start : start + batch_size] for k, v in batch.items()}))
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
     def score(self, frame: Mapping[str, Any]) -> np.ndarray:
