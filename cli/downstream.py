@@ -156,11 +156,12 @@ def train_downstream(
     seed: int,
     threads: int | None,
     **ranker: object,
-) -> None:
+) -> dict[str, dict[str, str]]:
     """Train the CTR/CVR ranker on the promoted feature service (point-in-time, through Feast); print metrics.
 
     The training set is gated first (--thresholds, --no-gate); a refusal lists the failed expectations
-    and the Data Docs link and exits 1.
+    and the Data Docs link and exits 1. A ranker the log gives nothing to learn (a single label class,
+    too few labelled days) is skipped with its reason; returns each objective's outcome (for run-all).
     """
     import torch
     from rich.console import Console
@@ -168,7 +169,7 @@ def train_downstream(
     from derm.cli.runtime import online_store
     from derm.core.feast_repo import FeatureRepo
     from derm.core.paths import PlatformPaths
-    from derm.training.downstream.train import default_run_name, run_downstream
+    from derm.training.downstream.train import RankerSkipped, default_run_name, run_downstream
     from derm.validation.gate import ValidationFailed
 
     if threads:
@@ -179,6 +180,7 @@ def train_downstream(
         epochs, eval_days, batch_size, bootstrap, seed, gate=not no_gate, thresholds=thresholds, **ranker
     )
     run_name = run_name or default_run_name()
+    outcomes: dict[str, dict[str, str]] = {}
     with online_store(paths):
         for name in ("ctr", "cvr") if objective == "both" else (objective,):
             try:
@@ -190,10 +192,16 @@ def train_downstream(
                     run=run_name,
                     log=partial(console.print, markup=False, highlight=False),
                 )
+            except RankerSkipped as exc:
+                click.echo(f"{name} ranker skipped: {exc}")
+                outcomes[name] = {"status": "skipped", "reason": str(exc)}
+                continue
             except ValidationFailed as exc:
                 raise click.ClickException(str(exc)) from exc
             click.echo(result.describe())
             click.echo(f"  ranker saved to {result.ranker_dir}")
+            outcomes[name] = {"status": "trained", "ranker_dir": str(result.ranker_dir)}
+    return outcomes
 
 
 @click.command("audit-leakage")

@@ -43,7 +43,7 @@ import pyarrow as pa
 import torch
 
 from derm.core.paths import PlatformPaths
-from derm.core.training_set import TrainingSetInfo, read_training_set
+from derm.core.training_set import LABEL, TrainingSetInfo, read_training_set
 from derm.materialization.catalog import Catalog
 from derm.training.downstream.dataset import RankerDataset, label_array, with_user_sequences
 from derm.training.downstream.ranker import Ranker, RankerModelConfig, RankerSpec, ranker_dir
@@ -51,6 +51,7 @@ from derm.training.downstream.training_sets import (
     build_training_set,
     default_window,
     gate_training_set,
+    labelled_events,
     ranker_service,
     service_families,
     split_table,
@@ -428,6 +429,31 @@ def evaluate(
 # --------------------------------------------------------------------------- 4. the run
 
 
+class RankerSkipped(ValueError):
+    """The log gives this ranker nothing to learn; the stage is skipped with this reason, never trained on it.
+
+    Raised when the labelled events of the window hold a single class (all clicks, no clicks, no
+    conversions: a ranker could only learn the constant and ROC-AUC is undefined), when the objective
+    has no labelled event at all (CVR on a log without clicks), or when the temporal split leaves a
+    split empty or the train split with one class (too few labelled days). A training set whose log
+    holds both classes but which has one is a broken join, refused by the gate instead.
+    """
+
+
+def single_class_reason(labels: np.ndarray, what: str) -> str | None:
+    """Why ``labels`` (0/1) cannot train or score a ranker, or ``None`` when both classes are present."""
+    if not len(labels):
+        return f"{what} has no labelled event"
+    positives = int(np.sum(labels))
+    if 0 < positives < len(labels):
+        return None
+    kind = "positive" if positives else "negative"
+    return (
+        f"all {len(labels):,} labelled events of {what} are {kind}: a single label class, so a ranker could "
+        "only learn the constant rate and ROC-AUC is undefined"
+    )
+
+
 @dataclass
 class DownstreamResult:
     objective: str
@@ -514,7 +540,9 @@ def train_on_training_set(
         train, validation = split_table(train, validation_split)
     if not train.num_rows or not held_out.num_rows or (validation is not None and not validation.num_rows):
         sizes = f"{train.num_rows} train, {validation.num_rows if validation else 0} validation"
-        raise ValueError(f"{path}: empty split at {split} ({sizes}, {held_out.num_rows} eval rows)")
+        raise RankerSkipped(f"{path}: empty split at {split} ({sizes}, {held_out.num_rows} eval rows)")
+    if reason := single_class_reason(label_array(train), f"the train split (before {split:%Y-%m-%d})"):
+        raise RankerSkipped(f"{path}: {reason}")
     model = replace(
         cfg.model,
         sequence_length=cfg.sequence_length if cfg.sequence_encoder else 0,
@@ -597,12 +625,20 @@ def run_downstream(
 
     Raises:
         derm.validation.gate.ValidationFailed: the training set failed the gate (with ``cfg.gate``).
+        RankerSkipped: the log gives the objective a single label class, or too few labelled days to split.
     """
     cfg = cfg or DownstreamConfig()
     run = run or default_run_name()
     registered = ranker_service(store, objective)
     service = ranker_service(store, objective, families, versions)
     window = window or default_window(paths, service_families(store, registered))
+    # A log with one label class (or no labelled event) for this objective is skipped before the training set
+    # is built: the gate's "both classes present" would refuse it, and rightly, but the log is not broken.
+    labels = labelled_events(paths.events_dir, objective, *window)[LABEL].to_numpy()
+    if reason := single_class_reason(
+        labels, f"the {objective} window {window[0]:%Y-%m-%d %H:%M}..{window[1]:%Y-%m-%d %H:%M}"
+    ):
+        raise RankerSkipped(reason)
     path = training_set_path(paths, objective, run)
     if log:
         span = f"{window[0]:%F %H:%M} .. {window[1]:%F %H:%M}"
@@ -638,6 +674,7 @@ __all__ = [
     "DownstreamConfig",
     "DownstreamResult",
     "Estimate",
+    "RankerSkipped",
     "base_rate_log_loss",
     "bootstrap_metrics",
     "bootstrap_weights",
@@ -646,6 +683,7 @@ __all__ = [
     "evaluate",
     "fit_calibration",
     "run_downstream",
+    "single_class_reason",
     "train_on_training_set",
     "train_ranker",
     "training_set_path",
