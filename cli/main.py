@@ -253,10 +253,18 @@ def redis_down() -> None:
     type=click.Path(path_type=Path, file_okay=False, exists=True),
     help="Run on this existing event log (imported with `derm ingest`) instead of generating one.",
 )
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads of the training.")
 @click.pass_context
-def run_all(ctx: click.Context, preset: str, events_source: Path | None) -> None:
-    """The whole job end to end on the current profile: on a synthetic log, or on yours with --events."""
+def run_all(ctx: click.Context, preset: str, events_source: Path | None, threads: int | None) -> None:
+    """The whole job end to end on the current profile: on a synthetic log, or on yours with --events.
+
+    Ends with the run summary (also written to $DERM_DATA_DIR/run-summary.json): each ranker trained, or
+    skipped with its reason when the log gives it nothing to learn (a single label class, no labelled days).
+    """
+    import json
+
     from derm.core.feast_repo import apply_repo, materialize_incremental
+    from derm.core.files import atomic_write_text
 
     paths = _paths()
     if events_source is None:
@@ -268,7 +276,7 @@ def run_all(ctx: click.Context, preset: str, events_source: Path | None) -> None
     console.rule("2/8 counting features")
     ctx.invoke(stats)
     console.rule("3/8 upstream DERM-CTR and DERM-CVR, daily refresh")
-    ctx.invoke(train_upstream)
+    ctx.invoke(train_upstream, threads=threads)
     with online_store(paths):
         console.rule("4/8 validate and publish embedding snapshots")
         ctx.invoke(publish, publish_all=True)
@@ -277,11 +285,21 @@ def run_all(ctx: click.Context, preset: str, events_source: Path | None) -> None
         console.rule("6/8 feast materialize-incremental")
         materialize_incremental(datetime.now(UTC))
         console.rule("7/8 downstream CTR and CVR rankers on point-in-time training sets")
-        ctx.invoke(train_downstream, objective="both")
+        rankers = ctx.invoke(train_downstream, objective="both", threads=threads)
         console.rule("8/8 sample online lookup")
         sample_lookup(user_id=0, pin_ids=[0, 1, 2])
     ctx.invoke(docs)
-    console.print(f"done: data in {paths.data_dir}")
+    summary = {
+        "events": str(events_source) if events_source is not None else f"synthetic preset {preset}",
+        "finished_at": datetime.now(UTC).isoformat(),
+        "rankers": rankers,
+    }
+    atomic_write_text(paths.data_dir / "run-summary.json", json.dumps(summary, indent=2) + "\n")
+    console.rule("run summary")
+    for objective, outcome in rankers.items():
+        detail = outcome["ranker_dir"] if outcome["status"] == "trained" else outcome["reason"]
+        console.print(f"{objective} ranker: {outcome['status']} ({detail})", markup=False, highlight=False)
+    console.print(f"done: data in {paths.data_dir} (summary: {paths.data_dir / 'run-summary.json'})")
 
 
 for _command in (
