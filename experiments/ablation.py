@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
 
@@ -60,6 +61,9 @@ class AblationConfig:
     train: DownstreamConfig = field(default_factory=DownstreamConfig)  # the same for every variant
     run_prefix: str = "ablation"  # runs are named <prefix>-<variant>
     ema_weights: tuple[float | None, ...] = (None, 0.2, 0.5, 0.8)  # aggregation sweep; None = overwrite
+    # [start, end) of the events every ranker sees (None: from the families' first snapshot to the end of the
+    # log). A bounded window runs the ablation on a prefix of a long log whose later days are not published.
+    window: tuple[datetime, datetime] | None = None
 
 
 def _slug(label: str) -> str:
@@ -77,7 +81,7 @@ def embedding_ablation(
     store = repo.store()
     comparisons = []
     for objective in cfg.objectives:
-        window = default_window(paths, service_families(store, ranker_service(store, objective)))
+        window = _window(paths, cfg, service_families(store, ranker_service(store, objective)))
         results = {}
         for label, families in cfg.variants:
             results[label] = run_downstream(
@@ -99,6 +103,17 @@ def embedding_ablation(
         comparison.notes.append(_ordering_note(comparison, cfg.train.bootstrap))
         comparisons.append(comparison)
     return comparisons
+
+
+def _window(paths: PlatformPaths, cfg: AblationConfig, families: list[tuple[str, str]]) -> tuple[datetime, datetime]:
+    """``cfg.window`` clipped to start no earlier than every family's first snapshot, or the default window."""
+    default = default_window(paths, families)
+    if cfg.window is None:
+        return default
+    start, end = max(cfg.window[0], default[0]), min(cfg.window[1], default[1])
+    if start >= end:
+        raise ValueError(f"ablation window {cfg.window[0]} .. {cfg.window[1]} is outside the data ({default})")
+    return start, end
 
 
 def _ordering_note(comparison: Comparison, resamples: int = 1000) -> str:
@@ -218,7 +233,7 @@ def aggregation_ablation(
         versions[aggregation_label(weight)] = publish_aggregation_version(paths, repo, weight, log)
     store = repo.store()
     families = tuple(FAMILIES)
-    window = default_window(paths, [(family, version) for version in versions.values() for family in families])
+    window = _window(paths, cfg, [(family, version) for version in versions.values() for family in families])
     results = {}
     for label, version in versions.items():
         results[f"{label} ({version})"] = run_downstream(

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from derm.core.files import atomic_write_bytes
+from derm.events.schema import EventLogError, event_files, partition_day
 from derm.training.upstream.config import TrainConfig, UpstreamConfig
 from derm.training.upstream.features import FeatureConfig, UpstreamDataset, training_arrays
 from derm.training.upstream.losses import derm_loss
@@ -90,7 +92,7 @@ def replay_arrays(
         arrays, replayed = replay_arrays(events_dir, date(2026, 3, 1), "ctr", FeatureConfig(), TrainConfig())
         # replayed == [date(2026, 2, 28), date(2026, 2, 27)] when Mar 1 alone had too few impressions
     """
-    parts = [training_arrays(events_dir, day, objective, features)]
+    parts = [_day_arrays(events_dir, day, objective, features)]
     replayed: list[date] = []
     total = len(parts[0]["label"])
     for back in range(1, cfg.replay_max_days + 1):
@@ -99,7 +101,7 @@ def replay_arrays(
         if total == 0 or total >= cfg.replay_min_examples:
             break
         earlier = day - timedelta(days=back)
-        arrays = training_arrays(events_dir, earlier, objective, features)
+        arrays = _day_arrays(events_dir, earlier, objective, features)
         replayed.append(earlier)
         if len(arrays["label"]):
             parts.append(arrays)
@@ -109,6 +111,33 @@ def replay_arrays(
     merged = {key: np.concatenate([part[key] for part in reversed(parts)]) for key in parts[0]}
     merged["pin_logq"] = _positive_log_share(merged["pin_id"], merged["label"])
     return merged, replayed
+
+
+# A refresh walks the days in order, so the days a sparse day replays were built one to seven days
+# before: keep the last few days' arrays instead of querying the log again (each build reads the
+# count window's files). Keyed by the files the build reads, with their size and mtime, so a log
+# changed on disk is read again.
+_DAY_ARRAYS_CACHE: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+_DAY_ARRAYS_CACHE_SIZE = 32
+
+
+def _day_arrays(events_dir: Path, day: date, objective: str, features: FeatureConfig) -> dict[str, np.ndarray]:
+    """:func:`training_arrays` of one day, through a small cache keyed by what the build reads."""
+    first = day - timedelta(days=features.count_window_days + 1)
+    try:
+        files = [p for p in event_files(events_dir) if first <= partition_day(p) <= day]
+    except EventLogError:
+        files = []
+    stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    key = (str(Path(events_dir).resolve()), day, objective, features, stamp)
+    if key in _DAY_ARRAYS_CACHE:
+        _DAY_ARRAYS_CACHE.move_to_end(key)
+        return _DAY_ARRAYS_CACHE[key]
+    arrays = training_arrays(events_dir, day, objective, features)
+    _DAY_ARRAYS_CACHE[key] = arrays
+    while len(_DAY_ARRAYS_CACHE) > _DAY_ARRAYS_CACHE_SIZE:
+        _DAY_ARRAYS_CACHE.popitem(last=False)
+    return arrays
 
 
 def _positive_log_share(pin_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
