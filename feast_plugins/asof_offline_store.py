@@ -58,7 +58,7 @@ from ibis.formats.pandas import PandasData
 from ibis.formats.pyarrow import PyArrowSchema
 
 from derm.feast_plugins.compat import get_entity_df_event_timestamp_range, write_data_source
-from derm.feast_plugins.duckdb_sql import connect, ident
+from derm.feast_plugins.duckdb_sql import connect, ident, parquet_source
 from derm.feast_plugins.source_index import files_in_window
 
 STORE_TYPE = "derm.feast_plugins.asof_offline_store.AsofDuckDBOfflineStore"
@@ -127,7 +127,9 @@ def _plan_view(
     # Feast renames source columns by field_mapping (only those present) before it uses any name; keep a map
     # from the post-mapping name back to the column in the file instead of renaming.
     with connect() as connection:
-        described = connection.execute("DESCRIBE SELECT * FROM read_parquet($path)", {"path": path}).fetchall()
+        described = connection.execute(
+            "DESCRIBE SELECT * FROM read_parquet($path)", {"path": parquet_source(path)}
+        ).fetchall()
     source_columns = [row[0] for row in described]
     column_of = {column: column for column in source_columns}
     for old_name, new_name in source.field_mapping.items():
@@ -237,7 +239,9 @@ def _asof_query(
             select[-1] += f" AS {ident(output)}"
     query = "WITH " + ",\n".join(ctes) + "\nSELECT " + ",\n  ".join(select) + "\nFROM entity AS e\n" + "\n".join(joins)
     # DuckDB rejects parameters a query does not use: the bounds are there only when a view reads them.
-    parameters: dict[str, str | list[str] | None] = {view.source_parameter: view.source_path for view in views}
+    parameters: dict[str, str | list[str] | None] = {
+        view.source_parameter: parquet_source(view.source_path) for view in views
+    }
     if views:
         parameters[_ENTITY_TS_MAX] = None
     if any(view.ttl for view in views):
@@ -367,7 +371,7 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
             files = files_in_window(path, _utc(start_date), _utc(end_date))
         if files is None:
             return DuckDBOfflineStore.pull_latest_from_table_or_query(
-                config, data_source, join_key_columns, feature_name_columns, timestamp_field,
+                config, _literal_source(data_source), join_key_columns, feature_name_columns, timestamp_field,
                 created_timestamp_column, start_date, end_date,
             )  # fmt: skip
         return pull_latest_from_table_or_query_ibis(
@@ -379,7 +383,7 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
             created_timestamp_column=created_timestamp_column,
             start_date=start_date,
             end_date=end_date,
-            data_source_reader=lambda _source, _repo_path: ibis.read_parquet(files),
+            data_source_reader=lambda _source, _repo_path: ibis.read_parquet([parquet_source(f) for f in files]),
             data_source_writer=write_data_source,
             staging_location=config.offline_store.staging_location,
             staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
@@ -401,7 +405,7 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
             return job
         return DuckDBOfflineStore.get_historical_features(
             config=config,
-            feature_views=feature_views,
+            feature_views=[_literal_view(feature_view) for feature_view in feature_views],
             feature_refs=feature_refs,
             entity_df=entity_df,
             registry=registry,
@@ -409,6 +413,51 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
             full_feature_names=full_feature_names,
             filter_by_created_timestamp=filter_by_created_timestamp,
         )
+
+    @staticmethod
+    def pull_all_from_table_or_query(
+        config: RepoConfig,
+        data_source: DataSource,
+        join_key_columns: list[str],
+        feature_name_columns: list[str],
+        timestamp_field: str,
+        created_timestamp_column: str | None = None,
+        start_date: datetime | None = None,
+        end_date: datetime | None = None,
+    ) -> RetrievalJob:
+        """The stock query, over a source whose path is read as itself even when it holds glob characters."""
+        return DuckDBOfflineStore.pull_all_from_table_or_query(
+            config, _literal_source(data_source), join_key_columns, feature_name_columns, timestamp_field,
+            created_timestamp_column, start_date, end_date,
+        )  # fmt: skip
+
+
+def _literal_source(source: DataSource) -> DataSource:
+    """``source``, or for a local Parquet file or folder whose path holds ``[``, ``*`` or ``?`` a copy whose path
+    is the escaped pattern that reads it as itself (:func:`parquet_source`).
+
+    Stock Feast hands a folder source's path to DuckDB as is, and DuckDB reads it as a glob: under a data dir
+    named ``[derm]`` the stock store finds no file, or another folder's files. Plain paths are returned unchanged.
+    """
+    if not isinstance(source, FileSource) or (path := _parquet_path(source)) is None:
+        return source
+    literal = parquet_source(path)
+    if literal == path:
+        return source
+    copied = FileSource.from_proto(source.to_proto())
+    copied.file_options.uri = literal
+    return copied
+
+
+def _literal_view(feature_view: FeatureView) -> FeatureView:
+    """``feature_view`` whose batch source is :func:`_literal_source` (a copy only when the path changes)."""
+    source = feature_view.batch_source
+    literal = _literal_source(source) if source is not None else None
+    if literal is source:
+        return feature_view
+    copied = feature_view.__copy__()
+    copied.batch_source = literal
+    return copied
 
 
 def _asof_retrieval(
@@ -450,7 +499,7 @@ def _asof_retrieval(
         oldest = _utc(timestamp_range[0]) - view.ttl if view.ttl else None
         files = files_in_window(view.source_path, oldest, _utc(timestamp_range[1]))
         if files is not None:
-            parameters[view.source_parameter] = files
+            parameters[view.source_parameter] = [parquet_source(file) for file in files]
     return AsofRetrievalJob(
         query=query,
         parameters=parameters,

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import duckdb
@@ -46,4 +47,38 @@ def ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-__all__ = ["connect", "ident"]
+# The characters that make DuckDB read a path as a glob pattern (its FileSystem::HasGlob).
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+def glob_escape(path: str) -> str:
+    """``path`` as a DuckDB glob pattern that matches only itself.
+
+    DuckDB has no escape character in globs; a one-character class does it: ``[`` -> ``[[]``, ``*`` -> ``[*]``,
+    ``?`` -> ``[?]``. A ``]`` outside a class is already literal.
+
+    Example::
+
+        glob_escape("/data/it's a [derm] dir?") + "/**/*.parquet"
+        # "/data/it's a [[]derm] dir[?]/**/*.parquet"
+    """
+    return "".join(f"[{character}]" if character in _GLOB_CHARACTERS else character for character in path)
+
+
+def parquet_source(path: str) -> str:
+    """What ``read_parquet`` must get to read the local file or folder ``path`` as itself.
+
+    A folder whose path holds ``[``, ``*`` or ``?`` is no folder to DuckDB but a pattern: it matches nothing
+    (``[derm]`` is one character of d, e, r, m) or, worse, sibling folders. Such a folder becomes the escaped
+    ``<folder>/**/*.parquet``, the files DuckDB reads for a plain folder; a file becomes its escaped path.
+    Anything else (a plain path, a glob the user meant, a missing path) is returned unchanged, so plain paths
+    reach DuckDB exactly as in stock Feast.
+    """
+    if not _GLOB_CHARACTERS.intersection(path) or not os.path.exists(path):
+        return path
+    if os.path.isdir(path):
+        return os.path.join(glob_escape(path), "**", "*.parquet")
+    return glob_escape(path)
+
+
+__all__ = ["connect", "glob_escape", "ident", "parquet_source"]

@@ -25,7 +25,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from derm.feast_plugins.duckdb_sql import connect
+from derm.feast_plugins.duckdb_sql import connect, glob_escape
 
 INDEX_FILE = "_event_timestamps.json"
 
@@ -74,10 +74,11 @@ def files_in_window(path: str, start: datetime | None, end: datetime | None) -> 
     index = _read_index(folder)
     if not index:
         return None
-    # The files DuckDB itself reads for a folder path: <folder>/**/*.parquet.
+    # The files DuckDB itself reads for a folder path: <folder>/**/*.parquet, the folder escaped so that a
+    # "[" or "?" in its name is a character, not a pattern.
     with connect() as con:
         files = [row[0] for row in con.execute("SELECT file FROM glob($pattern) ORDER BY file", {
-            "pattern": str(folder / "**" / "*.parquet")}).fetchall()]  # fmt: skip
+            "pattern": os.path.join(glob_escape(str(folder)), "**", "*.parquet")}).fetchall()]  # fmt: skip
     if not files:
         return None
     kept = []

@@ -1,4 +1,4 @@
-"""Bad input: a data directory whose name holds a quote and a space, and manifests that carry SQL or paths.
+"""Bad input: a data directory named with quotes, a space and glob characters; manifests that carry SQL or paths.
 
 Real DuckDB, real Feast (apply, materialize, get_historical_features) and the module's own real
 redis-server. Every path reaches DuckDB as a bound parameter (``derm.core.sql``), so a quote in a
@@ -13,7 +13,9 @@ import os
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
@@ -41,8 +43,16 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def quoted(tmp_path_factory: pytest.TempPathFactory, redis_server):
-    """A data directory named ``it's a "derm" dir``, with the Feast environment pointing at it."""
-    paths = PlatformPaths(tmp_path_factory.mktemp("bad input") / 'it\'s a "derm" dir')
+    """A data directory named ``it's a "[derm]" *dir]``, with the Feast environment pointing at it.
+
+    The glob characters matter as much as the quotes: DuckDB reads a path holding ``[``, ``*`` or ``?`` as a
+    glob pattern, so a Feast folder source under it matched nothing (or, worse, the sibling folders the
+    pattern also matches). A sibling ``it's a "d" *dir]`` folder (which ``[derm]`` and ``*`` match) holds a
+    decoy Parquet file that must never be read. (No ``?`` here: the SQLite registry's URL cannot hold one,
+    and ``derm`` refuses such a data dir by name; ``?`` is covered by the DuckDB-level test below.)
+    """
+    root = tmp_path_factory.mktemp("bad input")
+    paths = PlatformPaths(root / 'it\'s a "[derm]" *dir]')
     saved = {name: os.environ.get(name) for name in (DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV)}
     export_feast_environment(paths, redis_server.connection_string)
     yield paths
@@ -54,9 +64,13 @@ def quoted(tmp_path_factory: pytest.TempPathFactory, redis_server):
 
 
 def test_the_main_data_path_runs_in_a_data_dir_named_with_a_quote_and_a_space(quoted: PlatformPaths) -> None:
+    from feast.infra.offline_stores.duckdb import DuckDBOfflineStore
+    from ibis.common.exceptions import IbisTypeError
+
     from derm.core.feast_repo import feature_store
     from derm.events.schema import import_event_log
     from derm.events.synthetic import SyntheticConfig, generate_event_log
+    from derm.feast_plugins.asof_offline_store import AsofDuckDBOfflineStore
     from derm.materialization.counting_features import build_counting_features
     from derm.materialization.publish import publish_snapshot
     from derm.training.downstream.training_sets import (
@@ -80,11 +94,25 @@ def test_the_main_data_path_runs_in_a_data_dir_named_with_a_quote_and_a_space(qu
     source = write_precomputed_snapshot(
         quoted, "ctr_user", START + date.resolution, np.arange(users), vectors, config_hash="q" * 64
     )
+    # The decoy: the same view folder under a sibling data dir that the unescaped path, read as a glob, matches.
+    decoy_root = PlatformPaths(quoted.data_dir.parent / 'it\'s a "d" *dir]').embeddings_offline_dir
+    decoy = decoy_root / "ctr_user" / read_manifest(source).model_version / f"date={START.isoformat()}"
+    decoy.mkdir(parents=True)
+    pq.write_table(pa.table({"decoy": [1]}), decoy / "data.parquet")
     result = publish_snapshot(source, quoted, repo=FeatureRepo(), now=NOW)
     assert result.offline_written and result.promoted and result.snapshot_rows == users
     store = feature_store()
     online = store.get_online_features(features=["ctr_user_emb_v1:ctr_user_emb"], entity_rows=[{"user_id": 3}])
     np.testing.assert_array_equal(np.asarray(online.to_dict()["ctr_user_emb"][0], np.float32), vectors[3])
+
+    # Feast's own DuckDB store hands the folder path to DuckDB as is, which reads it as a glob: it finds the
+    # decoy's file, not the view's. The platform's store (a subclass) reads the folder as itself.
+    view_source = store.get_feature_view("ctr_user_emb_v1").batch_source
+    pull = ["user_id"], ["ctr_user_emb"], "event_timestamp"
+    with pytest.raises((IbisTypeError, duckdb.IOException), match=r"decoy|it's a \"d\" \*dir\]"):
+        DuckDBOfflineStore.pull_all_from_table_or_query(store.config, view_source, *pull).to_arrow()
+    pulled = AsofDuckDBOfflineStore.pull_all_from_table_or_query(store.config, view_source, *pull).to_arrow()
+    assert sorted(pulled.column("user_id").to_pylist()) == list(range(users))
 
     # a point-in-time training set through Feast
     service = ranker_service(store, "ctr")
@@ -95,6 +123,30 @@ def test_the_main_data_path_runs_in_a_data_dir_named_with_a_quote_and_a_space(qu
     assert info.rows == table.num_rows > 0
     assert table.column("ctr_user_emb").null_count < table.num_rows, "embeddings joined from the quoted folder"
     assert table.column("user_clicks_7d").null_count < table.num_rows, "counting features joined too"
+
+
+@pytest.mark.parametrize("name", ["it's a [derm] dir?", "a*b", "[", "]x[", "q?"])
+def test_a_folder_named_with_glob_characters_is_read_as_itself_by_duckdb(tmp_path: Path, name: str) -> None:
+    """``parquet_source`` (what the offline store hands ``read_parquet``) reads the folder, not what it matches."""
+    from derm.feast_plugins.duckdb_sql import connect, parquet_source
+
+    folder = tmp_path / name / "view"
+    (folder / "date=2026-01-01").mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1, 2]}), folder / "date=2026-01-01" / "data.parquet")
+    # Siblings the unescaped name matches as a glob ("?" and "*" match any character, "[derm]" one of d, e, r, m).
+    for sibling in {name.replace("?", "Q").replace("*", "S"), name.replace("[derm]", "d"), "qa", "ab"} - {name}:
+        (tmp_path / sibling / "view" / "date=2026-01-01").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"x": [99]}), tmp_path / sibling / "view" / "date=2026-01-01" / "data.parquet")
+    with connect() as con:
+        read = lambda path: sorted(v for (v,) in con.execute("SELECT x FROM read_parquet($p)", {"p": path}).fetchall())  # noqa: E731
+        assert read(parquet_source(str(folder))) == [1, 2]
+        assert read(parquet_source(str(folder / "date=2026-01-01" / "data.parquet"))) == [1, 2]
+        try:
+            unescaped = read(str(folder))
+        except duckdb.IOException:  # "No files found that match the pattern", or "Is a directory"
+            unescaped = None
+        assert unescaped != [1, 2], "unescaped, DuckDB reads the folder as a pattern (stock Feast does that)"
+    assert parquet_source(str(tmp_path / "plain")) == str(tmp_path / "plain"), "plain paths are left alone"
 
 
 @pytest.mark.parametrize(
