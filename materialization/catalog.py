@@ -11,14 +11,17 @@ Published embeddings live in the offline store, one folder per (family, version,
          "accepted": {family: {version: {day: {"reason", "gate", "data_docs", "accepted_at"}}}},
          "overrides": [{"action", "families", "version", "reason", "by", "at"}],
          "compat": {objective: {new version: {"against", "verdict", "report", "serve_older_rankers", "at", ...}}},
-         "pending": null | {"action", "families", "at"}}
+         "pending": null | {"action", "families", "from", "to", "views", "at"},
+         "last_change": null | the last pending record completed}
 
 ``overrides`` records every promotion, rollback or retirement that moved one family of a model alone
 (``--family-only``) or promoted past the compatibility gate's verdict, with who, when and why.
 ``compat`` keeps the gate's verdict each promoted model version got against the version it replaced;
 serving lets a ranker trained on the older version score the newer one only when that record says so
 (:func:`ranker_version_skew`). ``pending`` is set while a catalog change waits for its ``feast apply``:
-the next promote, rollback or retire finishes it first instead of repeating it.
+the next promote, rollback or retire finishes it first instead of repeating it. ``last_change`` is the
+last change completed (its ``pending`` record): a rollback retried with the version it rolled back from
+(``rollback(..., from_version=...)``) finds it there and does not go back a second version.
 
 ``accepted`` records the days published by ``derm accept`` although the gate refused them: the
 operator's reason and the gate's one-line summary. Catalogs written before it existed lack the key
@@ -75,6 +78,7 @@ class CatalogState:
     # objective -> new version -> the compatibility gate's record (see the module docstring)
     compat: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     pending: dict[str, Any] | None = None
+    last_change: dict[str, Any] | None = None
 
     def accepted_days(self, family: str, version: str) -> dict[str, dict[str, str]]:
         """The days of (family, version) published despite the gate, by ISO day."""

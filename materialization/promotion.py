@@ -14,10 +14,15 @@ catalog's ``overrides`` with who and when. So is promoting past the compatibilit
 ``compat`` is kept in the catalog, where serving reads whether rankers trained on the replaced
 version may score the new one.
 
-Crash safety: the catalog is written with a ``pending`` marker, then ``feast apply`` runs, then the
-marker is cleared. A failed apply puts the previous catalog back (so a retried rollback goes back one
-version, not two); a process killed in between leaves the marker, and the next promote, rollback or
-retire finishes that change (one ``feast apply``) before doing anything else.
+Crash safety (issue 12): the catalog is written with a ``pending`` record (what moves, from which
+versions to which, the views a retirement drops), then ``feast apply`` runs, then the record moves to
+``last_change``. A failed apply of a promotion or rollback puts the previous catalog back (so a retried
+rollback goes back one version, not two); a process killed at any instant leaves the record, and the next
+promote, rollback or retire finishes that change (one ``feast apply``) before doing anything else. A
+retirement clears the dropped views' Redis rows *before* its apply (Feast's SQL registry forgets a dropped
+view before clearing its rows, so a kill in between would strand them) and is always rolled forward.
+A rollback retried with ``from_version`` after it completed (the caller could not tell) finds it in
+``last_change`` and does nothing. Every instant is exercised by ``tests/test_kill_operations.py``.
 
 Example::
 
@@ -34,7 +39,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from derm.core.feast_repo import FeatureRepo
-from derm.core.naming import FAMILIES, OBJECTIVES, families_of, objective_of
+from derm.core.naming import FAMILIES, OBJECTIVES, families_of, feature_view_name, objective_of
 from derm.core.paths import PlatformPaths
 from derm.materialization.catalog import Catalog, CatalogState
 from derm.materialization.publish import PublishError
@@ -86,28 +91,56 @@ def _record_override(state: CatalogState, action: str, families: list[str], vers
 
 
 def _commit(
-    catalog: Catalog, before: CatalogState, after: CatalogState, action: str, families: list[str], repo: FeatureRepo
+    catalog: Catalog,
+    before: CatalogState,
+    after: CatalogState,
+    action: str,
+    families: list[str],
+    repo: FeatureRepo,
+    views_to_drop: list[str] | None = None,
 ) -> None:
-    """One catalog write, one ``feast apply``; the previous catalog comes back if the apply fails."""
-    after.pending = {"action": action, "families": families, "at": _now()}
+    """One catalog write (with its ``pending`` record), one ``feast apply``, then the record is cleared.
+
+    A promotion or rollback whose apply fails gets the previous catalog back; a retirement, whose Redis
+    rows may already be gone, keeps its record and is finished by the next command.
+    """
+    after.pending = {
+        "action": action,
+        "families": families,
+        "from": {family: before.promoted.get(family) for family in families},
+        "to": {family: after.promoted.get(family) for family in families},
+        "views": views_to_drop or [],
+        "at": _now(),
+    }
     catalog.write_state(after)
     try:
-        repo.apply()
+        _carry_out(after.pending, repo)
     except Exception:
-        # Nothing of this change is left: a retry starts from the same catalog (issue 12, item 4).
-        catalog.write_state(before)
+        if action != "retire":
+            # Nothing of this change is left: a retry starts from the same catalog (issue 12, item 4).
+            catalog.write_state(before)
         raise
-    after.pending = None
+    after.last_change, after.pending = after.pending, None
     catalog.write_state(after)
+
+
+def _carry_out(pending: dict[str, Any], repo: FeatureRepo) -> None:
+    """What a catalog change needs outside the catalog: the dropped views' Redis rows cleared, ``feast apply``.
+
+    Both steps are idempotent, so a change interrupted anywhere is finished by running them again.
+    """
+    if pending.get("views"):
+        repo.teardown_views(pending["views"])
+    repo.apply()  # the registry is generated from the catalog, which already holds the change
 
 
 def _finish_pending(catalog: Catalog, state: CatalogState, repo: FeatureRepo) -> dict[str, Any] | None:
-    """Finish a change whose ``feast apply`` never ran (the process was killed); returns what it was."""
+    """Finish a change interrupted after its catalog write (the process was killed); returns what it was."""
     pending = state.pending
     if pending is None:
         return None
-    repo.apply()  # the registry is generated from the catalog, which already holds the change
-    state.pending = None
+    _carry_out(pending, repo)
+    state.last_change, state.pending = pending, None
     catalog.write_state(state)
     return pending
 
@@ -192,15 +225,22 @@ def rollback(
     repo: FeatureRepo,
     family_only: bool = False,
     reason: str | None = None,
+    from_version: str | None = None,
 ) -> dict[str, str]:
     """Point a model's families (or one, with ``family_only``) back to the version promoted before the current one.
 
     A model rolls back only when its families were promoted together: the user and the Pin family must
     be at the same version now and go back to the same earlier version.
 
+    Args:
+        from_version: the version being rolled back, for a retry that must not go back twice: when the
+            families are no longer at it because this very rollback completed (the catalog's
+            ``last_change``), nothing is done.
+
     Raises:
         PublishError: no earlier version; the families' histories disagree (roll back with
-            ``family_only`` instead, or promote a version).
+            ``family_only`` instead, or promote a version); ``from_version`` is not what is promoted and
+            was not the last rollback.
     """
     families = resolve_families(family_or_model, family_only=family_only, reason=reason)
     catalog = Catalog(paths.embeddings_offline_dir)
@@ -211,6 +251,18 @@ def rollback(
             # The same rollback was interrupted after its catalog write: it is done now; popping again
             # would go back two versions.
             return {f: state.promoted[f] for f in families}
+        if from_version is not None and any(state.promoted.get(f) != from_version for f in families):
+            last = state.last_change or {}
+            done = (
+                last.get("action") == "rollback"
+                and last.get("families") == families
+                and set(last.get("from", {}).values()) == {from_version}
+                and all(state.promoted.get(f) == last.get("to", {}).get(f) for f in families)
+            )
+            if done:
+                return {f: state.promoted[f] for f in families}
+            currents = {f: state.promoted.get(f) for f in families}
+            raise PublishError(f"{family_or_model}: promoted is {currents}, not {from_version}: nothing rolled back")
         before = catalog.read_state()
         for family in families:
             if not state.history.get(family):
@@ -252,6 +304,8 @@ def retire(
         for family in families:
             if state.promoted.get(family) == version:
                 raise PublishError(f"{family} {version} is promoted: promote or roll back to another version first")
+        if all(version in state.retired.get(f, []) and version not in state.history.get(f, []) for f in published):
+            return published  # retired already: a retry changes nothing
         for family in published:
             retired = state.retired.setdefault(family, [])
             if version not in retired:
@@ -259,8 +313,9 @@ def retire(
             state.history[family] = [v for v in state.history.get(family, []) if v != version]
         if family_only:
             _record_override(state, "retire", families, version, reason or "")
-        # feast apply drops the views; Feast's Redis store then deletes those views' fields from every key.
-        _commit(catalog, before, state, "retire", published, repo)
+        # The views' Redis fields are deleted first, then feast apply drops the views (see the module docstring).
+        views = [feature_view_name(family, version) for family in published]
+        _commit(catalog, before, state, "retire", published, repo, views_to_drop=views)
     return published
 
 

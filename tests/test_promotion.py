@@ -144,3 +144,13 @@ def test_rollback_after_a_failed_or_killed_apply_goes_back_one_version(platform:
     after = catalog.read_state()
     assert after.pending is None and len(after.history["ctr_pin"]) == depth - 1
     assert _served("ctr_user", "ctr_pin") == {"ctr_user": "v1", "ctr_pin": "v1"}
+
+    # Killed after its last catalog write, the caller cannot tell whether it completed: a retry naming the
+    # version it rolled back from finds it in last_change and does nothing; a wrong version is refused.
+    from derm.materialization.publish import PublishError
+
+    assert after.last_change["action"] == "rollback" and after.last_change["from"]["ctr_pin"] == "v2"
+    assert rollback(platform, "ctr", repo=FeatureRepo(), from_version="v2") == {"ctr_user": "v1", "ctr_pin": "v1"}
+    assert catalog.read_state() == after
+    with pytest.raises(PublishError, match="not v3: nothing rolled back"):
+        rollback(platform, "ctr", repo=FeatureRepo(), from_version="v3")
