@@ -84,8 +84,8 @@ class SyntheticConfig:
     organic_per_ad: float = 0.5  # organic engagement events on top of each ads impression (0: ads only)
     organic_click_base_logit: float = -1.0  # organic engagement is more frequent than ads clicks
     ads_interest_weight: float = 0.3  # how much the interest factor moves ads clicks (organic: 1)
-    conversion_delay_median_hours: float | None = 6.0  # None: no conversion time (known at the event)
-    conversion_delay_sigma: float = 1.2  # log-normal spread of the delay (95% within ~2 days)
+    conversion_delay_median_hours: float | None = 3.0  # None: no conversion time (known at the event)
+    conversion_delay_sigma: float = 1.3  # log-normal spread of the delay (95% within a day, a tail of days)
     chunk_rows: int = 1_000_000  # bounded memory: rows generated and written at once
     seed: int = 7
     # Shapes of real logs (all off by default):

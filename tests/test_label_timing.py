@@ -224,9 +224,9 @@ def test_upstream_counts_only_conversions_known_before_the_cutoff(tmp_path: Path
     assert user_conversions(START + timedelta(days=1)) > 0.0, "known during day 2: counted as of its end"
 
 
-def test_a_time_split_labels_the_train_side_as_known_at_the_split() -> None:
+def test_a_set_relabelled_at_an_earlier_cutoff_forgets_later_conversions() -> None:
     from derm.core.training_set import LABEL
-    from derm.training.downstream.training_sets import LABEL_TIMESTAMP, split_table
+    from derm.training.downstream.training_sets import LABEL_TIMESTAMP, labels_known_at, split_table
 
     def ts(hour: int) -> datetime:
         return datetime(2026, 4, 1, tzinfo=UTC) + timedelta(hours=hour)
@@ -238,10 +238,11 @@ def test_a_time_split_labels_the_train_side_as_known_at_the_split() -> None:
             LABEL_TIMESTAMP: pa.array([ts(5), ts(26), None, ts(31)], pa.timestamp("us", tz="UTC")),
         }
     )
+    relabelled = labels_known_at(table, ts(24))
+    assert relabelled[LABEL].to_pylist() == [1, 0, 0, 0], "conversions known after the cut-off are negatives"
+    assert relabelled[LABEL_TIMESTAMP].to_pylist()[1:] == [None, None, None]
     train, held_out = split_table(table, ts(24))
-    assert train[LABEL].to_pylist() == [1, 0, 0], "the second conversion became known after the split"
-    assert train[LABEL_TIMESTAMP].to_pylist()[1:] == [None, None]
-    assert held_out[LABEL].to_pylist() == [1], "evaluation rows keep the labels known at the set's cut-off"
+    assert train[LABEL].to_pylist() == [1, 1, 0] and held_out[LABEL].to_pylist() == [1], "a split keeps labels"
 
 
 BROKEN_OPTIONAL = {

@@ -19,10 +19,15 @@ Label timing. A conversion is a label only once it is known
 conversion became known within :data:`ATTRIBUTION_WINDOW` of the click *and* before
 the set's label cut-off, which is the end of the set's window (the moment the set is
 built for). ``label_timestamp`` records when each positive label became known (the
-click's time for CTR; null on negatives), and :func:`split_table` labels the rows
-before a time split as known at the split, so a ranker trained "at" the split never
-learns from a conversion that arrived after it. The last hours of a set have fewer
-known conversions than they will have: delayed feedback, as in production.
+click's time for CTR; null on negatives); :func:`labels_known_at` relabels a set as
+known at an earlier cut-off. The last hours of a set have fewer known conversions
+than they will have: delayed feedback, as in production.
+
+A time split (:func:`split_table`) keeps the set's labels on both sides: relabelling
+the training side as known at the split would hide the conversions of its last hours
+from training *and* from the validation day that early stopping, calibration and the
+"no harm" check rely on (on the tiny preset that sent the CVR ranker back to the base
+rate); the training rows' labels carry no information on the evaluation rows' events.
 
 The entity dataframe carries ``event_id``, ``event_timestamp``, ``user_id``,
 ``pin_id``, ``advertiser_id``, ``category_id``, ``surface``, ``day_of_week`` and
@@ -346,27 +351,33 @@ def gate_training_set(
 def split_table(table: pa.Table, split: datetime) -> tuple[pa.Table, pa.Table]:
     """``(train, eval)``: rows before ``split`` and rows at or after it.
 
-    With a :data:`LABEL_TIMESTAMP` column, the rows before ``split`` are labelled as known at
-    ``split``: a positive whose label became known at or after it is a negative there (and its
-    label time is dropped), as for a ranker trained at that moment.
+    Both sides keep the labels known at the set's cut-off (see the module docstring).
     """
     stamps = table.column("event_timestamp")
     cutoff = pa.scalar(split, type=stamps.type)
     before = pc.less(stamps, cutoff)
-    train, held_out = table.filter(before), table.filter(pc.invert(before))
-    if LABEL_TIMESTAMP in train.column_names and train.num_rows:
-        times = train.column(LABEL_TIMESTAMP)
-        known = pc.fill_null(pc.less(times, pa.scalar(split, type=times.type)), False)
-        labels = train.column(LABEL)
-        train = train.set_column(
-            train.schema.get_field_index(LABEL), LABEL, pc.if_else(known, labels, pa.scalar(0, type=labels.type))
-        )
-        train = train.set_column(
-            train.schema.get_field_index(LABEL_TIMESTAMP),
-            LABEL_TIMESTAMP,
-            pc.if_else(known, times, pa.scalar(None, type=times.type)),
-        )
-    return train, held_out
+    return table.filter(before), table.filter(pc.invert(before))
+
+
+def labels_known_at(table: pa.Table, cutoff: datetime) -> pa.Table:
+    """``table`` relabelled as known at ``cutoff`` (an earlier cut-off than the set's): a positive whose
+    :data:`LABEL_TIMESTAMP` is at or after ``cutoff`` becomes a negative, and its label time is dropped.
+
+    A table without :data:`LABEL_TIMESTAMP` (a set written before label times) is returned as it is.
+    """
+    if LABEL_TIMESTAMP not in table.column_names or not table.num_rows:
+        return table
+    times = table.column(LABEL_TIMESTAMP)
+    known = pc.fill_null(pc.less(times, pa.scalar(cutoff, type=times.type)), False)
+    labels = table.column(LABEL)
+    table = table.set_column(
+        table.schema.get_field_index(LABEL), LABEL, pc.if_else(known, labels, pa.scalar(0, type=labels.type))
+    )
+    return table.set_column(
+        table.schema.get_field_index(LABEL_TIMESTAMP),
+        LABEL_TIMESTAMP,
+        pc.if_else(known, times, pa.scalar(None, type=times.type)),
+    )
 
 
 __all__ = [
@@ -378,6 +389,7 @@ __all__ = [
     "embedding_columns",
     "gate_training_set",
     "labelled_events",
+    "labels_known_at",
     "ranker_service",
     "service_families",
     "service_feature_refs",
