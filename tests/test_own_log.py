@@ -1,8 +1,9 @@
-"""Bring your own log: the contract's boundary (`derm ingest`), logs of other shapes, and `run-all --events`.
+"""Bring your own log: the contract's boundary (`derm ingest`) and logs of other shapes.
 
 Every shape the README's event-log contract accepts must come out of the boundary in the
-canonical types and run through the stages; every rule it states must be refused there,
-with one line naming the file, the column and the rule, exit code 2 and nothing written.
+canonical types and run through the stages that read the log; every rule it states must be
+refused there, with one line naming the file, the column and the rule, exit code 2 and nothing
+written. The whole job (`run-all --events`) on logs of every shape: ``tests/test_conformance.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV
+from derm.core.paths import DATA_DIR_ENV
 from derm.events.schema import EVENT_LOG_SCHEMA, SURFACES, check_event_log, import_event_log
 
 UNITS = ("s", "ms", "us", "ns")
@@ -215,37 +216,6 @@ def test_each_broken_rule_is_refused_at_the_boundary_with_nothing_written(
     assert len(lines) == 1 and str(source / "part-0.parquet") in lines[0] and message in lines[0], result.output
     assert previous.read_bytes() == b"the log imported before", "a refused log writes nothing"
     assert sorted(p.name for p in data_dir.iterdir()) == ["events"] and not list(tmp_path.glob("data/.events*"))
-
-
-@pytest.mark.slow
-def test_run_all_on_an_own_log_of_every_accepted_shape(tmp_path: Path, redis_server, monkeypatch) -> None:
-    """The tiny synthetic log converted the way real exports look: nanoseconds in UTC, milliseconds in
-    Europe/Paris, dictionary-encoded surfaces, two files a day and one calendar day missing; then the
-    whole job with the default thresholds."""
-    from derm.cli.main import cli
-    from derm.events.synthetic import SyntheticConfig, generate_event_log
-
-    synthetic = tmp_path / "synthetic"
-    generate_event_log(SyntheticConfig.preset("tiny", start_date=date(2026, 1, 1)), synthetic)
-    frame = pa.concat_tables(pq.read_table(p) for p in sorted(synthetic.glob("date=*/*.parquet"))).to_pandas()
-    frame = frame[frame["event_timestamp"].dt.date != date(2026, 1, 4)]  # a day with no events at all
-    own = tmp_path / "own"
-    for number, (day, rows) in enumerate(frame.groupby(frame["event_timestamp"].dt.date)):
-        unit, zone = (("ns", "UTC"), ("ms", "Europe/Paris"))[number % 2]
-        _write_day(own / f"date={day.isoformat()}", rows, unit, zone, dictionary=number % 3 != 2, files=2)
-
-    # A Redis database of its own: the other modules' platforms share the session server.
-    monkeypatch.setenv(REDIS_CONNECTION_ENV, f"{redis_server.connection_string},db=9")
-    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
-    result = CliRunner().invoke(cli, ["run-all", "--events", str(own)], catch_exceptions=False)
-
-    assert result.exit_code == 0, result.output
-    imported = sorted(p.parent.name for p in (tmp_path / "data" / "events").glob("date=*/*.parquet"))
-    assert "date=2026-01-04" not in imported and len(imported) == 5
-    rankers = sorted(
-        p.parent.parent.name for p in (tmp_path / "data" / "models" / "downstream").glob("*/*/ranker.json")
-    )
-    assert rankers == ["ctr", "cvr"], "both rankers trained on the own log"
 
 
 def test_the_real_preset_has_the_shape_of_a_real_log(tmp_path: Path) -> None:
