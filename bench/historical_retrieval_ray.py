@@ -11,9 +11,9 @@ Same data as P3 (``bench.historical_retrieval.write_dataset``: ``days`` daily sn
 
 Each measurement runs in a fresh subprocess; the driver's peak RSS is ``ru_maxrss`` of that
 process (Ray's workers are other processes: their memory is not the driver's). The Ray time
-includes partitioning and writing the result files, not Ray's start-up (started before the
-clock, as a long-lived cluster would be). The results are checked to agree (row count,
-nulls, sum of every vector element).
+includes partitioning and writing the result files, not Ray's start-up (Ray and one worker per
+CPU, their libraries loaded, are started before the clock, as in a long-lived cluster). The
+results are checked to agree (row count, nulls, sum of every vector element).
 
 Usage::
 
@@ -113,10 +113,11 @@ def measure(workdir: Path, method: str, events: int, num_cpus: int, buckets: int
             STORE_TYPE,
             RayAsofOfflineStore,
             RayAsofOfflineStoreConfig,
-            ensure_ray,
+            warm_up_workers,
         )
 
-        ensure_ray(RayAsofOfflineStoreConfig(num_cpus=num_cpus))  # before the clock: a long-lived cluster
+        # Before the clock, as in a long-lived cluster: Ray started, its workers up with their libraries loaded.
+        warm_up_workers(RayAsofOfflineStoreConfig(num_cpus=num_cpus))
         offline_store = {"type": STORE_TYPE, "buckets": buckets, "storage_path": str(workdir / "ray-results")}
         config, views, refs, registry = _retrieval_inputs(workdir, offline_store)
         started_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -2,22 +2,28 @@
 
 The single-node ASOF store (:mod:`derm.feast_plugins.asof_offline_store`) builds the
 whole training set in one process. This store splits the same computation so that no
-process ever holds more than one bucket:
+process ever holds more than one bucket or one chunk of the result, and moves the wide
+feature columns (embeddings) as few times as possible:
 
-1. **Partition.** The entity rows and every view's source rows are hash-partitioned by
-   join key (``hash(key) % buckets``, the key cast to text on both sides so that an
-   ``int32`` entity column and an ``int64`` source column land in the same bucket),
-   each source by a Ray task running DuckDB, written as Parquet under
-   ``storage_path/<job>/``.
-2. **Join.** One Ray task per bucket runs the very query the single-node store runs
+1. **Partition, narrow.** For each set of join keys (the user views, the Pin views), the
+   entity rows' keys, timestamp and row number, and every view's keys, timestamps and a
+   reference to each source row (file, row number) are hash-partitioned by join key
+   (``hash(key) % buckets``, the key cast to text on both sides so that an ``int32`` entity
+   column and an ``int64`` source column land in the same bucket). No feature is read.
+2. **Match.** One Ray task per bucket runs the very query the single-node store runs
    (``asof_offline_store._asof_query``: one ASOF JOIN per view, TTL and created-timestamp
-   rules included) on that bucket's rows only, and writes its result to its own Parquet
-   file as soon as it finishes.
+   rules included) on that bucket's narrow rows, the "feature" being the source-row
+   reference: which row each entity row gets (NULL: none, or expired).
+3. **Gather.** Per view and group of its source files, a task reads the matched rows'
+   features once and writes them, with the entity row number, to the Arrow IPC file of the
+   entity rows' output chunk.
+4. **Assemble.** Per chunk of ``len(entity_df) / buckets`` entity rows, a task puts the
+   entity columns and every view's features side by side (in entity order) and writes the
+   chunk's Parquet file.
 
 Every row of an entity and every row of its history fall in the same bucket, so the
-result is exactly the single-node result, whatever the data: correct by construction,
-with no time windows. Views keyed on another entity (a Pin view beside user views) are a
-second round: round 1's output is re-partitioned by the Pin key and joined again.
+matches are exactly the single-node store's, whatever the data: correct by construction,
+with no time windows, and one partition of the entity frame per set of join keys.
 
 The driver never reads the result unless asked: ``job.to_parquet_files()`` (or
 ``to_remote_storage()``) returns the files, ``persist`` streams them into a saved
@@ -29,7 +35,7 @@ Select it in ``feature_store.yaml`` (local Ray with 2 CPUs, or a real cluster)::
       type: derm.feast_plugins.ray_asof_offline_store.RayAsofOfflineStore
       ray_address: ray://head:10001     # omitted: a local Ray, ray.init(num_cpus=..., object_store_memory=...)
       num_cpus: 2
-      buckets: 16                       # entity buckets; size them so one bucket fits a worker
+      buckets: 16                       # buckets and result chunks; size them so one fits a worker
       storage_path: /shared/derm-retrieval   # on a real cluster: storage every worker can write
 
 Everything this store does not express as an ASOF JOIN (see the single-node store) falls
@@ -38,6 +44,7 @@ back to the stock DuckDB store, in the driver.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import uuid
@@ -78,7 +85,7 @@ class RayAsofOfflineStoreConfig(asof.AsofDuckDBOfflineStoreConfig):
     """Bytes of the local Ray's object store; small, since tasks pass Parquet paths, not data."""
 
     buckets: PositiveInt = 8
-    """Hash buckets of the join key; one Ray task joins one bucket, so a bucket must fit a worker."""
+    """Hash buckets of the join key and chunks of the result; a task handles one, so one must fit a worker."""
 
     task_memory_limit: str | None = "512MB"
     """DuckDB memory limit inside each Ray task (DuckDB spills beyond it)."""
@@ -90,8 +97,8 @@ class RayAsofOfflineStoreConfig(asof.AsofDuckDBOfflineStoreConfig):
 def ensure_ray(config: RayAsofOfflineStoreConfig) -> None:
     """Connect to ``ray_address`` or start a local Ray once per process.
 
-    A local start is tried twice: Ray gives its raylet a fixed 30 s to register, which a
-    busy machine can miss the first time.
+    A local start is tried three times: Ray gives its raylet a fixed 30 s to register, which a
+    busy machine can miss.
     """
     import ray
 
@@ -100,7 +107,7 @@ def ensure_ray(config: RayAsofOfflineStoreConfig) -> None:
     if config.ray_address:
         ray.init(address=config.ray_address, log_to_driver=False)
         return
-    for attempt in (1, 2):
+    for attempt in (1, 2, 3):
         try:
             ray.init(
                 num_cpus=config.num_cpus,
@@ -111,8 +118,22 @@ def ensure_ray(config: RayAsofOfflineStoreConfig) -> None:
             return
         except Exception:
             ray.shutdown()
-            if attempt == 2:
+            if attempt == 3:
                 raise
+
+
+def warm_up_workers(config: RayAsofOfflineStoreConfig) -> set[int]:
+    """Start Ray (:func:`ensure_ray`) and one worker per CPU with the tasks' libraries loaded; their pids.
+
+    What a long-lived cluster has already done: without it, the first retrieval of a fresh local Ray
+    also pays the workers' start-up and imports.
+    """
+    import ray
+
+    ensure_ray(config)
+    warm = ray.remote(num_cpus=1)(ray_tasks.warm_up)
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return set(ray.get([warm.remote(1.0) for _ in range(workers)]))
 
 
 @dataclass(frozen=True)
@@ -135,12 +156,11 @@ class RayAsofRetrievalJob(RetrievalJob):
     ) -> None:
         super().__init__()
         self._plan = plan
-        self._views = views
+        self._views = [view for view in views if view.feature_columns]  # a view asked for no feature adds no column
         self._config = config
         self._repo_path = repo_path
         self._files: list[str] | None = None
-        # Entity columns, then every view's features in the order asked (stock order); the files of a retrieval
-        # over two entities hold the rounds' order, so readers select these.
+        # Entity columns, then every view's features in the order asked (stock order), as the files hold them.
         entity_names = list(plan._entity_table.column_names)
         self.columns = entity_names + [output for view in views for output in view.feature_columns]
         root = config.storage_path or tempfile.mkdtemp(prefix="derm-ray-asof-")
@@ -165,73 +185,132 @@ class RayAsofRetrievalJob(RetrievalJob):
 
         config = self._config
         ensure_ray(config)
-        buckets = config.buckets
-        memory = config.task_memory_limit
-        partition = ray.remote(num_cpus=1)(ray_tasks.partition)
-        join = ray.remote(num_cpus=1)(ray_tasks.join_bucket)
-        os.makedirs(self.directory, exist_ok=True)
+        buckets, memory = config.buckets, config.task_memory_limit
         entity_table = self._plan._entity_table
+        rows = entity_table.num_rows
+        if rows == 0:
+            return []
+        os.makedirs(self.directory, exist_ok=True)
+        chunk_rows = -(-rows // min(buckets, rows))
+        chunks = -(-rows // chunk_rows)
         entity_path = os.path.join(self.directory, "entity.parquet")
-        pq.write_table(entity_table, entity_path)
-        entity_source: str | list[str] = entity_path
-        entity_columns = list(entity_table.column_names)
-        entity_types = {field.name: field.type for field in entity_table.schema}
+        pq.write_table(entity_table, entity_path, row_group_size=chunk_rows)
         timestamp_column = self._plan._event_timestamp_column
-        rounds = self._rounds()
-        outputs: list[str] = []
-        for number, round_ in enumerate(rounds):
+        task = {
+            name: ray.remote(num_cpus=1)(getattr(ray_tasks, name))
+            for name in ("partition_entity", "partition_source", "match_bucket", "gather", "assemble")
+        }
+        files = {
+            view.relation: ray_tasks.source_files(self._plan.parameters[view.source_parameter]) for view in self._views
+        }
+        feature_types = self._feature_types(files)
+        gathered: list[ray.ObjectRef] = []
+        for number, round_ in enumerate(self._rounds()):
             round_dir = os.path.join(self.directory, f"round{number}")
-            os.makedirs(round_dir)
-            views = list(round_.views)
-            # The single-node store's query, over this round's entity columns (round 1's features included).
-            query, parameters = asof._asof_query(entity_columns, timestamp_column, views)
+            entity_dir = f"{round_dir}/entity"
+            os.makedirs(round_dir)  # DuckDB creates the last folder of a partitioned write, not its parents
+            keys = list(round_.entity_keys)
+            partitioned = [
+                task["partition_entity"].remote(
+                    entity_path, list(dict.fromkeys([*keys, timestamp_column])), keys, buckets, entity_dir, memory
+                )
+            ]
+            # The match runs the single-node query with each view's source-row reference as its only feature.
+            narrow = [
+                dataclasses.replace(view, feature_columns={self._match_column(view): ray_tasks.SOURCE_ROW})
+                for view in round_.views
+            ]
+            sources: dict[str, tuple[str, str]] = {}
+            for view in round_.views:
+                view_dir, empty = f"{round_dir}/{view.relation}", f"{round_dir}/{view.relation}-empty.parquet"
+                sources[view.source_parameter] = (view_dir, empty)
+                os.makedirs(view_dir)
+                extra = [view.timestamp_column] + ([view.created_column] if view.created_column else [])
+                for group, (first, group_files) in enumerate(self._groups(files[view.relation])):
+                    partitioned.append(
+                        task["partition_source"].remote(
+                            group_files,
+                            first,
+                            list(view.key_columns),
+                            extra,
+                            buckets,
+                            f"{view_dir}/g{group:05d}",
+                            empty if group == 0 else None,
+                            memory,
+                        )
+                    )
+            query, parameters = asof._asof_query([ray_tasks.ROW], timestamp_column, narrow)
             bound = {name: "min" for name in parameters if name == asof._ENTITY_TS_MIN}
             bound.update({name: "max" for name in parameters if name == asof._ENTITY_TS_MAX})
-            entity_dir = f"{round_dir}/entity"
-            view_dirs = {view.relation: f"{round_dir}/{view.relation}" for view in views}
-            pending = [partition.remote(entity_source, list(round_.entity_keys), buckets, entity_dir, memory)]
-            pending += [
-                partition.remote(
-                    view.source_path, list(view.key_columns), buckets, f"{round_dir}/{view.relation}", memory
+            matched = [
+                task["match_bucket"].remote(
+                    query,
+                    asof._ENTITY_RELATION,
+                    entity_dir,
+                    bucket,
+                    timestamp_column,
+                    bound,
+                    sources,
+                    f"{round_dir}/match-{bucket:05d}.parquet",
+                    memory,
+                    *partitioned,
                 )
-                for view in views
+                for bucket in range(buckets)
             ]
-            ray.get(pending)
-            empties = {
-                view.relation: ray_tasks.empty_like(view.source_path, f"{round_dir}/{view.relation}-empty.parquet")
-                for view in views
-            }
-            output_columns = entity_columns + [output for view in views for output in view.feature_columns]
-            paths, jobs = [], []
-            for bucket in range(buckets):
-                entity_files = ray_tasks.bucket_files(entity_dir, bucket)
-                if not entity_files:
-                    continue
-                sources = {
-                    view.source_parameter: ray_tasks.bucket_files(view_dirs[view.relation], bucket)
-                    or [empties[view.relation]]
-                    for view in views
-                }
-                paths.append(f"{round_dir}/result-{bucket:05d}.parquet")
-                jobs.append(
-                    join.remote(
-                        query,
-                        asof._ENTITY_RELATION,
-                        entity_files,
-                        timestamp_column,
-                        bound,
-                        sources,
-                        output_columns,
-                        entity_types,
-                        paths[-1],
-                        memory,
+            for view in round_.views:
+                for group, (first, group_files) in enumerate(self._groups(files[view.relation])):
+                    gathered.append(
+                        task["gather"].remote(
+                            f"{round_dir}/match-*.parquet",
+                            self._match_column(view),
+                            group_files,
+                            first,
+                            view.feature_columns,
+                            chunk_rows,
+                            f"{self.directory}/gather/{view.relation}",
+                            f"g{group:05d}",
+                            memory,
+                            *matched,
+                        )
                     )
+        views = [(f"{self.directory}/gather/{view.relation}", list(view.feature_columns)) for view in self._views]
+        paths = [os.path.join(self.directory, f"result-{chunk:05d}.parquet") for chunk in range(chunks)]
+        assembled = [
+            task["assemble"].remote(
+                entity_path, chunk, chunk_rows, views, feature_types, self.columns, paths[chunk], *gathered
+            )
+            for chunk in range(chunks)
+        ]
+        ray.get(assembled)
+        return paths
+
+    @staticmethod
+    def _match_column(view: asof._ViewJoin) -> str:
+        return f"{view.relation}{ray_tasks.SOURCE_ROW}"
+
+    def _groups(self, files: list[str]) -> list[tuple[int, list[str]]]:
+        """The view's files in at most ``buckets`` contiguous groups, each with the index of its first file."""
+        count = min(len(files), self._config.buckets)
+        size = -(-len(files) // count)
+        return [(first, files[first : first + size]) for first in range(0, len(files), size)]
+
+    def _feature_types(self, files: dict[str, list[str]]) -> dict[str, pa.DataType]:
+        """Each feature column's Arrow type as DuckDB reads it from the source (the single-node store's result)."""
+        types: dict[str, pa.DataType] = {}
+        with connect(threads=1) as con:
+            for view in self._views:
+                select = ", ".join(
+                    f"{ident(column)} AS {ident(output)}" for output, column in view.feature_columns.items()
                 )
-            counts = ray.get(jobs)
-            outputs = [path for path, count in zip(paths, counts, strict=True) if count]
-            entity_source = outputs
-            entity_columns = output_columns
-        return outputs
+                schema = (
+                    con.sql(
+                        f"SELECT {select} FROM read_parquet($files) LIMIT 0", params={"files": files[view.relation]}
+                    )
+                    .to_arrow_table()
+                    .schema
+                )
+                types.update({field.name: field.type for field in schema})
+        return types
 
     # -- RetrievalJob --------------------------------------------------------------------------
 
