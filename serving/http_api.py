@@ -9,7 +9,9 @@ request means (ordering, duplicates, defaults, limits) is the service's.
     Pins' advertiser and category from Redis (Feast's format, at the versions the loaded
     rankers were trained on), scores them with the CTR (and CVR) ranker and returns the
     distinct Pins best first, with the embedding versions used. Optional: ``surface``
-    (request context, default ``home_feed``), ``sort_by`` (``ctr`` or ``cvr``).
+    (request context, default ``home_feed``), ``sort_by`` (``ctr`` or ``cvr``), ``recent_pins``
+    (the user's clicked Pins before the request, most recent first: required by a ranker with a
+    user-sequence encoder, which reads them as its training set did; ignored by the others).
 ``POST /retrieve``
     ``{"user_id": 7, "k": 50}``: the top-k Pins by approximate nearest neighbours (faiss
     HNSW, inner product) over the promoted Pin embedding version, queried with the user's
@@ -85,6 +87,11 @@ class RankRequest(BaseModel):
     )
     sort_by: Annotated[str, Field(strict=True)] | None = Field(
         default=None, description="Ranker whose score orders the Pins (default: ctr)."
+    )
+    recent_pins: list[EntityId] | None = Field(
+        default=None,
+        description="The user's engaged (clicked) Pins before this request, most recent first: the input of "
+        "a ranker with a user-sequence encoder (required then; [] for none), ignored by the others.",
     )
 
 
@@ -379,7 +386,14 @@ def create_app(service: RankingService, metrics: ServingMetrics | None = None) -
                     "split the request",
                 )
             request = _validate(RankRequest, payload, body)
-            ranked = service.rank(request.user_id, request.pin_ids, request.k, request.surface, request.sort_by)
+            ranked = service.rank(
+                request.user_id,
+                request.pin_ids,
+                request.k,
+                request.surface,
+                request.sort_by,
+                recent_pins=request.recent_pins,
+            )
         except (ServingError, RedisUnavailable) as error:
             return _error(error)
         metrics.stages("/rank", ranked.timings, len(ranked.pin_ids))

@@ -84,6 +84,10 @@ from derm.serving.embedding_reader import (
 log = logging.getLogger(__name__)
 
 UNKNOWN_CONTEXT_ID = -1  # advertiser / category of a Pin the pin_attributes view has no (live) row of
+# The column a ranker with a user-sequence encoder reads (derm.training.downstream.ranker.SEQUENCE_COLUMN):
+# the user's engaged Pins before the request, most recent first. Serving takes it from the request.
+RECENT_PINS = "recent_pins"
+MAX_RECENT_PINS = 1000
 PIN_ATTRIBUTE_REFS = tuple(f"{PIN_ATTRIBUTES_VIEW}:{name}" for name in PIN_ATTRIBUTES)
 
 
@@ -206,7 +210,9 @@ class TracedModel:
         self._lock = threading.Lock()
 
     def eval(self) -> TracedModel:
-        self.model.eval()
+        # Ranker.score calls eval() on every batch: walking the module tree each time cost ~0.2 ms a request.
+        if self.model.training:
+            self.model.eval()
         return self
 
     def _trace(self, batch: Mapping[str, Any]) -> Any:
@@ -239,9 +245,13 @@ class TracedModel:
 
 
 def traced_ranker(ranker: Ranker) -> Ranker:
-    """A shallow copy of ``ranker`` whose ``model`` is a :class:`TracedModel` (the original is untouched)."""
+    """A shallow copy of ``ranker`` whose ``model`` is a :class:`TracedModel` (the original is untouched).
+
+    A ranker reading ``recent_pins`` scores eagerly: its transformer branches on the padding mask
+    (PyTorch's fast path), which a trace would freeze on the first batch.
+    """
     model = getattr(ranker, "model", None)
-    if model is None or not hasattr(model, "state_dict"):
+    if model is None or not hasattr(model, "state_dict") or RECENT_PINS in getattr(ranker, "input_columns", ()):
         return ranker
     served = copy.copy(ranker)
     served.model = TracedModel(model)  # type: ignore[attr-defined]
@@ -310,6 +320,12 @@ class RankingService:
         self.reader = EmbeddingReader.for_features(
             store, [*refs, *PIN_ATTRIBUTE_REFS], self.redis, enforce_ttl=self.settings.enforce_ttl
         )
+        # Rankers with a user-sequence encoder: their frames carry the request's recent_pins.
+        self.sequence_rankers = {
+            objective
+            for objective, ranker in self.rankers.items()
+            if RECENT_PINS in getattr(ranker, "input_columns", ())
+        }
         self._entity_of_ref = {
             view.ref(feature): view.join_key for view in self.reader.views for feature in view.features
         }
@@ -343,12 +359,17 @@ class RankingService:
         surface: str | None = None,
         sort_by: str | None = None,
         now: datetime | None = None,
+        recent_pins: Sequence[int] | np.ndarray | None = None,
     ) -> Ranked:
         """Rank the distinct candidate ``pin_ids`` (or the ``k`` retrieved for the user), best first.
 
+        ``recent_pins``: the user's engaged Pins before the request, most recent first (the input of a
+        ranker with a user-sequence encoder; ignored by the others).
+
         Raises:
             ServingError: 422 for both or neither of ``pin_ids``/``k``, no candidates, an unknown
-                ``surface`` or ``sort_by``; 413 above ``max_candidates`` Pins or ``max_k``.
+                ``surface`` or ``sort_by``, no ``recent_pins`` for a sequence ranker; 413 above
+                ``max_candidates`` Pins or ``max_k``.
         """
         if pin_ids is None and k is None:
             raise ServingError(422, "give either pin_ids (candidates to rank) or k (retrieve k candidates, then rank)")
@@ -358,6 +379,7 @@ class RankingService:
             raise ServingError(422, "pin_ids is empty: send at least one candidate Pin id, or k to retrieve candidates")
         self._check_surface(surface)
         sort_by = self.resolve_sort_by(sort_by)
+        recent = self._check_recent_pins(recent_pins)
         now = now or self.clock()
         retrieved = None
         if pin_ids is not None:
@@ -372,7 +394,7 @@ class RankingService:
             assert k is not None
             retrieved = self.retrieve(user_id, k, now)
             candidates = retrieved.pin_ids
-        scored = self.score(user_id, candidates, surface, now)
+        scored = self.score(user_id, candidates, surface, now, recent)
         order = np.argsort(-scored.scores[sort_by], kind="stable")
         timings = dict(scored.timings)
         if retrieved is not None:
@@ -398,7 +420,7 @@ class RankingService:
         Failures (e.g. Redis not up yet) are logged, not raised: requests will report them.
         """
         try:
-            self.score(0, np.arange(2, dtype=np.int64))
+            self.score(0, np.arange(2, dtype=np.int64), recent_pins=[] if self.sequence_rankers else None)
         except Exception as error:
             log.warning("warm-up request failed (%s: %s)", type(error).__name__, error)
 
@@ -409,30 +431,53 @@ class RankingService:
             raise ServingError(422, f"sort_by={resolved!r}: loaded rankers are {sorted(self.rankers)}")
         return resolved
 
+    def _missing_recent_pins(self) -> ServingError:
+        return ServingError(
+            422,
+            f"ranker(s) {sorted(self.sequence_rankers)} encode the user's recent engaged Pins: send recent_pins "
+            "(Pin ids the user clicked before this request, most recent first; [] for none)",
+        )
+
+    def _check_recent_pins(self, recent_pins: Sequence[int] | np.ndarray | None) -> np.ndarray | None:
+        """``recent_pins`` as int64 (None stays None); 413 above :data:`MAX_RECENT_PINS`."""
+        if recent_pins is None:
+            return None
+        if len(recent_pins) > MAX_RECENT_PINS:
+            raise ServingError(413, f"{len(recent_pins)} recent_pins is above the limit of {MAX_RECENT_PINS}")
+        return np.asarray(recent_pins, dtype=np.int64).reshape(-1)
+
     @staticmethod
     def _check_surface(surface: str | None) -> None:
         if surface is not None and surface not in SURFACES:
             raise ServingError(422, f"unknown surface {surface!r}: expected one of {list(SURFACES)}")
 
     def _frame(
-        self, ranker: Ranker, features: OnlineFeatures, user_id: int, pin_ids: np.ndarray, context: dict[str, Any]
+        self,
+        ranker: Ranker,
+        features: OnlineFeatures,
+        user_id: int,
+        pin_ids: np.ndarray,
+        context: dict[str, Any],
+        shared: dict[str, np.ndarray] | None = None,
     ) -> dict[str, Any]:
         """The columns ``ranker.score`` reads: ids, context, counting features (NaN = missing), embeddings
-        (``(B, D)``, NaN rows = missing; the ranker turns them into zeros plus the family's missing flag)."""
+        (``(B, D)``, NaN rows = missing; the ranker turns them into zeros plus the family's missing flag).
+
+        ``shared``: columns already built for another ranker of the same request (ref -> column), reused
+        read-only: both rankers usually read the same views."""
         n = len(pin_ids)
         frame: dict[str, Any] = {"user_id": np.full(n, user_id, dtype=np.int64), "pin_id": pin_ids, **context}
+        shared = {} if shared is None else shared
         for ref in ranker.feature_refs:
-            name = ref.partition(":")[2]
-            values, found = features.columns[ref], features.found[ref]
-            if ref in self._vector_refs:
-                column = values.astype(np.float32, copy=True)
+            column = shared.get(ref)
+            if column is None:
+                values, found = features.columns[ref], features.found[ref]
+                column = values.astype(np.float32 if ref in self._vector_refs else np.float64, copy=True)
                 column[~found] = np.nan
-            else:
-                column = values.astype(np.float64, copy=True)
-                column[~found] = np.nan
-            if self._entity_of_ref[ref] == "user_id":
-                column = np.broadcast_to(column, (n, *column.shape[1:]))
-            frame[name] = column
+                if self._entity_of_ref[ref] == "user_id":
+                    column = np.broadcast_to(column, (n, *column.shape[1:]))
+                shared[ref] = column
+            frame[ref.partition(":")[2]] = column
         return frame
 
     @staticmethod
@@ -449,8 +494,12 @@ class RankingService:
         pin_ids: Sequence[int] | np.ndarray,
         surface: str | None = None,
         now: datetime | None = None,
+        recent_pins: np.ndarray | None = None,
     ) -> tuple[dict[str, dict[str, Any]], OnlineFeatures]:
-        """Per ranker, the frame its ``score`` gets for (user, each Pin); and the features read from Redis."""
+        """Per ranker, the frame its ``score`` gets for (user, each Pin); and the features read from Redis.
+
+        A sequence ranker's frame also has ``recent_pins``: the same list (most recent first) on every
+        row, in the list form the training set stores it in (``with_user_sequences``)."""
         now = now or self.clock()
         pins = np.asarray(pin_ids, dtype=np.int64)
         features = self.reader.read({"user_id": np.array([user_id], dtype=np.int64), "pin_id": pins}, now=now)
@@ -460,8 +509,13 @@ class RankingService:
             "surface": np.full(len(pins), surface or self.settings.default_surface, dtype=object),
             "day_of_week": np.full(len(pins), now.weekday(), dtype=np.int64),
         }
+        if self.sequence_rankers:
+            if recent_pins is None:
+                raise self._missing_recent_pins()
+            context[RECENT_PINS] = [recent_pins.tolist()] * len(pins)
+        shared: dict[str, np.ndarray] = {}
         frames = {
-            objective: self._frame(ranker, features, user_id, pins, context)
+            objective: self._frame(ranker, features, user_id, pins, context, shared)
             for objective, ranker in self.rankers.items()
         }
         return frames, features
@@ -492,13 +546,15 @@ class RankingService:
         pin_ids: Sequence[int] | np.ndarray,
         surface: str | None = None,
         now: datetime | None = None,
+        recent_pins: Sequence[int] | np.ndarray | None = None,
     ) -> Scored:
         """Scores of every ranker for (user, each Pin); Pins keep their given order (repeats are scored again)."""
         pins = np.asarray(pin_ids, dtype=np.int64)
+        recent = self._check_recent_pins(recent_pins)
         self._refuse_version_skew()
         self._refuse_not_online()
         started = time.perf_counter()
-        frames, features = self.model_inputs(user_id, pins, surface, now)
+        frames, features = self.model_inputs(user_id, pins, surface, now, recent)
         timings = {"redis": time.perf_counter() - started}
         scores = {}
         for objective, ranker in self._scorers.items():

@@ -71,8 +71,15 @@ def _append_tied_events(events_dir: Path) -> None:
             "clicked": [False] * n,
             "converted": [False] * n,
         },
-        schema=pq.read_schema(next(folder.glob("*.parquet"))),
     )
+    # The log's own schema: columns it has that these rows do not set (is_ad, conversion_timestamp...) are
+    # ads impressions / null, as the generator writes them.
+    schema = pq.read_schema(next(folder.glob("*.parquet")))
+    defaults = {"is_ad": pa.array([True] * n)}
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field.name, defaults.get(field.name, pa.nulls(n, field.type)))
+    table = table.select(schema.names).cast(schema)
     pq.write_table(table, folder / "ties.parquet")
 
 
@@ -404,9 +411,12 @@ def _active_user(store, candidates=range(40)) -> int:
     return next(u for i, u in enumerate(candidates) if all(values[n][i] is not None for n in names))
 
 
-def _independent_scores(store, service, when, user: int, pins: list[int], surface: str, folder: Path) -> dict:
+def _independent_scores(
+    store, service, when, user: int, pins: list[int], surface: str, folder: Path, extra: dict | None = None
+) -> dict:
     """Each ranker's scores recomputed without the serving code: Feast's stock ``get_online_features``
-    for every feature and the Pins' attributes, the rankers saved to disk and loaded back from their weights."""
+    for every feature and the Pins' attributes, the rankers saved to disk and loaded back from their weights.
+    ``extra``: more columns of the frame (a sequence ranker's ``recent_pins``)."""
     from derm.training.downstream.ranker import load_ranker
 
     n = len(pins)
@@ -430,7 +440,7 @@ def _independent_scores(store, service, when, user: int, pins: list[int], surfac
                 frame[name] = list(stock[name])  # vectors, None where missing
             else:
                 frame[name] = np.array([np.nan if v is None else v for v in stock[name]], dtype=np.float64)
-        expected[objective] = loaded.score(frame)
+        expected[objective] = loaded.score({**frame, **(extra or {})})
     return expected
 
 
@@ -459,6 +469,58 @@ def test_rank_scores_candidates_and_reports_versions(server, service, store, pla
     status, body = post_json(server, "/rank", {"user_id": UNKNOWN, "pin_ids": [1, 2], "sort_by": "cvr"})
     assert status == 200 and body["sort_by"] == "cvr"
     assert "ctr_user_emb_v1:ctr_user_emb" in body["user_missing"] and len(body["items"]) == 2
+
+
+def test_sequence_ranker_is_served_the_recent_pins_training_builds(platform, store, tmp_path) -> None:
+    """A CTR ranker with a user-sequence encoder, served: /rank with the user's recent_pins as the training
+    set builds them (``with_user_sequences`` over the event log, point in time) scores what the saved ranker
+    scores offline from Feast's stock reads and that column; without recent_pins it is a clear 422."""
+    import dataclasses
+
+    import torch
+
+    from derm.serving.http_api import create_app
+    from derm.serving.service import RECENT_PINS, RankingService
+    from derm.training.downstream.dataset import with_user_sequences
+    from derm.training.downstream.ranker import SEQUENCE_COLUMN, Ranker, RankerModelConfig
+
+    assert RECENT_PINS == SEQUENCE_COLUMN
+    base = untrained_rankers(store, ("ctr",))["ctr"]
+    torch.manual_seed(1)
+    ranker = Ranker(dataclasses.replace(base.spec, model=RankerModelConfig(sequence_length=4)))
+    service = RankingService(store, {"ctr": ranker}, clock=lambda: platform.serving_time)
+    assert service.sequence_rankers == {"ctr"}
+
+    users = pa.table(
+        {
+            "user_id": pa.array(range(USERS), pa.int64()),
+            "event_timestamp": pa.array([platform.serving_time] * USERS, pa.timestamp("us", tz="UTC")),
+        }
+    )
+    sequences = with_user_sequences(users, platform.paths.events_dir, length=4).column(SEQUENCE_COLUMN)
+    user = next(u for u, seq in enumerate(sequences.to_pylist()) if len(seq) >= 2 and u != 0)
+    recent = sequences.to_pylist()[user]
+    pins = [5, 1, UNKNOWN, 9, 30]
+    with serve_in_thread(create_app(service)) as port:
+        connection = _KeepAlive("127.0.0.1", port, timeout=30)
+        status, body = post_json(connection, "/rank", {"user_id": user, "pin_ids": pins, "recent_pins": recent})
+        assert status == 200, body
+        status, empty = post_json(connection, "/rank", {"user_id": user, "pin_ids": pins, "recent_pins": []})
+        assert status == 200, empty
+        status, refused = post_json(connection, "/rank", {"user_id": user, "pin_ids": pins})
+        connection.close()
+    assert status == 422 and "recent_pins" in refused["detail"], refused
+
+    # offline: the saved ranker over Feast's stock reads plus the training set's own recent_pins column
+    n = len(pins)
+    column = pa.array([recent] * n, pa.list_(pa.int64()))
+    expected = _independent_scores(
+        store, service, platform.serving_time, user, pins, "home_feed", tmp_path, {SEQUENCE_COLUMN: column}
+    )["ctr"]
+    served = {item["pin_id"]: item["scores"]["ctr"] for item in body["items"]}
+    np.testing.assert_allclose([served[p] for p in pins], expected, rtol=1e-5)
+    without = {item["pin_id"]: item["scores"]["ctr"] for item in empty["items"]}
+    assert not np.allclose([without[p] for p in pins], expected, rtol=1e-5), "recent_pins changes the scores"
 
 
 def test_retrieve_and_rank_with_k(server, service, platform: BenchPlatform) -> None:
