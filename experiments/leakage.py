@@ -7,6 +7,10 @@ trains the same ranker on an honest and on a deliberately leaky training set,
 reports the AUC inflation, what the leaky model really scores once served
 point-in-time features, and runs the leakage audit on both sets.
 
+Labels have times too (issue 17): a third set takes every conversion as known at its
+click (CVR labels past the set's cut-off, ``conversions_1d`` counted on the click's
+day). The audit must refuse it (:attr:`LeakageExperiment.label_leaky_audit`).
+
 Example::
 
     paths, repo = PlatformPaths.from_env(), FeatureRepo()
@@ -27,7 +31,12 @@ from derm.core.feast_repo import FeatureRepo
 from derm.core.paths import PlatformPaths
 from derm.core.training_set import read_training_set
 from derm.experiments.reports import Comparison, compare
-from derm.training.downstream.leakage import AuditReport, audit_training_set, build_leaky_training_set
+from derm.training.downstream.leakage import (
+    AuditReport,
+    audit_training_set,
+    build_label_leaky_training_set,
+    build_leaky_training_set,
+)
 from derm.training.downstream.train import DownstreamConfig, DownstreamResult, run_downstream, train_on_training_set
 from derm.training.downstream.training_sets import split_table, split_time
 
@@ -41,6 +50,8 @@ class LeakageExperiment:
     leaky_audit: AuditReport
     point_in_time_set: Path
     leaky_set: Path
+    label_leaky_audit: AuditReport | None = None  # conversions taken as known at their click
+    label_leaky_set: Path | None = None
 
 
 def leakage_experiment(
@@ -66,11 +77,21 @@ def leakage_experiment(
         "leaky, evaluated on leaky features (inflated)": leaky,
         "leaky model on point-in-time features (what serving sees)": _with_scores(leaky, leaky_ranker.score(served)),
     }
+    label_leaky_path = honest.training_set.with_name("leakage-label-leaky.parquet")
+    build_label_leaky_training_set(honest.training_set, label_leaky_path, paths)
     comparison = compare(
         objective, f"{objective.upper()} ranker: point-in-time vs leaky training set", results, next(iter(results)), cfg
     )
     audits = audit_training_set(honest.training_set, paths), audit_training_set(leaky_path, paths)
-    return LeakageExperiment(comparison, audits[0], audits[1], honest.training_set, leaky_path)
+    return LeakageExperiment(
+        comparison,
+        audits[0],
+        audits[1],
+        honest.training_set,
+        leaky_path,
+        label_leaky_audit=audit_training_set(label_leaky_path, paths),
+        label_leaky_set=label_leaky_path,
+    )
 
 
 def _with_scores(result: DownstreamResult, scores: np.ndarray) -> DownstreamResult:

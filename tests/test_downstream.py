@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -265,7 +265,7 @@ def test_leakage_audit_passes_point_in_time_and_flags_leaky(platform: PlatformPa
     path, _, _ = ctr_set
     report = audit_training_set(path, platform)
     assert report.ok, report.describe()
-    assert set(report.checked) == {feature_name(f) for f in FAMILIES}
+    assert set(report.checked) == {feature_name(f) for f in FAMILIES} | {"label", *CONVERSION_COUNTS}
 
     leaky = build_leaky_training_set(path, tmp_path / "leaky.parquet", platform)
     report = audit_training_set(leaky, platform)
@@ -279,7 +279,7 @@ def test_leakage_audit_passes_point_in_time_and_flags_leaky(platform: PlatformPa
     assert result.exit_code == 1 and "row 0 " in result.output and "future" in result.output
     # With the gate (the default), the planted one-day gap of ctr_pin refuses the point-in-time-correct set.
     result = runner.invoke(audit_leakage, [str(path)])
-    assert result.exit_code == 1 and "PASS: every embedding was available" in result.output, result.output
+    assert result.exit_code == 1 and "PASS: every embedding, label and conversion count" in result.output, result.output
     assert "gate: REFUSED" in result.output and "[ctr_pin_emb]" in result.output and "Data Docs: " in result.output
     assert runner.invoke(audit_leakage, [str(path), "--thresholds", str(_relaxed(tmp_path))]).exit_code == 0
 
@@ -295,8 +295,37 @@ def test_leakage_audit_passes_point_in_time_and_flags_leaky(platform: PlatformPa
     index = table.schema.get_field_index("cvr_pin_emb")
     pq.write_table(table.set_column(index, "cvr_pin_emb", pa.array(column, table.schema.field(index).type)), tampered)
     report = audit_training_set(tampered, platform)
-    assert report.violation_counts == {"ctr_user_emb": 0, "ctr_pin_emb": 0, "cvr_user_emb": 0, "cvr_pin_emb": 1}
+    embeddings = {f: n for f, n in report.violation_counts.items() if f.endswith("_emb")}
+    assert embeddings == {"ctr_user_emb": 0, "ctr_pin_emb": 0, "cvr_user_emb": 0, "cvr_pin_emb": 1}
     assert report.violations[0].row == row and report.violations[0].kind == "future"
+
+
+CONVERSION_COUNTS = ("user_conversions_1d", "pin_conversions_1d")
+
+
+def test_leakage_audit_checks_labels_and_conversion_counts(platform: PlatformPaths, trained, tmp_path) -> None:
+    """The CVR set's labels and conversion counts are those known at their time; a set that takes
+    conversions as known at the click (labels after the cut-off, counts on the click's day) is refused."""
+    from derm.core.training_set import read_training_set
+    from derm.training.downstream.leakage import audit_training_set, build_label_leaky_training_set
+
+    path = trained[1].training_set
+    table, info = read_training_set(path)
+    report = audit_training_set(path, platform)
+    assert report.ok, report.describe()
+    assert {"label", *CONVERSION_COUNTS} <= set(report.checked)
+    stamps = table.column("label_timestamp").to_pylist()
+    assert all(s is None or s < datetime.fromisoformat(info.window_end) for s in stamps)
+
+    leaky = build_label_leaky_training_set(path, tmp_path / "label-leaky.parquet", platform)
+    # The tiny log's conversions come hours to days after their clicks: some are known only after the
+    # set's cut-off, so the honest set has fewer positives than the log has conversions.
+    assert sum(read_training_set(leaky)[0].column("label").to_pylist()) > sum(table.column("label").to_pylist())
+    report = audit_training_set(leaky, platform)
+    assert not report.ok
+    assert report.violation_counts["label"] > 0 and report.violation_counts["user_conversions_1d"] > 0
+    kinds = {(v.column, v.kind) for v in report.timing_violations}
+    assert ("label", "future") in kinds and ("user_conversions_1d", "future") in kinds, report.describe()
 
 
 def _relaxed(tmp_path: Path) -> Path:

@@ -23,6 +23,18 @@ The version audited per family comes from the training set's metadata
 (``derm.training_set``, see :mod:`derm.training.downstream.training_sets`), else from the
 catalog's promoted version, unless given explicitly.
 
+Labels have times too (issue 17), and the audit checks them as it checks embeddings,
+against oracles computed here from the event log (DuckDB):
+
+* ``label``: each row's label is recomputed from the log by ``event_id`` -- a click, or a
+  conversion known within the attribution window and before the set's label cut-off
+  (its window end); ``future`` when the set has a positive the cut-off did not know yet,
+  ``mismatch`` otherwise;
+* ``<entity>_conversions_1d``: the newest daily stats row an event may see (end of a day
+  with ads activity or a conversion known, within the counting TTL) must count the
+  conversions *known* that day; ``future`` when the set counts more (a conversion not
+  yet known at the row's event time), ``mismatch`` otherwise.
+
 Example::
 
     paths = PlatformPaths.from_env()
@@ -39,12 +51,24 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from derm.core.days import day_end
 from derm.core.files import atomic_path
-from derm.core.naming import EMBEDDING_TTL, FAMILIES, feature_name, join_key
+from derm.core.naming import (
+    COUNTING_TTL,
+    COUNTING_VIEWS,
+    EMBEDDING_TTL,
+    ENTITIES,
+    FAMILIES,
+    OBJECTIVES,
+    feature_name,
+    join_key,
+)
 from derm.core.paths import PlatformPaths
 from derm.core.sql import connect, ident
-from derm.core.training_set import METADATA_KEY, TrainingSetInfo, read_training_set_info
+from derm.core.training_set import LABEL, METADATA_KEY, TrainingSetInfo, read_training_set_info
+from derm.events.schema import CONVERSION_KNOWN_SQL, event_columns_sql, event_files, partition_day, read_events_sql
 from derm.materialization.catalog import OFFLINE_DATA_FILE, Catalog
+from derm.training.downstream.training_sets import ATTRIBUTION_WINDOW
 
 
 @dataclass(frozen=True)
@@ -71,13 +95,34 @@ class Violation:
         )
 
 
+@dataclass(frozen=True)
+class TimingViolation:
+    """A label or conversion count the event log's oracle does not give (see the module docstring)."""
+
+    row: int
+    event_id: int | None
+    column: str  # label | user_conversions_1d | pin_conversions_1d
+    event_timestamp: datetime
+    expected: int | None  # the oracle's value (None: no stats row available)
+    found: int | None
+    kind: str  # future | mismatch
+
+    def __str__(self) -> str:
+        event = f" event_id={self.event_id}" if self.event_id is not None else ""
+        return (
+            f"row {self.row}{event} {self.column} event_time={self.event_timestamp.isoformat()}: {self.kind}; "
+            f"expected {self.expected}, found {self.found}"
+        )
+
+
 @dataclass
 class AuditReport:
     path: Path
     rows: int
-    checked: dict[str, str]  # feature -> version audited
+    checked: dict[str, str]  # feature -> version audited (labels and counts: "event log")
     violation_counts: dict[str, int] = field(default_factory=dict)  # feature -> number of violating rows
     violations: list[Violation] = field(default_factory=list)  # the first ``max_reported`` per feature
+    timing_violations: list[TimingViolation] = field(default_factory=list)  # labels and conversion counts
 
     @property
     def ok(self) -> bool:
@@ -90,13 +135,16 @@ class AuditReport:
         ]
         for feature, count in self.violation_counts.items():
             lines.append(f"  {feature}: {count:,} violating rows" if count else f"  {feature}: ok")
-        for violation in self.violations[:limit]:
+        listed = [*self.violations, *self.timing_violations]
+        for violation in listed[:limit]:
             lines.append(f"    {violation}")
-        if len(self.violations) > limit:
-            lines.append(
-                f"    ... {len(self.violations) - limit} more listed, {sum(self.violation_counts.values())} total"
-            )
-        lines.append("PASS: every embedding was available at event time" if self.ok else "FAIL: leakage or mismatch")
+        if len(listed) > limit:
+            lines.append(f"    ... {len(listed) - limit} more listed, {sum(self.violation_counts.values())} total")
+        lines.append(
+            "PASS: every embedding, label and conversion count was known at its time"
+            if self.ok
+            else "FAIL: leakage or mismatch"
+        )
         return "\n".join(lines)
 
 
@@ -215,8 +263,10 @@ def audit_training_set(
     versions: dict[str, str] | None = None,
     ttl: timedelta = EMBEDDING_TTL,
     max_reported: int = 50,
+    events_dir: Path | None = None,
 ) -> AuditReport:
-    """Check every embedding column of a training set against the ASOF oracle (see module docstring).
+    """Check every embedding column of a training set against the ASOF oracle, and its labels and
+    conversion counts against the event log's (see module docstring).
 
     Args:
         path: the training set (Parquet) with ``event_timestamp``, the join keys and ``<family>_emb`` columns.
@@ -224,8 +274,11 @@ def audit_training_set(
         versions: family -> version to audit against (default: the file's metadata, else promoted).
         ttl: the embedding views' TTL.
         max_reported: violations listed per feature (all are counted).
+        events_dir: the event log the labels come from (default: ``paths.events_dir`` when it exists).
     """
     path = Path(path)
+    if events_dir is None and Path(paths.events_dir).exists() and any(Path(paths.events_dir).glob("date=*")):
+        events_dir = paths.events_dir
     columns = set(pq.read_schema(path).names)
     audited = _audited_versions(path, columns, paths, versions)
     if "event_timestamp" not in columns:
@@ -247,7 +300,109 @@ def audit_training_set(
             rows = con.execute(query, params).fetchall()
             report.violation_counts[feature] = int(rows[0][-1]) if rows else 0
             report.violations.extend(_violations(rows, feature, version))
+        if events_dir is not None and "event_id" in columns:
+            for column, (query, params) in _timing_queries(path, columns, events_dir, max_reported).items():
+                rows = con.execute(query, params).fetchall()
+                report.checked[column] = "event log"
+                report.violation_counts[column] = int(rows[0][-1]) if rows else 0
+                report.timing_violations.extend(
+                    TimingViolation(int(r[0]), r[1], column, r[2], r[3], r[4], r[5]) for r in rows
+                )
     return report
+
+
+def _log_files(events_dir: Path) -> list[str]:
+    return [str(path) for path in event_files(events_dir)]
+
+
+def _ads_sql(files: list[str]) -> str:
+    """The log's ads impressions in canonical columns, with ``known`` (when a conversion became known)."""
+    return (
+        f"(SELECT *, {CONVERSION_KNOWN_SQL} AS known FROM (SELECT {event_columns_sql(files)} "
+        f"FROM {read_events_sql('log_files', files)}) WHERE is_ad)"
+    )
+
+
+# Each row's label recomputed from the log by event id (the policy of training_sets.labelled_events).
+_LABEL_SQL = """
+    WITH t AS (
+        SELECT file_row_number AS row_nr, event_id, CAST(event_timestamp AS TIMESTAMPTZ) AS event_ts,
+               CAST({label} AS BIGINT) AS found
+        FROM read_parquet($training_set, file_row_number = true)
+    ),
+    e AS (SELECT * FROM {ads}),
+    o AS (
+        SELECT t.*, {oracle} AS expected,
+               coalesce(e.converted AND e.known >= $cutoff, false) AS known_later
+        FROM t LEFT JOIN e USING (event_id)
+    )
+    SELECT row_nr, event_id, event_ts, expected, found,
+           CASE WHEN found = 1 AND (known_later OR expected = 0) THEN 'future' ELSE 'mismatch' END,
+           count(*) OVER ()
+    FROM o WHERE expected IS DISTINCT FROM found ORDER BY row_nr LIMIT $limit"""
+
+# Each row's <entity>_conversions_1d recomputed: the newest stats day (ads activity or a conversion known that
+# day, within the log) stamped at or before the event and within the TTL, counting conversions known that day.
+_COUNT_SQL = """
+    WITH ads AS (SELECT * FROM {ads}),
+    days AS (
+        SELECT {key} AS entity, CAST(timezone('UTC', event_timestamp) AS DATE) AS day FROM ads
+        UNION
+        SELECT {key}, CAST(timezone('UTC', known) AS DATE) FROM ads WHERE converted AND known < $known_by
+    ),
+    conversions AS (
+        SELECT {key} AS entity, CAST(timezone('UTC', known) AS DATE) AS day, count(*) AS n
+        FROM ads WHERE converted AND known < $known_by GROUP BY ALL
+    ),
+    s AS (
+        SELECT d.entity, timezone('UTC', CAST(d.day + 1 AS TIMESTAMP)) AS stats_ts, coalesce(c.n, 0) AS n
+        FROM days d LEFT JOIN conversions c USING (entity, day)
+    ),
+    t AS (
+        SELECT file_row_number AS row_nr, event_id, {key} AS entity,
+               CAST(event_timestamp AS TIMESTAMPTZ) AS event_ts, CAST({feature} AS BIGINT) AS found
+        FROM read_parquet($training_set, file_row_number = true)
+    ),
+    o AS (
+        SELECT t.*, CASE WHEN epoch_us(t.event_ts) - epoch_us(s.stats_ts) <= $ttl_us THEN s.n END AS expected
+        FROM t ASOF LEFT JOIN s ON t.entity = s.entity AND t.event_ts >= s.stats_ts
+    )
+    SELECT row_nr, event_id, event_ts, expected, found,
+           CASE WHEN found > coalesce(expected, 0) THEN 'future' ELSE 'mismatch' END, count(*) OVER ()
+    FROM o WHERE expected IS DISTINCT FROM found ORDER BY row_nr LIMIT $limit"""
+
+
+def _timing_queries(
+    path: Path, columns: set[str], events_dir: Path, limit: int
+) -> dict[str, tuple[str, dict[str, object]]]:
+    """column -> (query, parameters) of the label and conversion-count oracles the training set's columns allow."""
+    files = _log_files(events_dir)
+    ads = _ads_sql(files)
+    base = {"training_set": str(path), "log_files": files, "limit": int(limit)}
+    queries: dict[str, tuple[str, dict[str, object]]] = {}
+    info = read_training_set_info(path)
+    if info is not None and LABEL in columns:
+        label = OBJECTIVES[info.objective][0]
+        if label == "converted":
+            oracle = (
+                "CAST(coalesce(e.converted AND e.known <= e.event_timestamp + $attribution "
+                "AND e.known < $cutoff, false) AS BIGINT)"
+            )
+        else:
+            oracle = f"CAST(e.{ident(label)} AS BIGINT)"
+        cutoff = datetime.fromisoformat(info.window_end)
+        queries[LABEL] = (
+            _LABEL_SQL.format(label=ident(LABEL), ads=ads, oracle=oracle),
+            {**base, "cutoff": cutoff, **({"attribution": ATTRIBUTION_WINDOW} if label == "converted" else {})},
+        )
+    known_by = day_end(max(partition_day(Path(f)) for f in files))
+    for entity in COUNTING_VIEWS.values():
+        feature, key = f"{entity}_conversions_1d", ENTITIES[entity]
+        if feature in columns and key in columns:
+            query = _COUNT_SQL.format(ads=ads, key=ident(key), feature=ident(feature))
+            ttl_us = int(COUNTING_TTL / timedelta(microseconds=1))
+            queries[feature] = (query, {**base, "known_by": known_by, "ttl_us": ttl_us})
+    return queries
 
 
 def build_leaky_training_set(
@@ -294,4 +449,69 @@ def build_leaky_training_set(
     return out_path
 
 
-__all__ = ["AuditReport", "Violation", "audit_training_set", "build_leaky_training_set", "training_set_versions"]
+__all__ = [
+    "AuditReport",
+    "TimingViolation",
+    "Violation",
+    "audit_training_set",
+    "build_label_leaky_training_set",
+    "build_leaky_training_set",
+    "training_set_versions",
+]
+
+
+def build_label_leaky_training_set(source: Path, out_path: Path, paths: PlatformPaths) -> Path:
+    """A copy of a training set whose labels and conversion counts ignore conversion time.
+
+    Same rows and other columns; a CVR ``label`` is 1 for every conversion the log holds, however
+    late it became known (after the set's cut-off, beyond the attribution window), and each
+    ``<entity>_conversions_1d`` counts conversions on their click's day, stamped at that day's end
+    (what a pipeline that takes conversions as known at impression time computes). The audit must
+    refuse it; it is also what the leakage experiment trains on to show the inflation.
+    """
+    source, out_path = Path(source), Path(out_path)
+    source_schema = pq.read_schema(source)
+    names = source_schema.names
+    info = read_training_set_info(source)
+    files = _log_files(paths.events_dir)
+    joins, replaced = [], {}
+    if info is not None and OBJECTIVES[info.objective][0] == "converted" and LABEL in names:
+        replaced[LABEL] = "CAST(coalesce(e.converted, false) AS BIGINT)"
+        if "label_timestamp" in names:
+            replaced["label_timestamp"] = "CASE WHEN e.converted THEN e.known END"
+    ttl_us = int(COUNTING_TTL / timedelta(microseconds=1))
+    for i, entity in enumerate(COUNTING_VIEWS.values()):
+        feature, key = f"{entity}_conversions_1d", ENTITIES[entity]
+        if feature in names and key in names:
+            joins.append(
+                f"""ASOF LEFT JOIN (
+                    SELECT {ident(key)} AS entity, count(*) FILTER (WHERE converted) AS n,
+                           timezone('UTC', CAST(CAST(timezone('UTC', event_timestamp) AS DATE) + 1 AS TIMESTAMP))
+                               AS stats_ts
+                    FROM ads GROUP BY ALL
+                ) c{i} ON c{i}.entity = t.{ident(key)} AND CAST(t.event_timestamp AS TIMESTAMPTZ) >= c{i}.stats_ts"""
+            )
+            replaced[feature] = (
+                f"CASE WHEN epoch_us(CAST(t.event_timestamp AS TIMESTAMPTZ)) - epoch_us(c{i}.stats_ts) <= $ttl_us "
+                f"THEN c{i}.n END"
+            )
+    select = ", ".join(f"{replaced.get(name, f't.{ident(name)}')} AS {ident(name)}" for name in names)
+    with connect() as con:
+        table = con.sql(
+            f"""WITH ads AS (SELECT * FROM {_ads_sql(files)})
+                SELECT {select}
+                FROM read_parquet($source, file_row_number = true) t
+                LEFT JOIN ads e USING (event_id) {" ".join(joins)}
+                ORDER BY t.file_row_number""",
+            params={"source": str(source), "log_files": files, "ttl_us": ttl_us},
+        ).to_arrow_table()
+    metadata = dict(source_schema.metadata or {})
+    if METADATA_KEY in metadata:
+        leaky = TrainingSetInfo.from_json(metadata[METADATA_KEY]).with_note(
+            "LEAKY: labels and conversion counts ignore conversion time"
+        )
+        metadata[METADATA_KEY] = leaky.to_json().encode()
+    table = table.cast(source_schema.remove_metadata()).replace_schema_metadata(metadata)
+    with atomic_path(out_path) as tmp:
+        pq.write_table(table, tmp)
+    return out_path
