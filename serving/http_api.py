@@ -394,6 +394,11 @@ def create_app(service: RankingService, metrics: ServingMetrics | None = None) -
                 request.sort_by,
                 recent_pins=request.recent_pins,
             )
+            if not ranked.pin_found.any() or any(ref.endswith("_emb") for ref in ranked.user_missing):
+                # What Redis holds is re-read at most every 2 s: a Redis restarted empty within that window
+                # reads as "no embedding anywhere". Check now, before answering 200 with such scores.
+                service.online_state(max_age_s=0.0)
+                service._refuse_not_online()
         except (ServingError, RedisUnavailable) as error:
             return _error(error)
         metrics.stages("/rank", ranked.timings, len(ranked.pin_ids))
