@@ -216,7 +216,8 @@ class RayMaterializationEngine(VectorMaterializationEngine):
                 self.last_task_rows = ray.get(pending)
             except ray.exceptions.RayTaskError as error:
                 # The task's own exception (e.g. a vector of the wrong length, naming the column), not Ray's wrapper.
-                raise (error.cause if isinstance(error.cause, Exception) else error) from None
+                cause = getattr(error, "cause", None)
+                raise (cause if isinstance(cause, Exception) else error) from None
             return sum(self.last_task_rows)
         finally:
             # As the vector engine: never leave an open result on Ibis' process-wide DuckDB connection.
