@@ -12,14 +12,23 @@ Example::
 
     batches = aggregate_batches(embed_batches(model, "user", features), previous_file, "user_id", 64, "ema", 0.8)
     manifest = write_snapshot(snapshot_dir(...), batches, manifest)
+
+Inference on Ray Data: with ``ray=RayExport(...)`` (what :func:`export_engine` returns on
+the cluster profile, ``DERM_PROFILE=cluster``, or with ``DERM_EXPORT_ENGINE=ray``),
+:func:`embed_batches` runs the tower as ``ray.data`` ``map_batches`` over the entity
+batches on an actor pool, each actor holding a copy of the model; the batches come back
+in id order and go through the same moving average and snapshot writer, so the snapshot
+is the single-process one, bit for bit (``tests/test_ray_export.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -32,7 +41,7 @@ from derm.core.days import day_end
 from derm.core.files import publish_directory
 from derm.core.model_versions import ModelVersions
 from derm.core.naming import objective_of
-from derm.core.paths import PlatformPaths
+from derm.core.paths import RAY_ADDRESS_ENV, PlatformPaths, active_profile
 from derm.core.snapshot import (
     DATA_FILE,
     MANIFEST_FILE,
@@ -44,6 +53,10 @@ from derm.core.snapshot import (
 )
 from derm.training.upstream.config import AGGREGATIONS
 from derm.training.upstream.model import PIN_KEYS, USER_KEYS, DermModel
+
+# "ray" or "local": where the export runs the towers; unset = Ray on the cluster profile, else in process.
+EXPORT_ENGINE_ENV = "DERM_EXPORT_ENGINE"
+EXPORT_ENGINES = ("local", "ray")
 
 
 def aggregate(
@@ -167,21 +180,149 @@ def aggregate_batches(
         yield ids, aggregate(daily, previous, found, aggregation, ema_weight, active, renormalize)
 
 
+@dataclass(frozen=True)
+class RayExport:
+    """Where and how wide the export's inference runs on Ray.
+
+    Args:
+        ray_address: a running Ray cluster (``ray://head:10001`` or ``auto``); None starts a local Ray.
+        workers: actors of the pool, each with its own copy of the model (one CPU each).
+        num_cpus: CPUs of the local Ray (ignored with ``ray_address``).
+        object_store_memory: bytes of the local Ray's object store (the feature batches wait there).
+        threads: torch threads per actor; None leaves Ray's default (one per CPU the actor holds).
+    """
+
+    ray_address: str | None = None
+    workers: int = 2
+    num_cpus: int = 2
+    object_store_memory: int = 256 * 1024 * 1024
+    threads: int | None = None
+
+
+def export_engine() -> RayExport | None:
+    """The configured export engine: a :class:`RayExport` for Ray, None for the single-process export.
+
+    ``DERM_EXPORT_ENGINE=ray|local`` decides; unset, the cluster profile (``DERM_PROFILE=cluster``) runs on
+    the Ray of ``DERM_RAY_ADDRESS`` (empty: a local Ray) and every other profile in process.
+    """
+    engine = os.environ.get(EXPORT_ENGINE_ENV) or ("ray" if active_profile() == "cluster" else "local")
+    if engine not in EXPORT_ENGINES:
+        raise ValueError(f"{EXPORT_ENGINE_ENV}={engine!r}: expected one of {', '.join(EXPORT_ENGINES)}")
+    return RayExport(ray_address=os.environ.get(RAY_ADDRESS_ENV) or None) if engine == "ray" else None
+
+
+def _embed_in_batches(
+    model: DermModel, entity: str, features: dict[str, np.ndarray], batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    keys = USER_KEYS if entity == "user" else PIN_KEYS
+    ids = features[f"{entity}_id"]
+    for start in range(0, len(ids), batch_size):
+        part = {k: torch.from_numpy(np.ascontiguousarray(features[k][start : start + batch_size])) for k in keys}
+        yield ids[start : start + batch_size], model.embed(entity, part).numpy()
+
+
 def embed_batches(
     model: DermModel,
     entity: str,
     feature_batches: Iterable[dict[str, np.ndarray]],
     batch_size: int = 65_536,
+    ray: RayExport | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Runs an entity tower over feature batches; yields ``(ids (n,), embeddings (n, D) float32)``."""
-    keys = USER_KEYS if entity == "user" else PIN_KEYS
+    """Runs an entity tower over feature batches; yields ``(ids (n,), embeddings (n, D) float32)``.
+
+    Args:
+        feature_batches: id-ordered feature batches (``{f"{entity}_id": (n,), <tower inputs>: (n, ...)}``).
+        batch_size: rows per forward pass (a feature batch is cut into passes of this size).
+        ray: run the passes on Ray Data (:func:`embed_batches_on_ray`); None runs them in this process.
+    """
+    if ray is not None:
+        yield from embed_batches_on_ray(model, entity, feature_batches, batch_size, ray)
+        return
     model.eval()
     with torch.inference_mode():
         for features in feature_batches:
-            ids = features[f"{entity}_id"]
+            yield from _embed_in_batches(model, entity, features, batch_size)
+
+
+class _TowerActor:
+    """A Ray Data actor: one copy of the model, embeds whole blocks (one feature batch each)."""
+
+    def __init__(self, model_bytes: bytes, entity: str, batch_size: int, threads: int | None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = torch.load(io.BytesIO(model_bytes), weights_only=False)
+        self.model.eval()
+        self.entity = entity
+        self.batch_size = batch_size
+
+    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Blocks arrive read-only (shared memory); torch wants writable arrays (a copy of one batch).
+        block = {name: values if values.flags.writeable else values.copy() for name, values in block.items()}
+        with torch.inference_mode():
+            parts = list(_embed_in_batches(self.model, self.entity, block, self.batch_size))
+        return {"id": np.concatenate([ids for ids, _ in parts]), "embedding": np.concatenate([e for _, e in parts])}
+
+
+def embed_batches_on_ray(
+    model: DermModel,
+    entity: str,
+    feature_batches: Iterable[dict[str, np.ndarray]],
+    batch_size: int,
+    config: RayExport,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`embed_batches` as ``ray.data`` ``map_batches`` over the feature batches, on a pool of actors.
+
+    Each feature batch becomes one block (put in Ray's object store as it is read, so the
+    driver holds one batch at a time); an actor embeds a whole block in the same passes of
+    ``batch_size`` rows as the single-process export, so every vector is the same; the
+    output blocks are read back in order (``preserve_order``), ids ascending as they went in.
+
+    Yields:
+        ``(ids (n,) int64, embeddings (n, D) float32)`` per feature batch, in input order.
+    """
+    import ray as ray_module
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    from derm.feast_plugins.ray_asof_offline_store import RayAsofOfflineStoreConfig, ensure_ray
+
+    ensure_ray(
+        RayAsofOfflineStoreConfig(
+            ray_address=config.ray_address, num_cpus=config.num_cpus, object_store_memory=config.object_store_memory
+        )
+    )
+    refs = []
+    for features in feature_batches:
+        if len(features[f"{entity}_id"]) == 0:
+            continue
+        columns = {
+            name: ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values)
+            for name, values in features.items()
+        }
+        refs.append(ray_module.put(pa.table(columns)))
+    if not refs:
+        return
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # the moving average merge-joins by ascending id
+    try:
+        embedded = ray.data.from_arrow_refs(refs).map_batches(
+            _TowerActor,
+            fn_constructor_args=(buffer.getvalue(), entity, batch_size, config.threads),
+            batch_size=None,  # one feature batch per call: the same forward passes as in process
+            batch_format="numpy",
+            concurrency=config.workers,
+            num_cpus=1,
+        )
+        for block in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+            ids, vectors = block["id"].astype(np.int64, copy=False), np.asarray(block["embedding"], dtype=np.float32)
+            # Cut as the in-process export yields (one piece per forward pass): the snapshot's row groups match.
             for start in range(0, len(ids), batch_size):
-                part = {k: torch.from_numpy(features[k][start : start + batch_size]) for k in keys}
-                yield ids[start : start + batch_size], model.embed(entity, part).numpy()
+                yield ids[start : start + batch_size], vectors[start : start + batch_size]
+    finally:
+        context.execution_options.preserve_order = preserve_order
 
 
 def write_snapshot(

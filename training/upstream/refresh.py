@@ -62,7 +62,13 @@ from derm.core.snapshot import DATA_FILE, MANIFEST_FILE, SnapshotManifest, file_
 from derm.core.sql import connect, ident
 from derm.events.schema import event_files, log_days, partition_day
 from derm.training.upstream.config import UpstreamConfig
-from derm.training.upstream.export import aggregate_batches, embed_batches, snapshot_available_at, write_snapshot
+from derm.training.upstream.export import (
+    aggregate_batches,
+    embed_batches,
+    export_engine,
+    snapshot_available_at,
+    write_snapshot,
+)
 from derm.training.upstream.features import (
     UpstreamDataset,
     entity_feature_batches,
@@ -259,7 +265,8 @@ def _export_family(
         paths.events_dir, entity, job.day, cfg.features, refresh.active_window_days, refresh.inference_batch_size
     )
     batches = aggregate_batches(
-        embed_batches(model, entity, features, refresh.inference_batch_size),
+        # In process, or Ray Data on the cluster profile / DERM_EXPORT_ENGINE=ray: the same vectors either way.
+        embed_batches(model, entity, features, refresh.inference_batch_size, ray=export_engine()),
         previous_file,
         join_key(family),
         cfg.model.dim,

@@ -1,0 +1,115 @@
+"""The daily embedding export on Ray Data writes the very snapshot the single-process export writes.
+
+One local Ray (2 CPUs) for the module. Both exports run the same model over the same
+id-ordered feature batches (uneven batch sizes, forward passes cut inside a batch), blend
+with the same previous snapshot (EMA) and stream through the same snapshot writer; the
+Parquet files must hold the same rows and bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+torch = pytest.importorskip("torch")
+ray = pytest.importorskip("ray")
+
+from bench.export_throughput import synthetic_entity_features  # noqa: E402
+from derm.core.paths import PROFILE_ENV, RAY_ADDRESS_ENV  # noqa: E402
+from derm.core.snapshot import DATA_FILE, SnapshotManifest  # noqa: E402
+from derm.training.upstream.export import (  # noqa: E402
+    EXPORT_ENGINE_ENV,
+    RayExport,
+    aggregate_batches,
+    embed_batches,
+    export_engine,
+    write_snapshot,
+)
+from derm.training.upstream.model import DermConfig, DermModel  # noqa: E402
+
+DIM = 16
+ENTITIES = 300
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    from derm.feast_plugins.ray_asof_offline_store import RayAsofOfflineStoreConfig, ensure_ray
+
+    started = not ray.is_initialized()
+    ensure_ray(RayAsofOfflineStoreConfig(num_cpus=2))
+    yield
+    if started:
+        ray.shutdown()
+
+
+def _manifest(entity: str) -> SnapshotManifest:
+    now = datetime(2026, 1, 2, 1, tzinfo=UTC)
+    return SnapshotManifest(
+        family=f"ctr_{entity}",
+        model_version="v1",
+        config_hash="",
+        weights_sha256="",
+        dim=DIM,
+        snapshot_date=date(2026, 1, 1),
+        event_timestamp=now,
+        data_window_start=now,
+        data_window_end=now,
+        row_count=0,
+        aggregation="ema",
+        ema_weight=0.8,
+        created_at=now,
+    )
+
+
+def _export(model: DermModel, entity: str, target: Path, previous: Path | None, engine: RayExport | None) -> Path:
+    # 37-row feature batches cut into 16-row forward passes: the last pass of each batch is short.
+    features = synthetic_entity_features(entity, ENTITIES, batch_rows=37, seed=3)
+    batches = aggregate_batches(
+        embed_batches(model, entity, features, batch_size=16, ray=engine),
+        previous,
+        f"{entity}_id",
+        DIM,
+        "ema",
+        0.8,
+        renormalize=True,
+    )
+    written = write_snapshot(target, batches, _manifest(entity), row_group_rows=64)
+    assert written.row_count == ENTITIES
+    return target / DATA_FILE
+
+
+@pytest.mark.parametrize("entity", ["user", "pin"])
+def test_ray_export_writes_the_single_process_snapshot(local_ray: None, tmp_path: Path, entity: str) -> None:
+    torch.manual_seed(0)
+    model = DermModel(DermConfig(dim=DIM, user_id_buckets=1 << 10, pin_id_buckets=1 << 10))
+    previous = _export(model, entity, tmp_path / "previous", None, None)
+    for parameter in model.parameters():  # "today's" model: moved, so the EMA blends two different vectors
+        parameter.data.add_(0.01)
+    local = _export(model, entity, tmp_path / "local", previous, None)
+    on_ray = _export(model, entity, tmp_path / "ray", previous, RayExport(workers=2))
+    assert pq.read_table(on_ray).equals(pq.read_table(local))
+    assert on_ray.read_bytes() == local.read_bytes()
+
+
+def test_export_engine_follows_the_profile_and_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(EXPORT_ENGINE_ENV, raising=False)
+    monkeypatch.setenv(PROFILE_ENV, "local")
+    assert export_engine() is None
+    monkeypatch.setenv(PROFILE_ENV, "cluster")
+    monkeypatch.setenv(RAY_ADDRESS_ENV, "")
+    assert export_engine() == RayExport(ray_address=None)
+    monkeypatch.setenv(RAY_ADDRESS_ENV, "ray://head:10001")
+    assert dataclasses.replace(export_engine(), workers=2).ray_address == "ray://head:10001"
+    monkeypatch.setenv(EXPORT_ENGINE_ENV, "local")
+    assert export_engine() is None
+    monkeypatch.setenv(PROFILE_ENV, "local")
+    monkeypatch.setenv(EXPORT_ENGINE_ENV, "ray")
+    assert export_engine() == RayExport(ray_address="ray://head:10001")
+    monkeypatch.setenv(EXPORT_ENGINE_ENV, "spark")
+    with pytest.raises(ValueError, match=EXPORT_ENGINE_ENV):
+        export_engine()
