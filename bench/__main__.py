@@ -58,12 +58,19 @@ class Workload:
 WORKLOADS: tuple[Workload, ...] = (
     Workload(
         name="export",
-        title="Upstream daily inference export (embeddings/s)",
+        title="Upstream daily inference export, single process vs Ray Data (embeddings/s)",
         module="bench.export_throughput",
-        sizes=dict(entities=1_000_000, repeats=3),
-        smoke=dict(entities=2_000, repeats=1),
+        sizes=dict(entities=1_000_000, repeats=3, ray_workers=2, num_cpus=2),
+        smoke=dict(entities=2_000, repeats=1, ray_workers=None),  # the Ray path: tests/test_ray_export.py
         scaled=("entities",),
-        figures=(("user_embeddings_per_s", "user embeddings/s"), ("pin_embeddings_per_s", "Pin embeddings/s")),
+        figures=(
+            ("user_embeddings_per_s", "user embeddings/s, single process"),
+            ("pin_embeddings_per_s", "Pin embeddings/s, single process"),
+            ("ray_user_embeddings_per_s", "user embeddings/s, Ray Data (2 actors)"),
+            ("ray_pin_embeddings_per_s", "Pin embeddings/s, Ray Data (2 actors)"),
+            ("ray_over_local_user", "Ray / single process, users"),
+            ("ray_over_local_pin", "Ray / single process, Pins"),
+        ),
     ),
     Workload(
         name="P1",
@@ -91,6 +98,9 @@ WORKLOADS: tuple[Workload, ...] = (
         scaled=("rows", "stock_rows"),
         figures=(
             ("fast_rows_per_s", "fast path (slot-grouped RESP per master) rows/s"),
+            ("ray_engine_rows_per_s", "Ray engine (slot-range slices in Ray tasks, 2 CPUs) rows/s"),
+            ("ray_over_fast", "Ray engine / fast path"),
+            ("ray_over_stock", "Ray engine / stock Feast"),
             ("redis_py_cluster_rows_per_s", "redis-py cluster pipelines rows/s"),
             ("stock_rows_per_s", "stock feast materialize rows/s (at stock_rows)"),
         ),

@@ -6,9 +6,14 @@ yesterday's snapshot (EMA, merge-joined by id) and stream the Parquet snapshot
 to disk. Entity features are generated on the fly (random ids, counts and click
 sequences), so the number measures the export, not DuckDB feature queries.
 
+Side by side in one run: the single-process export and the export on Ray Data
+(``ray.data`` ``map_batches`` on a pool of ``ray_workers`` actors, local Ray with
+``num_cpus`` CPUs; the cluster profile's engine). Ray's start-up is warmed up once; each
+timed Ray export includes its actors' start (loading the model), as a daily export does.
+
 Usage::
 
-    python -m bench.export_throughput --entities 1000000 --repeats 3
+    python -m bench.export_throughput --entities 1000000 --repeats 3 --ray-workers 2
 
 Example::
 
@@ -53,28 +58,50 @@ def synthetic_entity_features(
             }
 
 
-def run(entities: int = 1_000_000, repeats: int = 3, dim: int = 64, batch_rows: int = 65_536) -> dict:
-    """Times the export of ``entities`` users and Pins, ``repeats`` times each; returns medians.
+def run(
+    entities: int = 1_000_000,
+    repeats: int = 3,
+    dim: int = 64,
+    batch_rows: int = 65_536,
+    ray_workers: int | None = None,
+    num_cpus: int = 2,
+) -> dict:
+    """Times the export of ``entities`` users and Pins, ``repeats`` times each, in process and on Ray; medians.
 
     Each timed export reads yesterday's snapshot of the same entities (EMA
-    aggregation, the default refresh path) and writes a full snapshot.
+    aggregation, the default refresh path) and writes a full snapshot. The Ray
+    export's snapshot is checked to be the single-process one, byte for byte.
+
+    Args:
+        ray_workers: actors of the Ray Data export (None: the single-process export only; ``python -m bench``
+            asks for 2).
+        num_cpus: CPUs of the local Ray.
 
     Returns:
-        ``{"entities", "repeats", "dim", "threads", "user_embeddings_per_s",
-        "pin_embeddings_per_s", "user_seconds", "pin_seconds"}`` (medians).
+        ``{"entities", "repeats", "dim", "threads", "user_embeddings_per_s", "pin_embeddings_per_s",
+        "user_seconds", "pin_seconds"}`` (medians), and with Ray ``"ray_user_embeddings_per_s"``,
+        ``"ray_pin_embeddings_per_s"``, ``"ray_user_seconds"``, ``"ray_pin_seconds"``,
+        ``"ray_over_local_user"``, ``"ray_over_local_pin"``.
     """
     import torch
 
     from derm.core.naming import join_key
     from derm.core.snapshot import DATA_FILE, SnapshotManifest
-    from derm.training.upstream.export import aggregate_batches, embed_batches, write_snapshot
+    from derm.training.upstream.export import RayExport, aggregate_batches, embed_batches, write_snapshot
     from derm.training.upstream.model import DermConfig, DermModel
 
     torch.manual_seed(0)
     model = DermModel(DermConfig(dim=dim))
     now = datetime.now(UTC)
 
-    def export(entity: str, directory: Path, previous: Path | None) -> float:
+    engine = None
+    if ray_workers:
+        from derm.feast_plugins.ray_asof_offline_store import RayAsofOfflineStoreConfig, ensure_ray
+
+        engine = RayExport(workers=ray_workers, num_cpus=num_cpus)
+        ensure_ray(RayAsofOfflineStoreConfig(num_cpus=num_cpus))
+
+    def export(entity: str, directory: Path, previous: Path | None, ray: RayExport | None = None) -> float:
         family = f"ctr_{entity}"
         manifest = SnapshotManifest(
             family=family,
@@ -93,7 +120,7 @@ def run(entities: int = 1_000_000, repeats: int = 3, dim: int = 64, batch_rows: 
         )
         started = time.perf_counter()
         batches = aggregate_batches(
-            embed_batches(model, entity, synthetic_entity_features(entity, entities, batch_rows), batch_rows),
+            embed_batches(model, entity, synthetic_entity_features(entity, entities, batch_rows), batch_rows, ray),
             previous,
             join_key(family),
             dim,
@@ -106,18 +133,31 @@ def run(entities: int = 1_000_000, repeats: int = 3, dim: int = 64, batch_rows: 
         return elapsed
 
     result: dict = {"entities": entities, "repeats": repeats, "dim": dim, "threads": torch.get_num_threads()}
+    if engine is not None:
+        result.update(ray_workers=ray_workers, ray_cpus=num_cpus)
     with tempfile.TemporaryDirectory() as tmp:
         for entity in ("user", "pin"):
             previous = Path(tmp) / entity / "previous"
             export(entity, previous, None)  # yesterday's snapshot; also warms up
-            seconds = []
-            for r in range(repeats):
+            seconds: dict[str, list[float]] = {"local": [], "ray": []}
+            for r in range(repeats):  # alternated, so both see the same machine load
                 target = Path(tmp) / entity / f"run-{r}"
-                seconds.append(export(entity, target, previous / DATA_FILE))
-                (target / DATA_FILE).unlink()  # keep disk use at two snapshots
-            median = statistics.median(seconds)
+                seconds["local"].append(export(entity, target, previous / DATA_FILE))
+                if engine is not None:
+                    on_ray = Path(tmp) / entity / f"ray-{r}"
+                    seconds["ray"].append(export(entity, on_ray, previous / DATA_FILE, engine))
+                    if (on_ray / DATA_FILE).read_bytes() != (target / DATA_FILE).read_bytes():
+                        raise AssertionError(f"{entity}: the Ray export's snapshot differs from the single-process one")
+                    (on_ray / DATA_FILE).unlink()
+                (target / DATA_FILE).unlink()  # keep disk use at a few snapshots
+            median = statistics.median(seconds["local"])
             result[f"{entity}_seconds"] = median
             result[f"{entity}_embeddings_per_s"] = entities / median
+            if engine is not None:
+                ray_median = statistics.median(seconds["ray"])
+                result[f"ray_{entity}_seconds"] = ray_median
+                result[f"ray_{entity}_embeddings_per_s"] = entities / ray_median
+                result[f"ray_over_local_{entity}"] = median / ray_median
     return result
 
 
@@ -125,9 +165,10 @@ def run(entities: int = 1_000_000, repeats: int = 3, dim: int = 64, batch_rows: 
 @click.option("--entities", default=1_000_000, show_default=True, help="Entities exported per family.")
 @click.option("--repeats", default=3, show_default=True, help="Timed runs per family (median reported).")
 @click.option("--dim", default=64, show_default=True, help="Embedding dimension.")
-def main(entities: int, repeats: int, dim: int) -> None:
+@click.option("--ray-workers", default=2, show_default=True, help="Ray Data actors (0: single process only).")
+def main(entities: int, repeats: int, dim: int, ray_workers: int) -> None:
     """Print the export throughput as JSON."""
-    click.echo(json.dumps(run(entities, repeats, dim), indent=2))
+    click.echo(json.dumps(run(entities, repeats, dim, ray_workers=ray_workers or None), indent=2))
 
 
 if __name__ == "__main__":
