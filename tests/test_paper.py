@@ -126,6 +126,22 @@ def test_cold_start_rows_get_the_learned_vector_never_zeros(tmp_path: Path) -> N
     assert not torch.allclose(cold, RankerModel(ranker.spec).cold_start), "the cold-start vector is learned"
 
 
+def test_embedding_dropout_one_switches_the_families_off() -> None:
+    """Dropout 1.0 (a grid point validation may choose): the embeddings never reach the model, in serving too."""
+    frame = _frame(64, np.random.default_rng(3), datetime(2026, 2, 8, tzinfo=UTC), days=1)
+    other = dict(frame)
+    other["ctr_user_emb"] = pa.array([[9.0] * DIM for _ in range(64)])
+    scores = {}
+    for dropout in (1.0, 0.3):
+        spec = _spec(embedding_dropout=dropout, mlp_hidden=(32,), cross_rank=8, projection_dim=8)
+        torch.manual_seed(0)
+        ranker = Ranker(spec.with_counting_stats(frame))
+        ranker.model.eval()
+        scores[dropout] = (ranker.score(frame), ranker.score(other))
+    np.testing.assert_array_equal(*scores[1.0])
+    assert not np.array_equal(*scores[0.3]), "below 1.0 the embeddings are used at inference"
+
+
 def test_log_loss_never_worse_than_the_base_rate(tmp_path: Path) -> None:
     """Noise labels: the ranker may learn nothing, but must not do worse than predicting the label rate."""
     from derm.training.downstream.train import DownstreamConfig, train_on_training_set
@@ -135,7 +151,7 @@ def test_log_loss_never_worse_than_the_base_rate(tmp_path: Path) -> None:
     assert noise.rows_validation > 0 and noise.rows_train > 0 and noise.rows_eval > 0
     assert noise.metrics["log_loss"].value <= noise.metrics["base_rate_log_loss"].value + 1e-6
     selection = ranker.spec.extra["selection"]
-    assert len(selection["grid"]) == 4  # 2 weight decays x 2 embedding dropouts, chosen on validation
+    assert len(selection["grid"]) == 6  # 2 weight decays x 3 embedding dropouts (1.0 = off), chosen on validation
     assert selection["fallback_to_base_rate"] and not selection["beats_a_constant_on_validation"]
     assert noise.metrics["log_loss_vs_base_rate"].value == pytest.approx(0.0, abs=1e-6)
     learnable = replace(

@@ -103,7 +103,9 @@ class RankerModelConfig:
     cross_rank: int | None = 64  # low-rank cross weights (None: full rank)
     mlp_hidden: tuple[int, ...] = (256, 128)  # deep tower, parallel to the cross network
     dropout: float = 0.1
-    embedding_dropout: float = 0.0  # training only: share of (row, family) embeddings replaced by the cold vector
+    # Training only: share of (row, family) embeddings replaced by the cold vector; 1.0 switches the
+    # families off (the cold vector in training and serving).
+    embedding_dropout: float = 0.0
     sequence_length: int = 0  # > 0: transformer over the user's last N engaged Pins (column "recent_pins")
     sequence_heads: int = 2
     sequence_layers: int = 1
@@ -515,7 +517,11 @@ class RankerModel(nn.Module):
         emb, missing = batch["emb"], batch["emb_missing"]
         if not emb.shape[1]:
             return emb, missing
-        if self.training and self.embedding_dropout > 0:
+        if self.embedding_dropout >= 1.0:
+            # "Off": every row gets the cold vector, in training and in serving alike, so a ranker whose
+            # validation prefers not to use its families is the ranker without them (plus constant inputs).
+            missing = torch.ones_like(missing)
+        elif self.training and self.embedding_dropout > 0:
             dropped = (torch.rand_like(missing) < self.embedding_dropout).to(missing.dtype)
             missing = torch.maximum(missing, dropped)
         fill = missing.repeat_interleave(self.family_dims, dim=1)  # (B, sum D)

@@ -70,7 +70,10 @@ class DownstreamConfig:
     batch_size: int = 1024
     learning_rate: float = 2e-3
     weight_decay: tuple[float, ...] = (1e-4, 1e-2)  # AdamW; a grid, the best on validation is kept
-    embedding_dropout: tuple[float, ...] = (0.0, 0.3)  # grid (only with embedding families)
+    # Grid (only with embedding families). 1.0 = the families off: validation may decide that the embeddings
+    # do not help on held-out days. Without it a family with no usable signal (e.g. entities too new to have
+    # a meaningful embedding) is still fitted, and its extra inputs cost variance the baseline does not pay.
+    embedding_dropout: tuple[float, ...] = (0.0, 0.3, 1.0)
     calibrate: bool = True  # Platt-scale the logit on validation (a, b in RankerSpec.calibration)
     sequence_encoder: bool = False  # a transformer over the user's recent engaged Pins (RankerModelConfig)
     sequence_length: int = 20
