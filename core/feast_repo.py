@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -80,7 +81,54 @@ def feature_store(repo_dir: Path = FEATURE_REPO_DIR):
 
     config = load_repo_config(repo_dir, feature_store_yaml(repo_dir))
     prepare_registry(config)
+    _finish_interrupted_apply(config, repo_dir)
     return FeatureStore(repo_path=str(repo_dir), config=config)
+
+
+def _apply_marker(config) -> Path | None:
+    path = sqlite_registry_file(config)
+    return None if path is None else path.with_name(f".{path.name}.applying")
+
+
+@contextlib.contextmanager
+def _apply_journal(config) -> Iterator[None]:
+    """Mark the registry as being applied, for as long as ``feast apply`` runs; a kill leaves the mark.
+
+    The SQL registry writes each object in its own transaction, so an apply killed part way leaves some
+    objects of the new definitions and not others (a view without its entity). The mark, a file locked
+    by the applier, tells the next :func:`feature_store` to apply again before anyone reads.
+    """
+    marker = _apply_marker(config)
+    if marker is None:
+        yield
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    while True:  # lock the file that is at the path now (another applier may unlink it meanwhile)
+        handle = open(marker, "a")  # held for the whole apply
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if marker.exists() and os.stat(marker).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    try:
+        yield
+    finally:  # a failed apply raises to its caller; only a killed one leaves the mark
+        marker.unlink(missing_ok=True)
+        handle.close()
+
+
+def _finish_interrupted_apply(config, repo_dir: Path) -> None:
+    """Apply again when the last ``feast apply`` was killed part way (its mark is left, nobody holds it)."""
+    marker = _apply_marker(config)
+    if marker is None or not marker.exists():
+        return
+    with open(marker, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # an apply is running: it completes the registry itself
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    print(f"the last feast apply on {marker.parent} was interrupted: applying again", file=sys.stderr)
+    apply_repo(repo_dir)
 
 
 # The first 16 bytes of every SQLite database file.
@@ -230,7 +278,7 @@ def apply_repo(repo_dir: Path = FEATURE_REPO_DIR) -> None:
         sys.modules.pop(name, None)
     config = load_repo_config(repo_dir, feature_store_yaml(repo_dir))
     prepare_registry(config)
-    with _in_repo(repo_dir):
+    with _apply_journal(config), _in_repo(repo_dir):
         apply_total(config, repo_dir, skip_source_validation=False)
 
 
