@@ -124,6 +124,8 @@ class LocalRedisServer:
         startup_timeout: seconds to wait for the first PING.
         password: ``requirepass`` of the server (written to a 0600 ``redis.conf``, never on the
             command line); ``None``: no password (tests, benchmarks).
+        extra_args: more ``--name value`` options, after the platform's (tests that need a server
+            configured otherwise: ``--maxmemory``, ``--enable-debug-command``, ``--key-load-delay``...).
     """
 
     def __init__(
@@ -133,8 +135,10 @@ class LocalRedisServer:
         persist: bool = True,
         startup_timeout: float = 20.0,
         password: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ):
         self.data_dir = Path(data_dir)
+        self.extra_args = tuple(extra_args)
         self.port = port or free_port()
         self.persist = persist
         self.startup_timeout = startup_timeout
@@ -181,6 +185,7 @@ class LocalRedisServer:
             "--appendonly", "yes" if self.persist and not migrate else "no",
             "--appendfsync", "everysec",
             "--save", "3600 1" if self.persist else "",
+            *self.extra_args,
         ]  # fmt: skip
         if self.persist:
             _tighten(self.data_dir)
@@ -238,6 +243,14 @@ class LocalRedisServer:
 
     def release(self) -> None:
         """Forget the process without stopping it (its data-dir owner stops it by pid)."""
+        self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash or the OOM killer would: nothing is saved or flushed."""
+        if self._process is None:
+            return
+        self._process.kill()
+        self._process.wait()
         self._process = None
 
     def stop(self) -> None:
