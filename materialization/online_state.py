@@ -89,6 +89,37 @@ def redis_client(connection_string: str, cluster: bool = False) -> redis.Redis:
     return redis.Redis(host=nodes[0]["host"], port=int(nodes[0]["port"]), **options)
 
 
+# redis-py strips the first word of the error replies it has a class for; put it back, so a message says
+# what Redis answered (``OOM``, ``READONLY``...) as redis-cli would.
+_REPLY_WORDS = {
+    redis.exceptions.OutOfMemoryError: "OOM",
+    redis.exceptions.ReadOnlyError: "READONLY",
+    redis.exceptions.NoPermissionError: "NOPERM",
+    redis.exceptions.BusyLoadingError: "LOADING",
+    redis.exceptions.AuthenticationError: "NOAUTH",
+}
+# What to do about each refusal, for the error messages of publish and repair.
+REPLY_HINTS = {
+    "OOM": "Redis is out of memory (maxmemory reached under noeviction): raise maxmemory or free memory",
+    "READONLY": "this Redis is a read-only replica: point the connection string at the primary",
+    "NOPERM": "the Redis user may not run the write commands on these keys: grant them (ACL SETUSER)",
+    "LOADING": "Redis is still loading its data after a restart: wait until it is done",
+    "MISCONF": "Redis cannot persist (stop-writes-on-bgsave-error): fix its disk",
+}
+
+
+def redis_reply(error: redis.RedisError) -> str:
+    """``OOM``, ``READONLY``, ``NOPERM``, ``LOADING``...: the error reply's first word, or the error's type
+    (``ConnectionError``, ``TimeoutError``) when Redis did not answer."""
+    for kind, word in _REPLY_WORDS.items():
+        if isinstance(error, kind):
+            return word
+    first = str(error).split(" ", 1)[0]
+    if isinstance(error, redis.ResponseError) and first.isupper():
+        return first
+    return type(error).__name__
+
+
 def redis_connection(repo: FeatureRepo) -> tuple[redis.Redis, str, int]:
     """A client of the repository's online store, its Feast project and entity-key serialization version."""
     config = repo.store().config
@@ -245,6 +276,16 @@ def repair(paths: PlatformPaths, repo: FeatureRepo, *, now: datetime | None = No
         return []
     client, project, serialization_version = redis_connection(repo)
     store = repo.store()
+    # Redis lost data: the counting features and Pin attributes are gone too. They go back first: serving
+    # answers again as soon as the promoted views' watermarks are back, and its answers must not be
+    # computed without them meanwhile. Feast's incremental materialization would skip the intervals it
+    # already did, so materialize their whole history.
+    events = sorted(paths.events_dir.glob("date=*"))
+    registered = {view.name for view in store.list_feature_views()}
+    context_views = [view for view in [*COUNTING_VIEWS, PIN_ATTRIBUTES_VIEW] if view in registered]
+    if events and context_views:
+        start = datetime.fromisoformat(events[0].name.removeprefix("date=")).replace(tzinfo=UTC)
+        store.materialize(start_date=start, end_date=now or datetime.now(UTC), feature_views=context_views)
     repaired = []
     with catalog.locked():
         for state in broken:
@@ -267,12 +308,4 @@ def repair(paths: PlatformPaths, repo: FeatureRepo, *, now: datetime | None = No
                     online[state.version] = newest.snapshot_date.isoformat()
                     catalog.write_state(current)
             repaired.append(Repaired(state.view, len(manifests), held, len(ids)))
-    # Redis lost data: the counting features and Pin attributes are gone too. Feast's incremental
-    # materialization would skip the intervals it already did, so materialize their whole history.
-    events = sorted(paths.events_dir.glob("date=*"))
-    registered = {view.name for view in store.list_feature_views()}
-    context_views = [view for view in [*COUNTING_VIEWS, PIN_ATTRIBUTES_VIEW] if view in registered]
-    if events and context_views:
-        start = datetime.fromisoformat(events[0].name.removeprefix("date=")).replace(tzinfo=UTC)
-        store.materialize(start_date=start, end_date=now or datetime.now(UTC), feature_views=context_views)
     return repaired
