@@ -13,6 +13,8 @@ anything goes wrong:
    the promoted versions); a new day of a registered view changes no definition;
 4. materialize that day into Redis through Feast (Feast keeps the newer of two
    writes per entity, so a re-run after a crash completes the day idempotently);
+   a Redis that refuses the writes (``OOM``, ``READONLY``, ``NOPERM``, ``LOADING``) or is
+   unreachable stops the publish with :class:`OnlineWriteRefused`, the day offline only;
 5. record the day as online in the catalog; only then can the version be promoted.
 
 Many snapshots at once (``derm publish --all``, :func:`publish_batch`): each (family, version) is a
@@ -50,6 +52,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import redis
+
 from derm.core.feast_repo import FeatureRepo
 from derm.core.files import publish_directory
 from derm.core.model_versions import ModelVersions
@@ -74,6 +78,19 @@ MAX_GAPS_SHOWN = 5
 
 class PublishError(ValueError):
     """A snapshot was refused; nothing was written to any store."""
+
+
+class OnlineWriteRefused(PublishError):
+    """Redis refused the day's rows or could not be reached: the day is offline, not online.
+
+    Neither the catalog nor Redis' watermark calls the day online (rows that did land are harmless: a
+    re-run or ``derm repair`` writes the whole day again). ``reply``: Redis' answer, ``OOM``,
+    ``READONLY``, ``NOPERM``, ``LOADING``..., or the error type (``ConnectionError``) when none came.
+    """
+
+    def __init__(self, message: str, reply: str):
+        super().__init__(message)
+        self.reply = reply
 
 
 @dataclass(frozen=True)
@@ -304,6 +321,19 @@ def accept_snapshot(
     )
 
 
+def _write_refused(source: Path, manifest: SnapshotManifest, error: redis.RedisError) -> OnlineWriteRefused:
+    from derm.materialization.online_state import REPLY_HINTS, redis_reply
+
+    reply = redis_reply(error)
+    hint = REPLY_HINTS.get(reply, "check that Redis is up and accepts writes")
+    view = feature_view_name(manifest.family, manifest.model_version)
+    return OnlineWriteRefused(
+        f"{source}: Redis refused the rows of {view} {manifest.snapshot_date} ({reply}: {error}); the day is "
+        f"published offline but not marked online. {hint}, then re-run the publish (or `derm repair`)",
+        reply,
+    )
+
+
 def _publish(
     source: Path,
     paths: PlatformPaths,
@@ -350,10 +380,13 @@ def _publish(
             day = catalog.read_state().accepted_days(manifest.family, manifest.model_version)
             accepted_summary = day[manifest.snapshot_date.isoformat()]["gate"]
         _crash_point("offline")
-        _ensure_registered(repo, feature_view_name(manifest.family, manifest.model_version))
-        _crash_point("apply")
-        _materialize_day(repo, manifest)
-        online_rows = _check_online(catalog, repo, manifest, source)
+        try:
+            _ensure_registered(repo, feature_view_name(manifest.family, manifest.model_version))
+            _crash_point("apply")
+            _materialize_day(repo, manifest)
+            online_rows = _check_online(catalog, repo, manifest, source)
+        except redis.RedisError as error:
+            raise _write_refused(source, manifest, error) from error
         _crash_point("online")
         state = catalog.read_state()
         online = state.online.setdefault(manifest.family, {})
