@@ -192,3 +192,19 @@ def test_ray_engine_task_error_names_the_column_and_leaves_no_staged_files(
     with pytest.raises(ValueError, match="embedding"):
         fast.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
     assert os.listdir(tmp_path / "staging") == []
+
+
+def test_cluster_profile_selects_the_ray_engine(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_cluster: LocalRedisCluster
+) -> None:
+    """DERM_PROFILE=cluster: feature_store.cluster.yaml's batch_engine is this engine, on the profile's Ray."""
+    from derm.core.feast_repo import feast_environment, feature_store
+    from derm.core.paths import PROFILE_ENV, RAY_ADDRESS_ENV, PlatformPaths
+
+    monkeypatch.setenv(PROFILE_ENV, "cluster")
+    monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
+    for name, value in feast_environment(PlatformPaths(tmp_path), redis_cluster.connection_string).items():
+        monkeypatch.setenv(name, value)
+    engine = _engine(feature_store())
+    assert engine.config.ray_address in (None, "")  # empty: a local Ray
+    assert engine.config.storage_path == f"{tmp_path}/materialize"
