@@ -433,7 +433,10 @@ def create_app(service: RankingService, metrics: ServingMetrics | None = None) -
 
     @app.get("/health")
     def health() -> Response:
-        report = service.health()
+        try:
+            report = service.health()
+        except RedisUnavailable as error:  # PING answered, the reads refused (NOPERM, LOADING...): not a 500
+            return _error(error)
         return json_response(report, 200 if report["status"] == "ok" else 503)
 
     @app.get("/metrics", response_class=Response)
