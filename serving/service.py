@@ -723,8 +723,8 @@ class RankingService:
             service_name = getattr(getattr(ranker, "spec", None), "feature_service", None) or ranker_service_name(
                 objective
             )
-            try:
-                service = self.store.get_feature_service(service_name, allow_cache=True)
+            try:  # uncached: the SQL registry's cache would show a promotion only after cache_ttl_seconds
+                service = self.store.get_feature_service(service_name, allow_cache=False)
             except Exception:
                 continue
             now_serving = {key.removesuffix("_version"): value for key, value in service.tags.items()}
