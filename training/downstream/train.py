@@ -524,7 +524,10 @@ def train_on_training_set(
             f"{path}: no derm.training_set metadata (write it with derm.training.downstream.training_sets)"
         )
     window = (datetime.fromisoformat(info.window_start), datetime.fromisoformat(info.window_end))
-    split = split_time(window, cfg.eval_days)
+    try:
+        split = split_time(window, cfg.eval_days)
+    except ValueError as exc:  # too few days to train and evaluate: a short log, not a failure (run-all goes on)
+        raise RankerSkipped(f"{path}: {exc}") from exc
     if cfg.sequence_encoder:
         if events_dir is None:
             raise ValueError("sequence_encoder needs the event log (events_dir) to build user sequences")
