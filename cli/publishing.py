@@ -278,16 +278,24 @@ def promote_command(model: str, version: str, family_only: bool, reason: str | N
 
 @click.command("rollback")
 @click.argument("model")
+@click.option(
+    "--from",
+    "from_version",
+    metavar="VERSION",
+    help="The version being rolled back: a retry after a kill does nothing if this rollback already completed.",
+)
 @_override_options
 @_promotion_error
-def rollback_command(model: str, family_only: bool, reason: str | None) -> None:
+def rollback_command(model: str, from_version: str | None, family_only: bool, reason: str | None) -> None:
     """Point MODEL (ctr or cvr; a family with --family-only) back to its previously promoted version."""
     from derm.cli.runtime import online_store
     from derm.materialization.promotion import resolve_families, rollback
 
     resolve_families(model, family_only=family_only, reason=reason)
     with online_store(_paths()):
-        versions = rollback(_paths(), model, repo=_repo(), family_only=family_only, reason=reason)
+        versions = rollback(
+            _paths(), model, repo=_repo(), family_only=family_only, reason=reason, from_version=from_version
+        )
     click.echo(", ".join(f"{f} -> {v}" for f, v in versions.items()))
 
 

@@ -140,6 +140,8 @@ def flow(tmp_path_factory: pytest.TempPathFactory, redis_server) -> Flow:
         run("promote", "promote", "ctr_user", "v2", "--family-only", "--reason", REASON)
         run("retire-promoted", "retire", "ctr_user", "v2", "--family-only", "--reason", REASON)
         run("rollback", "rollback", "ctr_user", "--family-only", "--reason", REASON)
+        # a retry of that rollback (as after a kill): a no-op, where a plain retry would look for a v0
+        run("rollback-retry", "rollback", "ctr_user", "--from", "v2", "--family-only", "--reason", REASON)
         run("retire", "retire", "ctr_user", "v2", "--family-only", "--reason", REASON)
         from derm.core.feast_repo import feature_store
 
@@ -292,6 +294,7 @@ def test_promote_rollback_retire_and_their_refusals(flow: Flow) -> None:
     assert "promoted v2 for ctr_user" in expect(flow, "promote", 0)
     assert "is promoted" in expect(flow, "retire-promoted", 1)
     assert "ctr_user -> v1" in expect(flow, "rollback", 0)
+    assert "ctr_user -> v1" in expect(flow, "rollback-retry", 0)
     assert "retired v2 of ctr_user" in expect(flow, "retire", 0)
     assert "ctr_user_emb_v2" not in flow.notes["views"] and "ctr_user_emb_v1" in flow.notes["views"]
 
