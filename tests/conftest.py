@@ -92,3 +92,17 @@ def counting_features(tiny_event_log: Path, platform_paths: PlatformPaths) -> Pa
 
     build_counting_features(tiny_event_log, platform_paths.stats_dir)
     return platform_paths.stats_dir
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray for a module (starting one costs ~20 s here); shut down after, unless it was already up."""
+    import ray
+
+    from derm.feast_plugins.ray_asof_offline_store import RayAsofOfflineStoreConfig, ensure_ray
+
+    started = not ray.is_initialized()
+    ensure_ray(RayAsofOfflineStoreConfig(num_cpus=2))
+    yield
+    if started:
+        ray.shutdown()

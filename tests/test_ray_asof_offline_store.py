@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -35,18 +34,6 @@ _spec = importlib.util.spec_from_file_location("derm_asof_cases", _CASES_FILE)
 cases = importlib.util.module_from_spec(_spec)
 sys.modules["derm_asof_cases"] = cases
 _spec.loader.exec_module(cases)
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """One local Ray for the module (starting one costs ~20 s here)."""
-    from derm.feast_plugins.ray_asof_offline_store import RayAsofOfflineStoreConfig, ensure_ray
-
-    started = not ray.is_initialized()
-    ensure_ray(RayAsofOfflineStoreConfig(num_cpus=2))
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

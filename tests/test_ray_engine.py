@@ -37,17 +37,6 @@ ENTITIES = 300
 
 
 @pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    from derm.feast_plugins.ray_asof_offline_store import RayAsofOfflineStoreConfig, ensure_ray
-
-    started = not ray.is_initialized()
-    ensure_ray(RayAsofOfflineStoreConfig(num_cpus=2))
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
     with LocalRedisCluster(tmp_path_factory.mktemp("ray-engine-cluster")) as cluster:
         yield cluster

@@ -9,7 +9,6 @@ Parquet files must hold the same rows and bytes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -34,17 +33,6 @@ from derm.training.upstream.model import DermConfig, DermModel  # noqa: E402
 
 DIM = 16
 ENTITIES = 300
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    from derm.feast_plugins.ray_asof_offline_store import RayAsofOfflineStoreConfig, ensure_ray
-
-    started = not ray.is_initialized()
-    ensure_ray(RayAsofOfflineStoreConfig(num_cpus=2))
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _manifest(entity: str) -> SnapshotManifest:
