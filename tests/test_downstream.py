@@ -262,7 +262,12 @@ def test_ranker_scores_online_shaped_dict_like_training_frame(trained) -> None:
     np.testing.assert_allclose(ranker.score({**online, "cvr_user_emb": matrix}), ctr.eval_scores[:300], rtol=1e-5)
     missing = {**online, "ctr_user_emb": [None] * 300}
     zeros = {**online, "ctr_user_emb": np.zeros((300, 8), np.float32)}
-    assert not np.allclose(ranker.score(missing), ranker.score(zeros)), "the missing flag must reach the model"
+    # Raw logits: a ranker that fell back to the base rate keeps only a vanishing slope in its scores.
+    # A ranker whose validation switched the families off (embedding dropout 1.0) reads the learned cold
+    # vector for every row, so there the flag must change nothing.
+    families_off = ranker.spec.extra["selection"]["embedding_dropout"] >= 1.0
+    same = np.allclose(ranker.logits(missing), ranker.logits(zeros))
+    assert same if families_off else not same, "the missing flag must reach the model (unless families are off)"
 
 
 def test_leakage_audit_passes_point_in_time_and_flags_leaky(platform: PlatformPaths, ctr_set, tmp_path) -> None:
