@@ -51,7 +51,6 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.protos.feast.core.FeatureView_pb2 import FeatureView as FeatureViewProto
 from pydantic import PositiveInt
 
-from derm.feast_plugins import compat
 from derm.feast_plugins.ray_asof_offline_store import RayAsofOfflineStoreConfig, ensure_ray
 from derm.feast_plugins.redis_format import encode_entity_keys, key_slots
 from derm.feast_plugins.redis_online_store import FastRedisOnlineStore
@@ -172,18 +171,7 @@ class RayMaterializationEngine(VectorMaterializationEngine):
             )
         )
         view = task.feature_view
-        entities = [registry.get_entity(name, task.project) for name in view.entities]
-        join_keys, feature_columns, timestamp_column, created_column = compat.get_column_names(view, entities)
-        job = self.offline_store.pull_latest_from_table_or_query(
-            config=self.repo_config,
-            data_source=view.batch_source,
-            join_key_columns=join_keys,
-            feature_name_columns=feature_columns,
-            timestamp_field=timestamp_column,
-            created_timestamp_column=created_column,
-            start_date=task.start_time,
-            end_date=task.end_time,
-        )
+        job = self.pull_latest(registry, task)
         key_types = {field.name: field.dtype.to_value_type() for field in view.entity_columns}
         field_mapping = view.batch_source.field_mapping
         root = config.storage_path or tempfile.gettempdir()

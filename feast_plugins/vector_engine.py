@@ -133,12 +133,12 @@ class VectorMaterializationEngine(LocalComputeEngine):
             return LocalMaterializationJob(job_id=job_id, status=MaterializationJobStatus.ERROR, error=error)
         return LocalMaterializationJob(job_id=job_id, status=MaterializationJobStatus.SUCCEEDED)
 
-    def materialize_latest(self, registry: BaseRegistry, task: MaterializationTask) -> int:
-        """Write the latest row per entity in ``[start, end]`` to the online store; returns rows written."""
+    def pull_latest(self, registry: BaseRegistry, task: MaterializationTask) -> Any:
+        """The offline store's latest row per entity of ``task``'s view in ``[start, end]`` (a retrieval job)."""
         view = task.feature_view
         entities = [registry.get_entity(name, task.project) for name in view.entities]
         join_keys, feature_columns, timestamp_column, created_column = compat.get_column_names(view, entities)
-        job = self.offline_store.pull_latest_from_table_or_query(
+        return self.offline_store.pull_latest_from_table_or_query(
             config=self.repo_config,
             data_source=view.batch_source,
             join_key_columns=join_keys,
@@ -148,6 +148,11 @@ class VectorMaterializationEngine(LocalComputeEngine):
             start_date=task.start_time,
             end_date=task.end_time,
         )
+
+    def materialize_latest(self, registry: BaseRegistry, task: MaterializationTask) -> int:
+        """Write the latest row per entity in ``[start, end]`` to the online store; returns rows written."""
+        view = task.feature_view
+        job = self.pull_latest(registry, task)
         source = record_batches(job, self.config.read_batch_rows)
         batches: Iterator[pa.RecordBatch] = source
         field_mapping = view.batch_source.field_mapping
