@@ -30,6 +30,12 @@ from derm.cli.publishing import thresholds_option
 )
 @click.option("--skip-embeddings", is_flag=True, help="Skip the embedding-family ablation (run only the sweep).")
 @click.option(
+    "--independent-variants",
+    is_flag=True,
+    help="Keep every variant's own ranker. By default a variant keeps the ranker selected for the variant "
+    "before it when that one has the lower validation log loss (nested selection; the step's lift is then 0).",
+)
+@click.option(
     "--name",
     default="ablation",
     show_default=True,
@@ -42,6 +48,7 @@ def ablation(
     objective: str,
     skip_aggregation: bool,
     skip_embeddings: bool,
+    independent_variants: bool,
     name: str,
     thresholds: Path | None,
     epochs: int,
@@ -83,6 +90,7 @@ def ablation(
         objectives=("ctr", "cvr") if objective == "both" else (objective,),
         train=downstream_config(epochs, eval_days, batch_size, bootstrap, seed, thresholds=thresholds, **ranker),
         run_prefix=name,
+        nested_selection=not independent_variants,
     )
     with online_store(paths), _refusals_end_cleanly():
         if not skip_embeddings:

@@ -26,11 +26,15 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from derm.core.feast_repo import FeatureRepo
 from derm.core.naming import FAMILIES
@@ -39,7 +43,7 @@ from derm.core.snapshot import snapshot_dir
 from derm.experiments.reports import Comparison, compare, reports_dir
 from derm.materialization.catalog import Catalog
 from derm.materialization.publish import publish_snapshot
-from derm.training.downstream.train import DownstreamConfig, bootstrap_metrics, run_downstream
+from derm.training.downstream.train import DownstreamConfig, DownstreamResult, bootstrap_metrics, run_downstream
 from derm.training.downstream.training_sets import default_window, ranker_service, service_families
 from derm.training.upstream.config import RefreshConfig, UpstreamConfig
 from derm.training.upstream.refresh import refresh
@@ -64,6 +68,9 @@ class AblationConfig:
     # [start, end) of the events every ranker sees (None: from the families' first snapshot to the end of the
     # log). A bounded window runs the ablation on a prefix of a long log whose later days are not published.
     window: tuple[datetime, datetime] | None = None
+    # Nested model selection (:func:`select_nested`): a variant keeps the ranker selected for the variant
+    # before it when that one has the lower validation log loss. False: every variant keeps its own ranker.
+    nested_selection: bool = True
 
 
 def _slug(label: str) -> str:
@@ -96,13 +103,133 @@ def embedding_ablation(
             )
             if log:
                 log(results[label].describe())
+        if cfg.nested_selection:
+            results = select_nested([(label, families, results[label]) for label, families in cfg.variants])
+            if log:
+                for note in nested_selection_notes(list(results.values())):
+                    log(f"{objective}: {note}")
         baseline = cfg.variants[0][0]
         comparison = compare(
             objective, f"{objective.upper()} ranker: DERM embedding families", results, baseline, cfg.train
         )
+        comparison.notes += nested_selection_notes(comparison.results)
         comparison.notes.append(_ordering_note(comparison, cfg.train.bootstrap))
         comparisons.append(comparison)
     return comparisons
+
+
+def _same_rows(what: str, label: str, ids: np.ndarray, previous: str, previous_ids: np.ndarray) -> None:
+    """Raise unless ``ids`` and ``previous_ids`` are the same event ids in the same order."""
+    if np.array_equal(ids, previous_ids):
+        return
+    if len(ids) != len(previous_ids):
+        detail = f"{len(ids):,} rows vs {len(previous_ids):,}"
+    else:
+        first = int(np.flatnonzero(ids != previous_ids)[0])
+        detail = f"row {first}: event_id {ids[first]} vs {previous_ids[first]}"
+    raise ValueError(
+        f"nested selection: variant {label!r} has other {what} rows than {previous!r} ({detail}); nested "
+        "variants must be built from the same events with the same split"
+    )
+
+
+def select_nested(
+    variants: Sequence[tuple[str, Sequence[str], DownstreamResult]],
+) -> dict[str, DownstreamResult]:
+    """Nested model selection over variants whose families grow (none ⊂ ctr_user ⊂ ...), on validation only.
+
+    Each variant's candidates are its own selected ranker (its grid, calibration, "no harm" check) and the
+    ranker already selected for the variant before it; the one with the lower validation log loss (as it
+    scores: calibrated, or the base-rate fallback) is kept, the smaller on a tie. When the smaller is kept,
+    the variant's evaluation scores *are* that ranker's, so its step lift is exactly 0. The evaluation rows
+    are never looked at to decide. It is what a gate that ships a family only when it helps on held-out
+    days does; without it, a variant whose grid switched its families off (embedding dropout 1.0) is
+    another training run of a ranker that cannot see them, and its lift is seed noise.
+
+    Args:
+        variants: ``(label, families, result)`` in nesting order; each variant's families include the
+            previous variant's, and every result shares the validation and evaluation rows (same event
+            ids, same order).
+
+    Returns:
+        label -> the kept result; each carries its decision in ``result.nested_selection``.
+
+    Raises:
+        ValueError: the variants are not nested, their validation or evaluation rows differ, or a
+            variant has no validation rows.
+
+    Example::
+
+        kept = select_nested([("none", (), none), ("ctr_user", ("ctr_user",), user)])
+        kept["ctr_user"].nested_selection["kept"]   # "none" when ctr_user did not help on validation
+    """
+    selected: dict[str, DownstreamResult] = {}
+    previous: tuple[str, tuple[str, ...], DownstreamResult] | None = None
+    for label, families, result in variants:
+        families = tuple(families)
+        decision: dict[str, Any] = {
+            "variant": label,
+            "families": list(families),
+            "validation_rows": len(result.validation_event_ids),
+            "validation_log_loss": result.validation_log_loss,
+            "own_ranker_dir": str(result.ranker_dir) if result.ranker_dir else None,
+        }
+        if previous is None:
+            decision.update(compared_with=None, added=list(families), kept=label, kept_own=True)
+            selected[label] = dataclasses.replace(result, nested_selection=decision)
+            previous = (label, families, selected[label])
+            continue
+        previous_label, previous_families, before = previous
+        if not set(previous_families) <= set(families):
+            raise ValueError(
+                f"nested selection: variant {label!r} {list(families)} does not contain the families of "
+                f"{previous_label!r} {list(previous_families)}"
+            )
+        _same_rows("validation", label, result.validation_event_ids, previous_label, before.validation_event_ids)
+        _same_rows("evaluation", label, result.eval_event_ids, previous_label, before.eval_event_ids)
+        own, other = result.validation_log_loss, before.validation_log_loss
+        if not (len(result.validation_event_ids) and np.isfinite(own) and np.isfinite(other)):
+            raise ValueError(
+                f"nested selection: {label!r} or {previous_label!r} has no validation log loss (no validation "
+                "rows); train with validation_days >= 1 or turn nested selection off"
+            )
+        keep_own = bool(own < other)  # a tie keeps the smaller ranker: the families did not help
+        decision.update(
+            compared_with=previous_label,
+            added=[f for f in families if f not in previous_families],
+            previous_validation_log_loss=other,
+            kept=label if keep_own else before.nested_selection["kept"],
+            kept_own=keep_own,
+            kept_ranker_dir=str(result.ranker_dir if keep_own else before.ranker_dir),
+        )
+        # The smaller ranker kept: its result (scores, metrics, versions, ranker folder) stands for this variant.
+        kept = result if keep_own else dataclasses.replace(before, run=result.run)
+        selected[label] = dataclasses.replace(kept, nested_selection=decision)
+        previous = (label, families, selected[label])
+    return selected
+
+
+def nested_selection_notes(results: Sequence[DownstreamResult]) -> list[str]:
+    """One report line per nested step: which ranker validation kept, and on which validation log losses."""
+    notes = []
+    for result in results:
+        decision = result.nested_selection
+        if not decision or decision.get("compared_with") is None:
+            continue
+        label, previous, added = decision["variant"], decision["compared_with"], " + ".join(decision["added"])
+        losses = (
+            f"validation log loss {decision['validation_log_loss']:.4f} with {added} vs "
+            f"{decision['previous_validation_log_loss']:.4f} without, on {decision['validation_rows']:,} rows"
+        )
+        if decision["kept_own"]:
+            notes.append(f"`{label}`: validation kept the `{label}` ranker: {added} helped on held-out days ({losses})")
+        else:
+            origin = "" if decision["kept"] == previous else f" (itself the `{decision['kept']}` ranker)"
+            notes.append(
+                f"`{label}`: validation kept the `{previous}` ranker{origin}: {added} did not help on held-out "
+                f"days ({losses}); its eval scores are that ranker's, so this step's lift is exactly 0"
+            )
+    return notes
 
 
 def _window(paths: PlatformPaths, cfg: AblationConfig, families: list[tuple[str, str]]) -> tuple[datetime, datetime]:
@@ -266,6 +393,8 @@ __all__ = [
     "aggregation_ablation",
     "aggregation_config",
     "embedding_ablation",
+    "nested_selection_notes",
     "publish_aggregation_version",
     "publish_overwrite_version",
+    "select_nested",
 ]

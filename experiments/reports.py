@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -80,6 +81,9 @@ def comparison_markdown(comparison: Comparison) -> str:
     for label, result in zip(comparison.labels, comparison.results, strict=True):
         e, d = comparison.estimates[label], comparison.deltas[label]
         versions = ", ".join(f"{f}={v}" for f, v in result.embedding_versions.items()) or "-"
+        decision = result.nested_selection
+        if decision and not decision.get("kept_own", True):
+            versions += f" (the `{decision['kept']}` ranker, kept by validation)"
         roc_lift = f"{d['roc_auc'].value:+.4f} [{d['roc_auc'].lo:+.4f}, {d['roc_auc'].hi:+.4f}] " + (
             f"({_pct(d['roc_auc'].value, base['roc_auc'].value)})"
         )
@@ -266,24 +270,60 @@ def plot_comparisons(comparisons: list[Comparison], path: Path) -> Path:
     return path
 
 
+def comparison_record(comparison: Comparison) -> dict:
+    """The comparison as JSON-ready data: per variant its run, ranker folder, metrics, lift over the
+    baseline and (nested ablations) the validation decision of :func:`derm.experiments.ablation.select_nested`."""
+    variants = []
+    for label, result in zip(comparison.labels, comparison.results, strict=True):
+        variants.append(
+            {
+                "label": label,
+                "run": result.run,
+                "ranker_dir": str(result.ranker_dir) if result.ranker_dir else None,
+                "embedding_versions": result.embedding_versions,
+                "rows": {"train": result.rows_train, "validation": result.rows_validation, "eval": result.rows_eval},
+                "validation_log_loss": result.validation_log_loss,
+                "metrics": {k: vars(v) for k, v in comparison.estimates[label].items()},
+                "lift": {k: vars(v) for k, v in comparison.deltas.get(label, {}).items()},
+                "nested_selection": result.nested_selection or None,
+            }
+        )
+    return {
+        "objective": comparison.objective,
+        "title": comparison.title,
+        "baseline": comparison.baseline,
+        "variants": variants,
+        "notes": comparison.notes,
+    }
+
+
 def write_report(paths: PlatformPaths, name: str, title: str, comparisons: list[Comparison], extra: str = "") -> Path:
-    """``reports/<name>.md`` (tables), ``<name>.png`` (lift plot) and ``<name>_calibration.png`` (reliability
-    diagram); returns the markdown path."""
+    """``reports/<name>.md`` (tables), ``<name>.json`` (:func:`comparison_record` of each comparison),
+    ``<name>.png`` (lift plot) and ``<name>_calibration.png`` (reliability diagram); returns the markdown path."""
     directory = reports_dir(paths)
     png = plot_comparisons(comparisons, directory / f"{name}.png")
     calibration = plot_calibration(comparisons, directory / f"{name}_calibration.png")
     body = [f"# {title}", "", f"Generated {datetime.now().isoformat(timespec='seconds')}.", ""]
     body += [comparison_markdown(c) for c in comparisons]
     body += [extra, f"![{name}]({png.name})", "", f"![{name} calibration]({calibration.name})", ""]
+    record = {"title": title, "comparisons": [comparison_record(c) for c in comparisons]}
+    (directory / f"{name}.json").write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
     markdown = directory / f"{name}.md"
     markdown.write_text("\n".join(body))
     return markdown
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
 
 
 __all__ = [
     "Comparison",
     "compare",
     "comparison_markdown",
+    "comparison_record",
     "plot_calibration",
     "plot_comparisons",
     "plot_upstream_quality",

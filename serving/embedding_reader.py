@@ -74,6 +74,14 @@ class RedisUnavailable(RuntimeError):
         self.kind = kind
 
 
+class _Dropped(Exception):
+    """A connection reset, closed or broken after the request was written: the request may be sent again."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 # ---------------------------------------------------------------------------------------------
 # What to read
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +171,7 @@ def parse_feature_refs(feature_refs: Sequence[str]) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Redis transport: one round trip per request, bounded timeouts, no retries
+# Redis transport: one round trip per request, bounded timeouts, one reconnect on a dropped connection
 # ---------------------------------------------------------------------------------------------
 
 
@@ -184,6 +192,17 @@ class RedisHashReader:
     Plain Redis goes over a pooled redis-py connection with the replies parsed by
     hiredis; Redis Cluster (keys in many slots) goes through redis-py's cluster pipeline.
     Connection failures and timeouts become :class:`RedisUnavailable`.
+
+    A pooled connection can be dead in a way the pool's check on checkout (a non-blocking
+    read for a pending close) cannot see: the server died with our request in flight, or a
+    forked child of it (``BGSAVE``, AOF rewrite) still holds its sockets after it was killed and
+    closes them only later. Such a connection fails only once written to, with a reset, a broken
+    pipe or a close. The reads are idempotent (``HMGET`` only), so a request whose connection is
+    dropped that way is sent once more on a new connection: a Redis back on its port answers
+    it; a Redis really down refuses the connect at once (within ``connect``), so the 503 is as
+    quick as before. Timeouts are never retried (they would double the bound). After any
+    connection failure the idle pooled connections are dropped too: they reach the same
+    server, dead or replaced.
     """
 
     def __init__(
@@ -204,6 +223,9 @@ class RedisHashReader:
             socket_connect_timeout=self.timeouts.connect,
             retry=Retry(NoBackoff(), 0),
         )
+        # The plain client (PING, the pipeline path) retries a dropped connection once, as execute_packed
+        # does; redis-py's TimeoutError is not a ConnectionError, so timeouts are not retried.
+        plain_params = {**params, "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
         self._failed_at = 0.0
         self._last_error = ""
         self._lock = threading.Lock()
@@ -216,7 +238,7 @@ class RedisHashReader:
             self._pool = None
         elif self.redis_type == "redis":
             self.client = redis.Redis(
-                host=nodes[0]["host"], port=int(nodes[0]["port"]), max_connections=max_connections, **params
+                host=nodes[0]["host"], port=int(nodes[0]["port"]), max_connections=max_connections, **plain_params
             )
             self._pool = self.client.connection_pool
         else:
@@ -250,33 +272,57 @@ class RedisHashReader:
             )
 
     def execute_packed(self, payload: bytes, replies: int) -> list[Any]:
-        """Send RESP ``payload`` (``replies`` commands) and return their replies in order."""
+        """Send RESP ``payload`` (``replies`` commands) and return their replies in order.
+
+        Raises:
+            RedisUnavailable: no connection, a timeout, a connection dropped twice, or an error reply.
+        """
         self._check_cooldown()
         assert self._pool is not None and resp.HIREDIS
         try:
-            connection = self._pool.get_connection()
+            try:
+                received, reply_error = self._round_trip(payload, replies)
+            except _Dropped:
+                # Dropped after we wrote to it (see the class docstring): reconnect once and resend.
+                self._pool.disconnect(inuse_connections=False)
+                received, reply_error = self._round_trip(payload, replies)
+        except _Dropped as dropped:
+            self._pool.disconnect(inuse_connections=False)
+            raise self._unavailable(dropped.error) from dropped.error
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+            self._pool.disconnect(inuse_connections=False)
             raise self._unavailable(error) from error
-        try:
-            channel = resp.RespConnection(connection)
-            channel.send(payload)
-            received, reply_error = channel.read(replies)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
-            # socket.timeout is an OSError: a Redis that accepts but never answers ends here.
-            connection.disconnect()  # replies may be left unread: never reuse this connection
-            self._pool.release(connection)
-            raise self._unavailable(error) from error
-        except BaseException:
-            connection.disconnect()
-            self._pool.release(connection)
-            raise
-        self._pool.release(connection)
         if reply_error is not None:
-            # Every reply was read, so the connection is in step and goes back to the pool. An error
+            # Every reply was read, so the connection is in step and went back to the pool. An error
             # reply (LOADING after a restart, OOM, READONLY after a failover, NOPERM, ...) says this
             # Redis cannot answer now: a 503 with the reply, not a server error.
             raise self._unavailable(reply_error) from reply_error
         return received
+
+    def _round_trip(self, payload: bytes, replies: int) -> tuple[list[Any], Exception | None]:
+        """One pooled connection: send, read every reply, give the connection back (disconnected on failure).
+
+        Raises:
+            _Dropped: the connection was reset, closed or broken once written to (worth one retry).
+            redis.ConnectionError, redis.TimeoutError, OSError: no connection, or a timeout.
+        """
+        assert self._pool is not None
+        connection = self._pool.get_connection()  # connect errors propagate: nothing to retry on a down server
+        try:
+            channel = resp.RespConnection(connection)
+            channel.send(payload)
+            received, reply_error = channel.read(replies)
+        except BaseException as error:
+            # Replies may be left unread: never reuse this connection.
+            connection.disconnect()
+            self._pool.release(connection)
+            # socket.timeout is an OSError (and a TimeoutError): a Redis that accepts but never answers.
+            timed_out = isinstance(error, redis.TimeoutError | TimeoutError)
+            if not timed_out and isinstance(error, redis.ConnectionError | ConnectionError | BrokenPipeError):
+                raise _Dropped(error) from error
+            raise
+        self._pool.release(connection)
+        return received, reply_error
 
     def hmget_pipeline(self, commands: Sequence[tuple[bytes, Sequence[bytes]]]) -> list[list[bytes | None]]:
         """The redis-py path (Redis Cluster, or no hiredis): one HMGET per key in one pipeline."""

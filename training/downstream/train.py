@@ -379,6 +379,9 @@ def train_ranker(
             slope,
             float(np.log(rate / (1.0 - rate))) - slope * float(np.mean(logits)) if 0.0 < rate < 1.0 else 0.0,
         )
+    # The log loss on the validation rows of the ranker as it will score (calibration, or the base-rate
+    # fallback, applied): what a nested ablation compares between a variant and the one before it.
+    served = _log_loss(val_labels, 1.0 / (1.0 + np.exp(-(calibration[0] * logits + calibration[1]))))
     selection = {
         "grid": [
             {"weight_decay": wd, "embedding_dropout": d, "validation_log_loss": v, "epochs": e}
@@ -394,6 +397,7 @@ def train_ranker(
         "validation_base_rate_log_loss": reference,
         "train_label_rate": rate,
         "fallback_to_base_rate": bool(fallback),
+        "validation_log_loss_served": served,
     }
     if log:
         log(
@@ -475,6 +479,13 @@ class DownstreamResult:
     seconds: float = 0.0
     rows_validation: int = 0
     base_rate: float = float("nan")  # the training split's label rate
+    # The validation rows' event ids (in order) and the log loss on them of the ranker as it scores
+    # (calibrated, or the base-rate fallback); NaN without validation rows.
+    validation_event_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    validation_log_loss: float = float("nan")
+    # Set by a nested ablation (derm.experiments.ablation.select_nested): the decision between this
+    # variant's own ranker and the one selected for the variant before it.
+    nested_selection: dict[str, Any] = field(default_factory=dict)
 
     @property
     def no_harm(self) -> bool:
@@ -586,6 +597,10 @@ def train_on_training_set(
         seconds=time.perf_counter() - started,
         rows_validation=validation.num_rows if validation is not None else 0,
         base_rate=rate,
+        validation_event_ids=(
+            validation.column("event_id").to_numpy() if validation is not None else np.zeros(0, np.int64)
+        ),
+        validation_log_loss=float(ranker.spec.extra.get("selection", {}).get("validation_log_loss_served", np.nan)),
     )
     return ranker, result
 
