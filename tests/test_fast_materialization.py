@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import redis
-from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType
+from feast import Entity, FeatureView, Field, FileSource, RepoConfig, ValueType
 from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.infra.online_stores.redis import RedisOnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
@@ -40,6 +40,15 @@ from derm.feast_plugins.redis_online_store import (
     encode_rows,
 )
 from derm.infra.redis_server import LocalRedisServer
+from tests.stock_comparison import (
+    FAST_STORE,
+    VECTOR_ENGINE,
+    WINDOW_END,
+    WINDOW_START,
+    feature_store_in,
+    stock_and_fast_stores,
+    user_embedding_view,
+)
 
 
 class _PipelineFastRedisOnlineStore(FastRedisOnlineStore):
@@ -51,10 +60,6 @@ class _PipelineFastRedisOnlineStore(FastRedisOnlineStore):
 
 PROJECT = "fastmat"
 DIM = 16
-WINDOW_START = datetime(2026, 1, 1, tzinfo=UTC)
-WINDOW_END = datetime(2026, 1, 3, tzinfo=UTC)
-FAST_STORE = "derm.feast_plugins.redis_online_store.FastRedisOnlineStore"
-VECTOR_ENGINE = "derm.feast_plugins.vector_engine.VectorMaterializationEngine"
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,31 +77,6 @@ def _entity_key(user_id: int) -> EntityKeyProto:
 
 def _client(server: LocalRedisServer, db: int) -> redis.Redis:
     return redis.Redis(host="127.0.0.1", port=server.port, db=db)
-
-
-def _embedding_view(path: Path) -> tuple[Entity, FeatureView]:
-    user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
-    source = FileSource(
-        name="emb_source",
-        path=str(path),
-        timestamp_field="event_timestamp",
-        created_timestamp_column="created",
-    )
-    view = FeatureView(
-        name="user_emb",
-        entities=[user],
-        ttl=timedelta(days=30),
-        schema=[
-            Field(name="user_id", dtype=Int64),
-            Field(name="embedding", dtype=Array(Float32)),
-            Field(name="clicks", dtype=Int64),
-            Field(name="score", dtype=Float64),
-            Field(name="label", dtype=String),
-        ],
-        source=source,
-        online=True,
-    )
-    return user, view
 
 
 def _offline_rows(seed: int, entities: int) -> pa.Table:
@@ -143,39 +123,22 @@ def _offline_rows(seed: int, entities: int) -> pa.Table:
     )
 
 
-def _feature_store(tmp_path: Path, name: str, online_store: dict, batch_engine: dict | str) -> FeatureStore:
-    config = RepoConfig(
-        project=PROJECT,
-        provider="local",
-        registry=str(tmp_path / f"{name}-registry.db"),
-        offline_store={"type": "duckdb"},
-        online_store=online_store,
-        batch_engine=batch_engine,
-        entity_key_serialization_version=3,
-        repo_path=str(tmp_path),
-    )
-    return FeatureStore(config=config)
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory, redis_server: LocalRedisServer):
     """The same repository twice: stock Feast into db 0, the fast path into db 1."""
     tmp_path = tmp_path_factory.mktemp("fastmat")
     data = tmp_path / "embeddings.parquet"
     pq.write_table(_offline_rows(seed=7, entities=60), data)
-    user, view = _embedding_view(data)
-    stock = _feature_store(
-        tmp_path, "stock", {"type": "redis", "connection_string": f"{redis_server.connection_string},db=0"}, "local"
-    )
-    fast = _feature_store(
+    user, view = user_embedding_view(data, source_name="emb_source", score=True)
+    stock, fast = stock_and_fast_stores(
         tmp_path,
-        "fast",
+        [user, view],
+        (PROJECT, PROJECT),
+        stock_online={"connection_string": f"{redis_server.connection_string},db=0"},
         # Small batches so chunking, the queue and the streaming reader are all exercised.
-        {"type": FAST_STORE, "connection_string": f"{redis_server.connection_string},db=1", "write_batch_rows": 7},
-        {"type": VECTOR_ENGINE, "read_batch_rows": 11},
+        fast_online={"connection_string": f"{redis_server.connection_string},db=1", "write_batch_rows": 7},
+        fast_engine={"type": VECTOR_ENGINE, "read_batch_rows": 11},
     )
-    for store in (stock, fast):
-        store.apply([user, view])
     return stock, fast, view, data
 
 
@@ -249,11 +212,12 @@ def test_fast_path_errors_propagate_like_stock(stores, tmp_path: Path, redis_ser
     """A Redis error on the writer thread fails FeatureStore.materialize, as an error does in stock Feast."""
     _, _, view, _ = stores
     user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
-    broken = _feature_store(
+    broken = feature_store_in(
         tmp_path,
-        "broken",
+        PROJECT,
         {"type": FAST_STORE, "connection_string": f"{redis_server.connection_string},db=6"},
         {"type": VECTOR_ENGINE},
+        registry="broken",
     )
     broken.apply([user, view])
     client = _client(redis_server, 6)

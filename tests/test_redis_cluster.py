@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +30,22 @@ from derm.infra.redis_cluster import SLOTS, LocalRedisCluster
 
 feast = pytest.importorskip("feast")
 
-from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType  # noqa: E402
-from feast.types import Array, Float32, Int64, String  # noqa: E402
-
 from derm.feast_plugins import compat, redis_format  # noqa: E402
 from derm.feast_plugins.redis_online_store import FastRedisOnlineStore, _ClusterSocketWriter  # noqa: E402
+from tests.stock_comparison import (  # noqa: E402
+    FAST_STORE,
+    VECTOR_ENGINE,
+    WINDOW_END,
+    WINDOW_START,
+    cluster_hashes,
+    feature_store_in,
+    hash_tagged_rows,
+    stock_and_fast_stores,
+    user_embedding_view,
+)
 
-FAST_STORE = "derm.feast_plugins.redis_online_store.FastRedisOnlineStore"
-VECTOR_ENGINE = "derm.feast_plugins.vector_engine.VectorMaterializationEngine"
-WINDOW_START = datetime(2026, 1, 1, tzinfo=UTC)
-WINDOW_END = datetime(2026, 1, 3, tzinfo=UTC)
 DIM = 8
+TAGS = {"dim": str(DIM)}  # the serving reader's vector width
 
 
 @pytest.fixture(scope="session")
@@ -55,96 +60,22 @@ def _flush(cluster: LocalRedisCluster) -> None:
             client.flushall()
 
 
-def _dump(cluster: LocalRedisCluster, project: str) -> dict[bytes, dict[bytes, bytes]]:
-    """Every hash of ``project`` on every master, keyed without the project suffix."""
-    suffix = project.encode()
-    out = {}
-    for port in cluster.master_ports():
-        with cluster.node_client(port) as client:
-            for key in client.scan_iter(count=1000):
-                if key.endswith(suffix):
-                    out[key[: -len(suffix)]] = client.hgetall(key)
-    return out
-
-
-def _view(path: Path) -> tuple[Entity, FeatureView]:
-    user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
-    source = FileSource(
-        name="emb", path=str(path), timestamp_field="event_timestamp", created_timestamp_column="created"
-    )
-    view = FeatureView(
-        name="user_emb",
-        entities=[user],
-        ttl=timedelta(days=30),
-        schema=[
-            Field(name="user_id", dtype=Int64),
-            Field(name="embedding", dtype=Array(Float32)),
-            Field(name="clicks", dtype=Int64),
-            Field(name="label", dtype=String),
-        ],
-        source=source,
-        online=True,
-        tags={"dim": str(DIM)},  # the serving reader's vector width
-    )
-    return user, view
-
-
-def _rows(seed: int, entities: int, start: datetime = WINDOW_START) -> pa.Table:
-    """1-4 rows per entity at shared times, some ids with a "{" byte (hash tags), nulls in every feature."""
-    rng = np.random.default_rng(seed)
-    times = [start + timedelta(hours=12 * i) for i in range(5)]
-    ids = np.arange(1, entities + 1, dtype=np.int64)
-    ids[::9] += ord("{") << 8  # an id byte of 0x7B makes a "{" in the key
-    user_ids = np.repeat(ids, rng.integers(1, 5, size=entities))
-    rows = len(user_ids)
-    vectors = rng.standard_normal((rows, DIM)).astype(np.float32)
-    return pa.table(
-        {
-            "user_id": pa.array(user_ids),
-            "embedding": pa.array([None if rng.random() < 0.1 else list(v) for v in vectors], pa.list_(pa.float32())),
-            "clicks": pa.array(rng.integers(0, 1 << 40, rows), mask=rng.random(rows) < 0.2),
-            "label": pa.array([f"l{i}" for i in range(rows)], mask=rng.random(rows) < 0.2),
-            "event_timestamp": pa.array(rng.choice(times, rows), pa.timestamp("us", tz="UTC")),
-            "created": pa.array(
-                [datetime(2026, 2, 1, tzinfo=UTC) + timedelta(seconds=int(s)) for s in rng.permutation(rows)],
-                pa.timestamp("us", tz="UTC"),
-            ),
-        }
-    )
-
-
-def _store(tmp_path: Path, project: str, online_store: dict, batch_engine: dict | str) -> FeatureStore:
-    return FeatureStore(
-        config=RepoConfig(
-            project=project,
-            provider="local",
-            registry=str(tmp_path / f"{project}-registry.db"),
-            offline_store={"type": "duckdb"},
-            online_store=online_store,
-            batch_engine=batch_engine,
-            entity_key_serialization_version=3,
-            repo_path=str(tmp_path),
-        )
-    )
-
-
 @pytest.fixture(scope="module")
 def cluster_stores(tmp_path_factory: pytest.TempPathFactory, redis_cluster: LocalRedisCluster):
     """Stock Feast (local engine, ``redis`` store) and the fast path, both on the cluster."""
     tmp_path = tmp_path_factory.mktemp("cluster-stores")
     data = tmp_path / "embeddings.parquet"
-    pq.write_table(_rows(seed=3, entities=300), data)
-    user, view = _view(data)
+    pq.write_table(hash_tagged_rows(seed=3, entities=300, dim=DIM), data)
+    user, view = user_embedding_view(data, tags=TAGS)
     online = {"redis_type": "redis_cluster", "connection_string": redis_cluster.connection_string}
-    stock = _store(tmp_path, "clstock", {"type": "redis", **online}, "local")
-    fast = _store(
+    stock, fast = stock_and_fast_stores(
         tmp_path,
-        "clfast",
-        {"type": FAST_STORE, **online, "write_batch_rows": 37},
-        {"type": VECTOR_ENGINE, "read_batch_rows": 53},
+        [user, view],
+        ("clstock", "clfast"),
+        stock_online=online,
+        fast_online={**online, "write_batch_rows": 37},
+        fast_engine={"type": VECTOR_ENGINE, "read_batch_rows": 53},
     )
-    for store in (stock, fast):
-        store.apply([user, view])
     _flush(redis_cluster)
     return stock, fast, view
 
@@ -174,7 +105,7 @@ def test_materialize_on_cluster_is_byte_identical_to_stock(cluster_stores, redis
     writer.close()
     stock.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
     fast.materialize(start_date=WINDOW_START, end_date=WINDOW_END)
-    expected, got = _dump(redis_cluster, "clstock"), _dump(redis_cluster, "clfast")
+    expected, got = cluster_hashes(redis_cluster, "clstock"), cluster_hashes(redis_cluster, "clfast")
     assert len(expected) == 300
     assert got == expected
     # Spread over every master, hash-tagged keys included.
@@ -185,7 +116,7 @@ def test_materialize_on_cluster_is_byte_identical_to_stock(cluster_stores, redis
     # An older, overlapping window: rows not newer than what is stored are skipped, on both.
     stock.materialize(start_date=WINDOW_START - timedelta(days=3), end_date=WINDOW_START + timedelta(hours=12))
     fast.materialize(start_date=WINDOW_START - timedelta(days=3), end_date=WINDOW_START + timedelta(hours=12))
-    assert _dump(redis_cluster, "clfast") == _dump(redis_cluster, "clstock") == expected
+    assert cluster_hashes(redis_cluster, "clfast") == cluster_hashes(redis_cluster, "clstock") == expected
 
 
 def test_online_reads_on_cluster(cluster_stores) -> None:
@@ -255,10 +186,10 @@ def _finish_migration(cluster: LocalRedisCluster, slot: int, target_id: str) -> 
 def _fast_store(tmp_path: Path, cluster: LocalRedisCluster, project: str, **settings: object):
     """A fast store of its own project on the cluster, and the view (its rows are written with write_arrow)."""
     data = tmp_path / "unused.parquet"
-    pq.write_table(_rows(seed=1, entities=1), data)
-    user, view = _view(data)
+    pq.write_table(hash_tagged_rows(seed=1, entities=1, dim=DIM), data)
+    user, view = user_embedding_view(data, tags=TAGS)
     online = {"type": FAST_STORE, "redis_type": "redis_cluster", "connection_string": cluster.connection_string}
-    store = _store(tmp_path, project, {**online, **settings}, {"type": VECTOR_ENGINE})
+    store = feature_store_in(tmp_path, project, {**online, **settings}, {"type": VECTOR_ENGINE})
     store.apply([user, view])
     return store, view
 
