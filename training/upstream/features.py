@@ -99,7 +99,7 @@ def _events_sql(name: str, files: list[Path], start: datetime, end: datetime) ->
     return sql, params
 
 
-def _window_events_sql(events_dir: Path, name: str, start: datetime, end: datetime) -> tuple[str, _Params]:
+def window_events_sql(events_dir: Path, name: str, start: datetime, end: datetime) -> tuple[str, _Params]:
     """:func:`_events_sql` over the files of ``[start, end)``."""
     return _events_sql(name, files_between(events_dir, start, end), start, end)
 
@@ -107,7 +107,7 @@ def _window_events_sql(events_dir: Path, name: str, start: datetime, end: dateti
 def _stats_sql(events_dir: Path, entity: str, cutoff: datetime, cfg: FeatureConfig) -> tuple[str, _Params]:
     """Per-entity counting features (and the user click sequence) from ``[cutoff - window, cutoff)``."""
     start, name = cutoff - timedelta(days=cfg.count_window_days), f"{entity}_stats"
-    events, params = _window_events_sql(events_dir, name, start, cutoff)
+    events, params = window_events_sql(events_dir, name, start, cutoff)
     key = ident(f"{entity}_id")
     counts = (
         f"SELECT {key}, ln(1 + count(*)) AS n_imp, ln(1 + count(*) FILTER (WHERE clicked)) AS n_click, "
@@ -167,7 +167,7 @@ def training_arrays(events_dir: Path, day: date, objective: str, cfg: FeatureCon
         raise ValueError(f"unknown objective {objective!r}: expected one of {sorted(OBJECTIVES)}")
     label, example_filter = OBJECTIVES[objective]
     start, end = day_start(day), day_end(day)
-    events, params = _window_events_sql(events_dir, "examples", start, end)
+    events, params = window_events_sql(events_dir, "examples", start, end)
     users, user_params = _stats_sql(events_dir, "user", start, cfg)
     pins, pin_params = _stats_sql(events_dir, "pin", start, cfg)
     where = f"WHERE e.{ident(example_filter)}" if example_filter else ""
@@ -255,7 +255,7 @@ def entity_feature_batches(
     """
     cutoff = day_end(day)
     active_start = cutoff - timedelta(days=active_window_days)
-    events, params = _window_events_sql(events_dir, "active", active_start, cutoff)
+    events, params = window_events_sql(events_dir, "active", active_start, cutoff)
     key = ident(f"{entity}_id")
     if entity == "user":
         active = f"SELECT DISTINCT user_id FROM {events}"
@@ -297,7 +297,7 @@ def events_used_window(
     """Oldest and newest event read to train on and export ``day``; ``None`` when there is none."""
     end = day_end(day)
     start = end - timedelta(days=max(active_window_days, cfg.count_window_days + 1, 1))
-    events, params = _window_events_sql(events_dir, "used", start, end)
+    events, params = window_events_sql(events_dir, "used", start, end)
     with connect() as con:
         low, high = con.execute(f"SELECT min(event_timestamp), max(event_timestamp) FROM {events}", params).fetchone()
     if low is None:

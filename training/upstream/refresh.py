@@ -73,6 +73,7 @@ from derm.training.upstream.features import (
     UpstreamDataset,
     entity_feature_batches,
     events_used_window,
+    window_events_sql,
 )
 from derm.training.upstream.model import DermModel
 from derm.training.upstream.train import (
@@ -361,6 +362,13 @@ def upstream_quality(
     ``t``'s vectors, the dot product of day ``t-1``'s (what stays online if ``t`` is not published),
     and Pin popularity (positives of the Pin in the ``count_window_days`` before the end of ``t``).
 
+    Labels are judged as they were known (issue 17), through the upstream's own event relation
+    (:func:`derm.training.upstream.features.window_events_sql`): a conversion of a ``t+1`` click
+    counts only when it was known by the end of ``t+1``, when the snapshot's day of serving is over
+    (the downstream window-end cut-off; the 7-day attribution window is then implied, since the
+    click is less than a day before the cut-off), and popularity counts only the conversions known
+    by the end of ``t``, when the snapshot is made.
+
     Args:
         paths: platform locations.
         objective: ``"ctr"`` or ``"cvr"``.
@@ -392,22 +400,21 @@ def upstream_quality(
         for e, f in families.items()
     }
     has_yesterday = all(v is not None for v in yesterday.values())
-    history = [
-        str(p)
-        for p in event_files(paths.events_dir)
-        if day - timedelta(days=count_window_days) < partition_day(p) <= day
-    ]
     label_sql = ident(label)
+    # Each relation's ``converted`` holds only conversions known before the relation's window closes.
+    scored, scored_params = window_events_sql(paths.events_dir, "scored", day_start(next_day), day_end(next_day))
+    history, history_params = window_events_sql(
+        paths.events_dir, "history", day_end(day) - timedelta(days=count_window_days), day_end(day)
+    )
     with connect() as con:
         events = con.execute(
-            f"SELECT user_id, pin_id, {label_sql} AS label FROM read_parquet($files) "
+            f"SELECT user_id, pin_id, {label_sql} AS label FROM {scored} "
             f"WHERE {ident(population) if population else 'true'}",
-            {"files": files},
+            scored_params,
         ).fetchnumpy()
         popular = con.execute(
-            f"SELECT pin_id, count(*) FILTER (WHERE {label_sql}) AS n FROM read_parquet($files) "
-            "WHERE event_timestamp < $end GROUP BY pin_id",
-            {"files": history, "end": day_end(day)},
+            f"SELECT pin_id, count(*) FILTER (WHERE {label_sql}) AS n FROM {history} GROUP BY pin_id",
+            history_params,
         ).fetchnumpy()
     users, pins = events["user_id"].astype(np.int64), events["pin_id"].astype(np.int64)
     labels = events["label"].astype(bool)
