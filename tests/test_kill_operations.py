@@ -14,16 +14,17 @@ of an uninterrupted run of that operation (fixed seed), and checks:
   agree on the operation's outcome;
 * a second re-run changes nothing: catalog bytes, registry objects, Redis contents, counting tables.
 
-``DERM_KILL_TRIALS`` sets the trials per operation (12 by default: with the publisher's 4 of tests/test_kill_publish.py, 52 kill trials per CI run).
+``DERM_KILL_TRIALS`` sets the trials per operation (12 by default: with the publisher's 4 of
+tests/test_kill_publish.py, 52 kill trials per CI run).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.online_read import feast_environment, unit_vectors
+from bench.online_read import unit_vectors
 from derm.core.paths import DATA_DIR_ENV, PlatformPaths
 from derm.infra.redis_server import LocalRedisServer
+from tests.kill_trials import run_killed, template_redis, template_start
 
 DAY = date(2026, 3, 1)
 FAMILIES = ("ctr_user", "ctr_pin")
@@ -78,10 +80,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
     from derm.materialization.publish import pending_snapshots, publish_batch
     from derm.training.upstream.export import snapshot_available_at, write_precomputed_snapshot
 
-    root = tmp_path_factory.mktemp("kill-ops")
-    paths = PlatformPaths(root / "template")
-    rng = np.random.default_rng(0)
-    ids = np.arange(7_000, 7_000 + ENTITIES, dtype=np.int64)
+    root, paths, ids, rng = template_start(tmp_path_factory, "kill-ops", first_id=7_000, entities=ENTITIES)
     vectors = {}
     for config, version in zip("abc", VERSIONS, strict=True):
         for family in FAMILIES:
@@ -100,17 +99,16 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
         "new": {t: _rows(reference / t) for t in COUNTING_TABLES},
     }
     assert all(counting["old"][t] != counting["new"][t] for t in COUNTING_TABLES)
-    with LocalRedisServer(root / "redis", persist=False) as server:
-        with feast_environment(paths, server.connection_string):
-            repo = FeatureRepo()
-            now = snapshot_available_at(DAY, timedelta(hours=1))
-            batch = publish_batch(pending_snapshots(paths), paths, repo=repo, now=now)
-            assert len(batch.published) == len(FAMILIES) * len(VERSIONS), batch.table()
-            promote(paths, "ctr", "v2", repo=repo)
-            client = server.client()
-            for key in client.scan_iter():
-                client.copy(key, key, destination_db=TEMPLATE_DB)
-            yield Template(root, paths.data_dir, server, vectors, ids, new_events, counting)
+    with template_redis(root, paths) as server:
+        repo = FeatureRepo()
+        now = snapshot_available_at(DAY, timedelta(hours=1))
+        batch = publish_batch(pending_snapshots(paths), paths, repo=repo, now=now)
+        assert len(batch.published) == len(FAMILIES) * len(VERSIONS), batch.table()
+        promote(paths, "ctr", "v2", repo=repo)
+        client = server.client()
+        for key in client.scan_iter():
+            client.copy(key, key, destination_db=TEMPLATE_DB)
+        yield Template(root, paths.data_dir, server, vectors, ids, new_events, counting)
 
 
 def _fresh(template: Template, name: str) -> PlatformPaths:
@@ -272,22 +270,6 @@ def _fingerprint(template: Template, paths: PlatformPaths) -> tuple:
 # ------------------------------------------------------------------------------------------ the trials
 
 
-def _killed(run: Callable[[PlatformPaths], None], paths: PlatformPaths, delay: float) -> str:
-    pid = os.fork()
-    if pid == 0:  # the child: run the operation, then leave without running the parent's cleanup
-        try:
-            run(paths)
-        finally:
-            os._exit(0)
-    time.sleep(delay)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    _, status = os.waitpid(pid, 0)
-    return "killed" if os.WIFSIGNALED(status) else "finished before the kill"
-
-
 @pytest.mark.parametrize("operation", ["promote", "rollback", "retire", "counting"])
 def test_operation_killed_at_random_instants_recovers(template: Template, operation: str) -> None:
     run = (
@@ -306,7 +288,7 @@ def test_operation_killed_at_random_instants_recovers(template: Template, operat
     outcomes = template.record.setdefault(operation, [])
     for trial in range(1, TRIALS + 1):
         paths = _fresh(template, f"{operation}-{trial}")
-        ended = _killed(run, paths, rng.uniform(0.0, span))
+        ended = run_killed(functools.partial(run, paths), rng.uniform(0.0, span))
         outcomes.append(ended)
         print(f"{operation} trial {trial}: {ended}; {_check_kill_instant(template, paths, operation)}")
         run(paths)  # the re-run finishes (or redoes) whatever the kill interrupted

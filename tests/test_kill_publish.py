@@ -15,10 +15,10 @@ longer run).
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bench.online_read import feast_environment, unit_vectors
+from bench.online_read import unit_vectors
 from derm.core.paths import DATA_DIR_ENV, PlatformPaths
 from derm.infra.redis_server import LocalRedisServer
+from tests.kill_trials import run_killed, template_redis, template_start
 
 DAYS = (date(2026, 3, 1), date(2026, 3, 2), date(2026, 3, 3))
 FAMILIES = ("ctr_user", "ctr_pin")
@@ -58,10 +59,7 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
 def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
     from derm.training.upstream.export import write_precomputed_snapshot
 
-    root = tmp_path_factory.mktemp("kill")
-    paths = PlatformPaths(root / "template")
-    rng = np.random.default_rng(0)
-    ids = np.arange(5_000, 5_000 + ENTITIES, dtype=np.int64)
+    root, paths, ids, rng = template_start(tmp_path_factory, "kill", first_id=5_000, entities=ENTITIES)
     vectors = {}
     for family in FAMILIES:
         current = _unit(rng, ENTITIES)
@@ -70,10 +68,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
             current /= np.linalg.norm(current, axis=1, keepdims=True)
             vectors[family, day] = current.copy()
             write_precomputed_snapshot(paths, family, day, ids, current, family[:1] * 64)
-    with LocalRedisServer(root / "redis", persist=False) as server:
-        # Each trial points DERM_DATA_DIR at its own folder; the environment is restored after the module.
-        with feast_environment(paths, server.connection_string):
-            yield Template(root, server, paths.snapshots_dir, vectors, ids)
+    # Each trial points DERM_DATA_DIR at its own folder; the environment is restored after the module.
+    with template_redis(root, paths) as server:
+        yield Template(root, server, paths.snapshots_dir, vectors, ids)
 
 
 def _fresh(template: Template, trial: int) -> PlatformPaths:
@@ -92,23 +89,6 @@ def _publish_all(paths: PlatformPaths):
     return publish_batch(
         pending_snapshots(paths), paths, repo=FeatureRepo(), now=snapshot_available_at(DAYS[-1], timedelta(hours=1))
     )
-
-
-def _killed_publish(paths: PlatformPaths, delay: float) -> str:
-    """Run the publisher in a forked child and SIGKILL it after ``delay`` seconds; how it ended."""
-    pid = os.fork()
-    if pid == 0:  # the child: publish, then leave without running the parent's cleanup
-        try:
-            _publish_all(paths)
-        finally:
-            os._exit(0)
-    time.sleep(delay)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    _, status = os.waitpid(pid, 0)
-    return "killed" if os.WIFSIGNALED(status) else "finished before the kill"
 
 
 def _check_invariants(template: Template, paths: PlatformPaths) -> None:
@@ -150,7 +130,7 @@ def test_publish_killed_at_random_instants_recovers_with_every_invariant(templat
     rng = random.Random(1234)
     for trial in range(1, TRIALS + 1):
         paths = _fresh(template, trial)
-        outcome = _killed_publish(paths, rng.uniform(0.0, span))
+        outcome = run_killed(functools.partial(_publish_all, paths), rng.uniform(0.0, span))
         template.outcomes.append(outcome)
         _publish_all(paths)  # the next run completes whatever the kill interrupted
         _check_invariants(template, paths)
