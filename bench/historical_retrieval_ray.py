@@ -139,7 +139,11 @@ def _measure_in_subprocess(workdir: Path, method: str, events: int, num_cpus: in
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "bench.historical_retrieval_ray", "--measure", method, "--workdir", str(workdir),
                "--events", str(events), "--num-cpus", str(num_cpus), "--buckets", str(buckets)]  # fmt: skip
-    completed = subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=repo_root)
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo_root)
+    if completed.returncode != 0:
+        # The child's own error, not just its exit status: a failed measurement must say why.
+        tail = "\n".join(completed.stderr.strip().splitlines()[-30:])
+        raise RuntimeError(f"{method} measurement exited with {completed.returncode}:\n{tail}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
