@@ -73,10 +73,10 @@ def ranker_options(function):
             ),
             click.option(
                 "--embedding-dropout",
-                type=click.FloatRange(min=0, max=1, max_open=True),
+                type=click.FloatRange(min=0, max=1),
                 multiple=True,
                 help="Share of embeddings replaced by the cold-start vector in training; repeat for a grid "
-                "(default: 0 and 0.3).",
+                "chosen on validation (default: 0, 0.3 and 1; 1 = the families off).",
             ),
             click.option(
                 "--sequence-encoder/--no-sequence-encoder",
