@@ -27,12 +27,18 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
+
+if TYPE_CHECKING:
+    from derm.core.snapshot import SnapshotManifest
+    from derm.training.upstream.export import RayExport
+    from derm.training.upstream.model import DermModel
 
 
 def synthetic_entity_features(
@@ -56,6 +62,75 @@ def synthetic_entity_features(
                 "advertiser_id": rng.integers(0, 5_000, size=n, dtype=np.int64),
                 "pin_counts": counts,
             }
+
+
+def export_snapshot(
+    model: DermModel,
+    entity: str,
+    features: Iterable[dict[str, np.ndarray]],
+    directory: Path,
+    previous: Path | None,
+    *,
+    now: datetime,
+    model_version: str,
+    batch_rows: int,
+    row_group_rows: int,
+    ray: RayExport | None = None,
+    renormalize: bool = False,
+) -> SnapshotManifest:
+    """One family's daily export, as :func:`derm.training.upstream.refresh.refresh_day` runs it.
+
+    The entity tower embeds ``features`` in forward passes of ``batch_rows`` (on Ray Data when ``ray`` is
+    given), blends them with yesterday's snapshot (EMA, weight 0.8, merge-joined by id) and streams the
+    snapshot into ``directory`` (``embeddings.parquet`` + ``manifest.json``).
+
+    Args:
+        features: id-ordered feature batches, e.g. :func:`synthetic_entity_features`.
+        previous: yesterday's ``embeddings.parquet`` (None: no previous snapshot, today's vectors as they are).
+        now: the manifest's event time, data window and creation time.
+        model_version: the manifest's model version.
+        row_group_rows: rows per Parquet row group.
+        renormalize: scale every blended vector back to unit length.
+
+    Returns:
+        The written manifest (``row_count``: rows written).
+
+    Example::
+
+        features = synthetic_entity_features("user", 1_000, batch_rows=256)
+        manifest = export_snapshot(model, "user", features, out, None, now=now, model_version="v1",
+                                   batch_rows=256, row_group_rows=256)
+    """
+    from derm.core.naming import join_key
+    from derm.core.snapshot import SnapshotManifest
+    from derm.training.upstream.export import aggregate_batches, embed_batches, write_snapshot
+
+    family = f"ctr_{entity}"
+    manifest = SnapshotManifest(
+        family=family,
+        model_version=model_version,
+        config_hash="",
+        weights_sha256="",
+        dim=model.cfg.dim,
+        snapshot_date=date(2026, 1, 1),
+        event_timestamp=now,
+        data_window_start=now,
+        data_window_end=now,
+        row_count=0,
+        aggregation="ema",
+        ema_weight=0.8,
+        created_at=now,
+    )
+    batches = aggregate_batches(
+        embed_batches(model, entity, features, batch_rows, ray),
+        previous,
+        join_key(family),
+        model.cfg.dim,
+        "ema",
+        0.8,
+        renormalize=renormalize,
+    )
+    return write_snapshot(directory, batches, manifest, row_group_rows)
 
 
 def run(
@@ -85,9 +160,8 @@ def run(
     """
     import torch
 
-    from derm.core.naming import join_key
-    from derm.core.snapshot import DATA_FILE, SnapshotManifest
-    from derm.training.upstream.export import RayExport, aggregate_batches, embed_batches, write_snapshot
+    from derm.core.snapshot import DATA_FILE
+    from derm.training.upstream.export import RayExport
     from derm.training.upstream.model import DermConfig, DermModel
 
     torch.manual_seed(0)
@@ -102,32 +176,20 @@ def run(
         ensure_ray(RayAsofOfflineStoreConfig(num_cpus=num_cpus))
 
     def export(entity: str, directory: Path, previous: Path | None, ray: RayExport | None = None) -> float:
-        family = f"ctr_{entity}"
-        manifest = SnapshotManifest(
-            family=family,
-            model_version="bench",
-            config_hash="",
-            weights_sha256="",
-            dim=dim,
-            snapshot_date=date(2026, 1, 1),
-            event_timestamp=now,
-            data_window_start=now,
-            data_window_end=now,
-            row_count=0,
-            aggregation="ema",
-            ema_weight=0.8,
-            created_at=now,
-        )
+        features = synthetic_entity_features(entity, entities, batch_rows)
         started = time.perf_counter()
-        batches = aggregate_batches(
-            embed_batches(model, entity, synthetic_entity_features(entity, entities, batch_rows), batch_rows, ray),
+        written = export_snapshot(
+            model,
+            entity,
+            features,
+            directory,
             previous,
-            join_key(family),
-            dim,
-            "ema",
-            0.8,
+            now=now,
+            model_version="bench",
+            batch_rows=batch_rows,
+            row_group_rows=batch_rows,
+            ray=ray,
         )
-        written = write_snapshot(directory, batches, manifest, batch_rows)
         elapsed = time.perf_counter() - started
         assert written.row_count == entities
         return elapsed

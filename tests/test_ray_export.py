@@ -9,7 +9,7 @@ Parquet files must hold the same rows and bytes.
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,55 +18,32 @@ import pytest
 torch = pytest.importorskip("torch")
 ray = pytest.importorskip("ray")
 
-from bench.export_throughput import synthetic_entity_features  # noqa: E402
+from bench.export_throughput import export_snapshot, synthetic_entity_features  # noqa: E402
 from derm.core.paths import PROFILE_ENV, RAY_ADDRESS_ENV  # noqa: E402
-from derm.core.snapshot import DATA_FILE, SnapshotManifest  # noqa: E402
-from derm.training.upstream.export import (  # noqa: E402
-    EXPORT_ENGINE_ENV,
-    RayExport,
-    aggregate_batches,
-    embed_batches,
-    export_engine,
-    write_snapshot,
-)
+from derm.core.snapshot import DATA_FILE  # noqa: E402
+from derm.training.upstream.export import EXPORT_ENGINE_ENV, RayExport, export_engine  # noqa: E402
 from derm.training.upstream.model import DermConfig, DermModel  # noqa: E402
 
 DIM = 16
 ENTITIES = 300
 
 
-def _manifest(entity: str) -> SnapshotManifest:
-    now = datetime(2026, 1, 2, 1, tzinfo=UTC)
-    return SnapshotManifest(
-        family=f"ctr_{entity}",
-        model_version="v1",
-        config_hash="",
-        weights_sha256="",
-        dim=DIM,
-        snapshot_date=date(2026, 1, 1),
-        event_timestamp=now,
-        data_window_start=now,
-        data_window_end=now,
-        row_count=0,
-        aggregation="ema",
-        ema_weight=0.8,
-        created_at=now,
-    )
-
-
 def _export(model: DermModel, entity: str, target: Path, previous: Path | None, engine: RayExport | None) -> Path:
     # 37-row feature batches cut into 16-row forward passes: the last pass of each batch is short.
     features = synthetic_entity_features(entity, ENTITIES, batch_rows=37, seed=3)
-    batches = aggregate_batches(
-        embed_batches(model, entity, features, batch_size=16, ray=engine),
+    written = export_snapshot(
+        model,
+        entity,
+        features,
+        target,
         previous,
-        f"{entity}_id",
-        DIM,
-        "ema",
-        0.8,
+        now=datetime(2026, 1, 2, 1, tzinfo=UTC),
+        model_version="v1",
+        batch_rows=16,
+        row_group_rows=64,
+        ray=engine,
         renormalize=True,
     )
-    written = write_snapshot(target, batches, _manifest(entity), row_group_rows=64)
     assert written.row_count == ENTITIES
     return target / DATA_FILE
 
