@@ -61,10 +61,14 @@ def ablation(
 ) -> None:
     """The paper's ablations: embedding families (none/user/user+pin/all four) and the aggregation sweep.
 
-    The report sets every ranker's log loss against the base rate's, draws a reliability diagram, and
-    lists the upstream quality figures of the promoted versions' manifests. Every training set is gated
-    with --thresholds (the sweep's snapshots are published with the gate's drift checks relaxed, as that
-    ablation requires); a refusal lists the failed expectations and the Data Docs link and exits 1.
+    The report sets every ranker's log loss against the base rate's, draws a reliability diagram, says
+    which ranker validation kept for each nested variant (unless --independent-variants), prints the
+    leakage audit of the compared rows (labels respect conversion time, embeddings are the snapshots
+    known then; exit 1 if it finds a leak) and lists the upstream quality figures of the promoted
+    versions' manifests. Every training set is gated with --thresholds (the sweep's snapshots are
+    published with the gate's drift checks relaxed, as that ablation requires); a refusal lists the
+    failed expectations and the Data Docs link and exits 1. A ranker the log gives nothing to learn
+    (a single label class, too few labelled days) is reported as skipped with its reason (exit 0).
     """
     import torch
     from rich.console import Console
@@ -92,6 +96,7 @@ def ablation(
         run_prefix=name,
         nested_selection=not independent_variants,
     )
+    leaked: list[str] = []
     with online_store(paths), _refusals_end_cleanly():
         if not skip_embeddings:
             console.rule("embedding families")
@@ -109,7 +114,14 @@ def ablation(
             click.echo(quality)
             for comparison in comparisons:
                 click.echo(comparison_markdown(comparison))
-            click.echo(f"wrote {report} and {report.with_suffix('.png')}")
+            _echo_skipped(comparisons)
+            for comparison in comparisons:
+                if comparison.audit:  # the verdict line of the audit printed in full with its table above
+                    verdict = comparison.audit.splitlines()[-1]
+                    click.echo(f"{comparison.objective} leakage audit of the ablation's rows: {verdict}")
+                    if not comparison.audit_ok:
+                        leaked.append(comparison.objective)
+            _echo_written(report)
         if not skip_aggregation:
             console.rule("aggregation sweep: overwrite, moving average w = 0.2, 0.5, 0.8")
             comparison = aggregation_ablation(
@@ -119,7 +131,31 @@ def ablation(
                 paths, f"{name}_aggregation", "Downstream ablation: embedding aggregation", [comparison]
             )
             click.echo(comparison_markdown(comparison))
-            click.echo(f"wrote {report} and {report.with_suffix('.png')}")
+            _echo_skipped([comparison])
+            _echo_written(report)
+    if leaked:
+        raise click.ClickException(
+            f"the leakage audit of the {' and '.join(leaked)} ablation rows found values not known at their time "
+            "(see the audit above): the ablation's figures are not trustworthy"
+        )
+
+
+def _echo_skipped(comparisons: list) -> None:
+    """One line per ranker the log gave nothing to learn, as ``derm train-downstream`` prints it."""
+    for comparison in comparisons:
+        if comparison.skipped:
+            click.echo(f"{comparison.objective} ranker skipped: {comparison.skipped}")
+
+
+def _echo_written(report: Path) -> None:
+    """``wrote <report.md> and <the plots and JSON beside it>`` (plots are absent when every ranker was skipped)."""
+    beside = [
+        report.with_suffix(".json"),
+        report.with_suffix(".png"),
+        report.with_name(f"{report.stem}_calibration.png"),
+    ]
+    written = [str(path) for path in beside if path.exists()]
+    click.echo(f"wrote {report}" + (f" and {', '.join(written)}" if written else ""))
 
 
 @contextlib.contextmanager
@@ -152,21 +188,30 @@ def leakage_experiment_command(
     from derm.core.feast_repo import FeatureRepo
     from derm.core.paths import PlatformPaths
     from derm.experiments.leakage import leakage_experiment
-    from derm.experiments.reports import comparison_markdown, write_report
-    from derm.training.downstream.train import DownstreamConfig
+    from derm.experiments.reports import comparison_markdown, skipped_comparison, write_report
+    from derm.training.downstream.train import DownstreamConfig, RankerSkipped
 
     if threads:
         torch.set_num_threads(threads)
     console = Console(stderr=True)
     paths = PlatformPaths.from_env()
+    title = f"{objective.upper()} ranker: point-in-time vs leaky training set"
     with online_store(paths), _refusals_end_cleanly():
-        experiment = leakage_experiment(
-            paths,
-            FeatureRepo(),
-            DownstreamConfig(epochs=epochs, eval_days=eval_days, bootstrap=bootstrap, gate_thresholds=thresholds),
-            objective,
-            log=partial(console.print, markup=False, highlight=False),
-        )
+        try:
+            experiment = leakage_experiment(
+                paths,
+                FeatureRepo(),
+                DownstreamConfig(epochs=epochs, eval_days=eval_days, bootstrap=bootstrap, gate_thresholds=thresholds),
+                objective,
+                log=partial(console.print, markup=False, highlight=False),
+            )
+        except RankerSkipped as exc:  # nothing to learn: reported, not a crash (exit 0)
+            skipped = skipped_comparison(objective, title, str(exc))
+            report = write_report(paths, "leakage_experiment", "Leakage experiment", [skipped])
+            click.echo(comparison_markdown(skipped))
+            _echo_skipped([skipped])
+            _echo_written(report)
+            return
     audits = (
         "## Leakage audit\n\n"
         f"```\n{experiment.point_in_time_audit.describe(limit=5)}\n```\n\n"
@@ -175,6 +220,6 @@ def leakage_experiment_command(
     report = write_report(paths, "leakage_experiment", "Leakage experiment", [experiment.comparison], extra=audits)
     click.echo(comparison_markdown(experiment.comparison))
     click.echo(audits)
-    click.echo(f"wrote {report} and {report.with_suffix('.png')}")
+    _echo_written(report)
     if experiment.point_in_time_audit.ok is False or experiment.leaky_audit.ok:
         raise click.ClickException("the audit did not separate the point-in-time set from the leaky one")

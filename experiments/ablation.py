@@ -40,10 +40,17 @@ from derm.core.feast_repo import FeatureRepo
 from derm.core.naming import FAMILIES
 from derm.core.paths import PlatformPaths
 from derm.core.snapshot import snapshot_dir
-from derm.experiments.reports import Comparison, compare, reports_dir
+from derm.experiments.reports import Comparison, compare, reports_dir, skipped_comparison
 from derm.materialization.catalog import Catalog
 from derm.materialization.publish import publish_snapshot
-from derm.training.downstream.train import DownstreamConfig, DownstreamResult, bootstrap_metrics, run_downstream
+from derm.training.downstream.leakage import audit_training_set
+from derm.training.downstream.train import (
+    DownstreamConfig,
+    DownstreamResult,
+    RankerSkipped,
+    bootstrap_metrics,
+    run_downstream,
+)
 from derm.training.downstream.training_sets import default_window, ranker_service, service_families
 from derm.training.upstream.config import RefreshConfig, UpstreamConfig
 from derm.training.upstream.refresh import refresh
@@ -71,6 +78,9 @@ class AblationConfig:
     # Nested model selection (:func:`select_nested`): a variant keeps the ranker selected for the variant
     # before it when that one has the lower validation log loss. False: every variant keeps its own ranker.
     nested_selection: bool = True
+    # Run the leakage audit (embeddings, labels and conversion counts against the event log's oracles) on
+    # the largest variant's training set: its rows and labels are every variant's, its families a superset.
+    audit: bool = True
 
 
 def _slug(label: str) -> str:
@@ -83,39 +93,62 @@ def _slug(label: str) -> str:
 def embedding_ablation(
     paths: PlatformPaths, repo: FeatureRepo, cfg: AblationConfig | None = None, log: Log = None
 ) -> list[Comparison]:
-    """Per objective: one ranker per embedding variant, same window, same split, paired CIs vs the first variant."""
+    """Per objective: one ranker per embedding variant, same window, same split, paired CIs vs the first variant.
+
+    An objective the log gives nothing to learn (a single label class, too few labelled days:
+    :class:`RankerSkipped`) is reported as a skipped comparison with the reason, and the others go on.
+    With ``cfg.audit`` the largest variant's training set (every variant's rows and labels, a superset of
+    the families) is audited against the oracles (:func:`audit_training_set`); the result is in
+    ``comparison.audit`` / ``comparison.audit_ok`` and in the report.
+    """
     cfg = cfg or AblationConfig()
     store = repo.store()
     comparisons = []
     for objective in cfg.objectives:
-        window = _window(paths, cfg, service_families(store, ranker_service(store, objective)))
-        results = {}
-        for label, families in cfg.variants:
-            results[label] = run_downstream(
-                paths,
-                objective,
-                cfg.train,
-                families=list(families),
-                window=window,
-                run=f"{cfg.run_prefix}-{_slug(label)}",
-                store=store,
-                log=log,
-            )
+        title = f"{objective.upper()} ranker: DERM embedding families"
+        try:
+            comparison = _embedding_comparison(paths, store, cfg, objective, title, log)
+        except RankerSkipped as exc:
             if log:
-                log(results[label].describe())
-        if cfg.nested_selection:
-            results = select_nested([(label, families, results[label]) for label, families in cfg.variants])
-            if log:
-                for note in nested_selection_notes(list(results.values())):
-                    log(f"{objective}: {note}")
-        baseline = cfg.variants[0][0]
-        comparison = compare(
-            objective, f"{objective.upper()} ranker: DERM embedding families", results, baseline, cfg.train
-        )
-        comparison.notes += nested_selection_notes(comparison.results)
-        comparison.notes.append(_ordering_note(comparison, cfg.train.bootstrap))
+                log(f"{objective} ranker skipped: {exc}")
+            comparison = skipped_comparison(objective, title, str(exc))
         comparisons.append(comparison)
     return comparisons
+
+
+def _embedding_comparison(
+    paths: PlatformPaths, store: Any, cfg: AblationConfig, objective: str, title: str, log: Log
+) -> Comparison:
+    window = _window(paths, cfg, service_families(store, ranker_service(store, objective)))
+    results = {}
+    for label, families in cfg.variants:
+        results[label] = run_downstream(
+            paths,
+            objective,
+            cfg.train,
+            families=list(families),
+            window=window,
+            run=f"{cfg.run_prefix}-{_slug(label)}",
+            store=store,
+            log=log,
+        )
+        if log:
+            log(results[label].describe())
+    audited = results[cfg.variants[-1][0]].training_set  # before nested selection: the largest variant's own
+    if cfg.nested_selection:
+        results = select_nested([(label, families, results[label]) for label, families in cfg.variants])
+        if log:
+            for note in nested_selection_notes(list(results.values())):
+                log(f"{objective}: {note}")
+    comparison = compare(objective, title, results, cfg.variants[0][0], cfg.train)
+    comparison.notes += nested_selection_notes(comparison.results)
+    comparison.notes.append(_ordering_note(comparison, cfg.train.bootstrap))
+    if cfg.audit:
+        report = audit_training_set(audited, paths, max_reported=5)
+        comparison.audit, comparison.audit_ok = report.describe(limit=5), report.ok
+        if log:
+            log(f"{objective}: {comparison.audit}")
+    return comparison
 
 
 def _same_rows(what: str, label: str, ids: np.ndarray, previous: str, previous_ids: np.ndarray) -> None:
@@ -361,25 +394,28 @@ def aggregation_ablation(
     store = repo.store()
     families = tuple(FAMILIES)
     window = _window(paths, cfg, [(family, version) for version in versions.values() for family in families])
+    title = f"{objective.upper()} ranker, all four families: embedding aggregation"
     results = {}
-    for label, version in versions.items():
-        results[f"{label} ({version})"] = run_downstream(
-            paths,
-            objective,
-            cfg.train,
-            families=list(families),
-            versions=dict.fromkeys(families, version),
-            window=window,
-            run=f"{cfg.run_prefix}-aggregation-{_slug(label)}",
-            store=store,
-            log=log,
-        )
+    try:
+        for label, version in versions.items():
+            results[f"{label} ({version})"] = run_downstream(
+                paths,
+                objective,
+                cfg.train,
+                families=list(families),
+                versions=dict.fromkeys(families, version),
+                window=window,
+                run=f"{cfg.run_prefix}-aggregation-{_slug(label)}",
+                store=store,
+                log=log,
+            )
+            if log:
+                log(results[f"{label} ({version})"].describe())
+    except RankerSkipped as exc:  # the same rows for every point of the sweep: one skip skips them all
         if log:
-            log(results[f"{label} ({version})"].describe())
-    baseline = next(iter(results))
-    comparison = compare(
-        objective, f"{objective.upper()} ranker, all four families: embedding aggregation", results, baseline, cfg.train
-    )
+            log(f"{objective} ranker skipped: {exc}")
+        return skipped_comparison(objective, title, str(exc))
+    comparison = compare(objective, title, results, next(iter(results)), cfg.train)
     comparison.notes.append(
         "the sweep's versions are published with the gate's drift checks relaxed (overwrite and small w move "
         "embeddings fast by design) and never promoted"

@@ -40,6 +40,18 @@ class Comparison:
     deltas: dict[str, dict[str, Estimate]]  # label -> metric -> (label - baseline)
     baseline: str
     notes: list[str] = field(default_factory=list)
+    # Why no ranker was compared (derm.training.downstream.train.RankerSkipped: the log gives the objective
+    # a single label class or too few labelled days); empty when the rankers were trained.
+    skipped: str = ""
+    # The leakage audit of the rows compared (derm.training.downstream.leakage.audit_training_set: every
+    # embedding, label and conversion count against the oracles); empty when not audited.
+    audit: str = ""
+    audit_ok: bool | None = None
+
+
+def skipped_comparison(objective: str, title: str, reason: str) -> Comparison:
+    """A comparison whose rankers were skipped with ``reason``: reported as such, never a crash."""
+    return Comparison(objective, title, [], [], {}, {}, "", notes=[], skipped=reason)
 
 
 def compare(objective: str, title: str, results: dict[str, DownstreamResult], baseline: str, cfg: DownstreamConfig):
@@ -67,6 +79,8 @@ def _pct(delta: float, base: float) -> str:
 
 def comparison_markdown(comparison: Comparison) -> str:
     """A markdown table: metrics with 95% CIs, and the paired lift over the baseline."""
+    if comparison.skipped:
+        return "\n".join([f"### {comparison.title}", "", f"**Skipped**: {comparison.skipped}", ""])
     base = comparison.estimates[comparison.baseline]
     lines = [
         f"### {comparison.title}",
@@ -103,6 +117,9 @@ def comparison_markdown(comparison: Comparison) -> str:
             f"| {vs_base} |"
         )
     lines += ["", *[f"- {note}" for note in [*comparison.notes, _no_harm_note(comparison)] if note], ""]
+    if comparison.audit:
+        lines += ["Leakage audit (labels respect conversion time; embeddings are the snapshots known then):", ""]
+        lines += ["```", comparison.audit, "```", ""]
     return "\n".join(lines)
 
 
@@ -130,8 +147,14 @@ def reliability_curve(labels: np.ndarray, scores: np.ndarray, bins: int = 10) ->
     return predicted, observed
 
 
-def plot_calibration(comparisons: list[Comparison], path: Path, bins: int = 10) -> Path:
-    """Reliability diagram: one panel per comparison, observed label rate vs mean predicted probability."""
+def plot_calibration(comparisons: list[Comparison], path: Path, bins: int = 10) -> Path | None:
+    """Reliability diagram: one panel per comparison, observed label rate vs mean predicted probability.
+
+    Skipped comparisons have no panel; ``None`` (nothing drawn) when every comparison was skipped.
+    """
+    comparisons = [c for c in comparisons if not c.skipped]
+    if not comparisons:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,8 +265,14 @@ def plot_upstream_quality(snapshots_dir: Path, versions: dict[str, str], path: P
     return path
 
 
-def plot_comparisons(comparisons: list[Comparison], path: Path) -> Path:
-    """Lift over the baseline with 95% CIs: one row per comparison, ROC-AUC and PR-AUC columns."""
+def plot_comparisons(comparisons: list[Comparison], path: Path) -> Path | None:
+    """Lift over the baseline with 95% CIs: one row per comparison, ROC-AUC and PR-AUC columns.
+
+    Skipped comparisons have no row; ``None`` (nothing drawn) when every comparison was skipped.
+    """
+    comparisons = [c for c in comparisons if not c.skipped]
+    if not comparisons:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,9 +320,11 @@ def comparison_record(comparison: Comparison) -> dict:
     return {
         "objective": comparison.objective,
         "title": comparison.title,
+        "skipped": comparison.skipped or None,
         "baseline": comparison.baseline,
         "variants": variants,
         "notes": comparison.notes,
+        "audit": {"ok": comparison.audit_ok, "report": comparison.audit} if comparison.audit else None,
     }
 
 
@@ -303,9 +334,14 @@ def write_report(paths: PlatformPaths, name: str, title: str, comparisons: list[
     directory = reports_dir(paths)
     png = plot_comparisons(comparisons, directory / f"{name}.png")
     calibration = plot_calibration(comparisons, directory / f"{name}_calibration.png")
+    for drawn, stale in ((png, f"{name}.png"), (calibration, f"{name}_calibration.png")):
+        if drawn is None:  # every ranker skipped: no plot, and none of an earlier run left beside this report
+            (directory / stale).unlink(missing_ok=True)
     body = [f"# {title}", "", f"Generated {datetime.now().isoformat(timespec='seconds')}.", ""]
     body += [comparison_markdown(c) for c in comparisons]
-    body += [extra, f"![{name}]({png.name})", "", f"![{name} calibration]({calibration.name})", ""]
+    body += [extra]
+    body += [f"![{name}]({png.name})", ""] if png is not None else []
+    body += [f"![{name} calibration]({calibration.name})", ""] if calibration is not None else []
     record = {"title": title, "comparisons": [comparison_record(c) for c in comparisons]}
     (directory / f"{name}.json").write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
     markdown = directory / f"{name}.md"
@@ -330,6 +366,7 @@ __all__ = [
     "quality_rows",
     "reliability_curve",
     "reports_dir",
+    "skipped_comparison",
     "upstream_quality_markdown",
     "write_report",
 ]

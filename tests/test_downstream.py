@@ -7,6 +7,7 @@ embeddings it publishes never meet the other modules' catalogs.
 
 from __future__ import annotations
 
+import itertools
 import os
 import zlib
 from datetime import date, datetime, timedelta
@@ -453,3 +454,42 @@ def test_saved_rankers_appear_whole_and_the_newest_is_served(tmp_path: Path) -> 
     legacy["task"] = legacy.pop("objective")  # a 0.1 spec
     (second / SPEC_FILE).write_text(json.dumps(legacy))
     assert load_ranker(second).spec.objective == "ctr"
+
+
+def test_embedding_ablation_selects_nested_rankers_on_validation_and_audits_its_rows(platform: PlatformPaths) -> None:
+    """The real ablation pipeline (Feast training sets per variant, training, nested selection, report) on the
+    CVR ranker: every step keeps the ranker with the lower validation log loss, a kept smaller ranker's scores
+    stand for the variant (lift exactly 0), and the compared rows pass the leakage audit, labels included."""
+    from derm.core.feast_repo import FeatureRepo
+    from derm.experiments.ablation import AblationConfig, embedding_ablation
+    from derm.experiments.reports import comparison_markdown, comparison_record
+    from derm.training.downstream.train import DownstreamConfig
+
+    train = DownstreamConfig(
+        epochs=1, bootstrap=50, batch_size=512, weight_decay=(1e-4,), embedding_dropout=(0.0, 1.0), gate=False
+    )
+    variants = (("none", ()), ("cvr_user", ("cvr_user",)), ("cvr_user + cvr_pin", ("cvr_user", "cvr_pin")))
+    cfg = AblationConfig(objectives=("cvr",), variants=variants, train=train, run_prefix="nested")
+    (comparison,) = embedding_ablation(platform, FeatureRepo(), cfg)
+
+    results = dict(zip(comparison.labels, comparison.results, strict=True))
+    for (previous, _), (label, _) in itertools.pairwise(variants):
+        decision, before = results[label].nested_selection, results[previous]
+        assert decision["compared_with"] == previous and decision["validation_rows"] > 0
+        assert np.array_equal(results[label].validation_event_ids, before.validation_event_ids)
+        assert decision["kept_own"] == (decision["validation_log_loss"] < decision["previous_validation_log_loss"])
+        assert decision["previous_validation_log_loss"] == before.validation_log_loss
+        if decision["kept_own"]:
+            assert str(results[label].ranker_dir) == decision["own_ranker_dir"]
+            assert results[label].validation_log_loss == decision["validation_log_loss"]
+        else:
+            np.testing.assert_array_equal(results[label].eval_scores, before.eval_scores)
+            assert results[label].ranker_dir == before.ranker_dir != Path(decision["own_ranker_dir"])
+            assert comparison.deltas[label]["roc_auc"].value == comparison.deltas[previous]["roc_auc"].value
+            assert f"`{label}`: validation kept the `{previous}` ranker" in " ".join(comparison.notes)
+    assert comparison.audit_ok is True, comparison.audit
+    assert "label: ok" in comparison.audit and "user_conversions_1d: ok" in comparison.audit
+    assert "cvr_pin_emb: ok" in comparison.audit  # the largest variant's training set
+    markdown = comparison_markdown(comparison)
+    assert "Leakage audit" in markdown and "PASS: every embedding, label and conversion count" in markdown
+    assert comparison_record(comparison)["audit"]["ok"] is True
