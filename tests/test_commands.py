@@ -283,6 +283,7 @@ def test_ablation_runs_and_reports(flow: Flow) -> None:
     output = expect(flow, "ablation", 0)
     written = [line.split()[1] for line in output.splitlines() if line.startswith("wrote ")]
     assert written and all(Path(path).is_file() for path in written), output
+    assert "ctr leakage audit of the ablation's rows: PASS" in output, output
 
 
 def test_promote_rollback_retire_and_their_refusals(flow: Flow) -> None:
