@@ -45,8 +45,9 @@ Defaults and errors (documented contract):
   included: the request is refused as soon as the limit is passed, never read whole.
 * Redis down, unreachable, too slow, or answering an error reply (``LOADING`` after a
   restart, ``OOM``, ``READONLY`` after a failover, ``NOPERM``...) -> 503 within the
-  reader's connect/read timeouts (no retries; after a failure further requests fail fast
-  for a short cooldown).
+  reader's connect/read timeouts (no retry after a timeout; a read whose pooled connection
+  a restarted Redis dropped is sent once more on a new connection; after a failure further
+  requests fail fast for a short cooldown).
 * a stored vector with NULL/NaN/infinite elements -> 502 naming the feature and the
   entity (never a ``null`` score); retrieval without a usable index -> 503.
 """

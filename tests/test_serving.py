@@ -922,19 +922,30 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
     }
 
 
-def test_metrics_are_scraped(server, platform: BenchPlatform) -> None:
-    def scrape() -> dict:
-        server.request("GET", "/metrics")
-        response = server.getresponse()
-        assert response.status == 200 and response.getheader("content-type").startswith("text/plain")
-        return _samples(response.read().decode())
+def test_metrics_are_scraped(service, platform: BenchPlatform) -> None:
+    from derm.serving.http_api import create_app
 
-    before = scrape()
-    for _ in range(3):
-        assert post_json(server, "/rank", {"user_id": 2, "pin_ids": [1, 2, 3, 4]})[0] == 200
-    assert post_json(server, "/retrieve", {"user_id": 2, "k": 5})[0] == 200
-    assert post_json(server, "/rank", {"user_id": 2, "pin_ids": []})[0] == 422
-    after = scrape()
+    # An app of its own, whose samples are created inside this test: `import feast` sets PROMETHEUS_MULTIPROC_DIR,
+    # so every app of this process writes the same per-process sample files, each from its own in-memory values,
+    # and another app's requests (other tests) overwrite the shared server's counts between two scrapes (failed
+    # in file order on the code before too: 3 Redis reads counted for 4).
+    service.index_manager.refresh(wait=True)
+    with serve_in_thread(create_app(service)) as port:
+        server = _KeepAlive("127.0.0.1", port, timeout=30)
+
+        def scrape() -> dict:
+            server.request("GET", "/metrics")
+            response = server.getresponse()
+            assert response.status == 200 and response.getheader("content-type").startswith("text/plain")
+            return _samples(response.read().decode())
+
+        before = scrape()
+        for _ in range(3):
+            assert post_json(server, "/rank", {"user_id": 2, "pin_ids": [1, 2, 3, 4]})[0] == 200
+        assert post_json(server, "/retrieve", {"user_id": 2, "k": 5})[0] == 200
+        assert post_json(server, "/rank", {"user_id": 2, "pin_ids": []})[0] == 422
+        after = scrape()
+        server.close()
 
     def grew(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -312,32 +313,85 @@ class FeatureTransform:
             *([SEQUENCE_COLUMN] if self.spec.model.sequence_length else []),
         ]
 
-    def __call__(self, frame: Mapping[str, Any], label: str | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, frame: Mapping[str, Any], label: str | None = None, memo: dict[Any, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The model's input tensors for the rows of ``frame`` (see the class docstring).
+
+        Args:
+            frame: column name -> array / list / Arrow column, all of length ``B``.
+            label: a column to add as ``batch["label"]`` (training).
+            memo: serving only: one dict per request, shared by the transforms of the request's
+                rankers, whose frames hold the same column objects. Whatever depends only on those
+                columns and on settings both specs share (hashed ids, surface codes, raw counts and
+                their ``log1p``, embedding matrices) is computed once and its tensors shared
+                read-only; each ranker still standardises with its own counting stats. Training
+                passes none and computes everything, as it always did.
+        """
         spec = self.spec
         n = _length(frame["user_id"])
-        sparse = [hash_ids(_as_int(frame[c]), b, salt=i) for i, (c, b) in enumerate(spec.id_buckets.items())]
-        sparse.append(_surface_index(frame["surface"], spec.surfaces))
-        sparse.append(np.clip(_day_of_week(frame, n), 0, 6))
-        counts = np.stack([_as_float(frame[c]) for c in spec.counting_features], axis=1) if n else np.zeros((0, 0))
-        counts = counts.reshape(n, len(spec.counting_features))
-        dense = (np.log1p(np.clip(np.nan_to_num(counts, nan=0.0), 0.0, None)) - self.mean) / self.std
-        view_missing = [
-            np.isnan(counts[:, spec.counting_features.index(f"{prefix}_impressions_7d")])
-            for prefix in COUNTING_VIEWS.values()
-        ]
-        dense = np.concatenate([dense, np.stack(view_missing, axis=1)], axis=1)
-        matrices, missing = [], []
-        for family in spec.families:
-            matrix, miss = embedding_matrix(frame[feature_name(family)], spec.embedding_dims[family])
-            matrices.append(matrix)
-            missing.append(miss)
+
+        def once(key: tuple[Any, ...], columns: tuple[Any, ...], compute: Any) -> Any:
+            # Keyed by the columns' identities and checked against the columns themselves (kept alive
+            # by the memo), so another request's column that reuses an id can never hit.
+            if memo is None:
+                return compute()
+            hit = memo.get(key)
+            if hit is not None and len(hit[0]) == len(columns) and all(map(operator.is_, hit[0], columns)):
+                return hit[1]
+            value = compute()
+            memo[key] = (columns, value)
+            return value
+
+        id_columns = tuple(frame[c] for c in spec.id_buckets)
+        context = tuple(frame[c] if c in frame else None for c in ("surface", "day_of_week", "event_timestamp"))
+        sparse_key = ("sparse", *map(id, id_columns), *map(id, context), tuple(spec.id_buckets.items()),
+                      tuple(spec.surfaces))  # fmt: skip
+
+        def sparse_tensor() -> torch.Tensor:
+            sparse = [hash_ids(_as_int(column), b, salt=i) for i, (column, b) in
+                      enumerate(zip(id_columns, spec.id_buckets.values(), strict=True))]  # fmt: skip
+            sparse.append(_surface_index(frame["surface"], spec.surfaces))
+            sparse.append(np.clip(_day_of_week(frame, n), 0, 6))
+            return torch.from_numpy(np.stack(sparse, axis=1).astype(np.int64))
+
+        count_columns = tuple(frame[c] for c in spec.counting_features)
+
+        def logged_counts() -> tuple[np.ndarray, np.ndarray]:
+            counts = np.stack([_as_float(c) for c in count_columns], axis=1) if n else np.zeros((0, 0))
+            counts = counts.reshape(n, len(spec.counting_features))
+            view_missing = [
+                np.isnan(counts[:, spec.counting_features.index(f"{prefix}_impressions_7d")])
+                for prefix in COUNTING_VIEWS.values()
+            ]
+            return np.log1p(np.clip(np.nan_to_num(counts, nan=0.0), 0.0, None)), np.stack(view_missing, axis=1)
+
+        logged, view_missing = once(
+            ("counts", *map(id, count_columns), tuple(spec.counting_features)), count_columns, logged_counts
+        )
+        dense = np.concatenate([(logged - self.mean) / self.std, view_missing], axis=1)
+        emb_columns = tuple(frame[feature_name(family)] for family in spec.families)
+        dims = tuple(spec.embedding_dims[family] for family in spec.families)
+
+        def embedding_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+            matrices, missing = [], []
+            for column, dim in zip(emb_columns, dims, strict=True):
+                matrix, miss = embedding_matrix(column, dim)
+                matrices.append(matrix)
+                missing.append(miss)
+            return (
+                torch.from_numpy(np.concatenate(matrices, axis=1) if matrices else np.zeros((n, 0), np.float32)),
+                torch.from_numpy(
+                    np.stack(missing, axis=1).astype(np.float32) if missing else np.zeros((n, 0), np.float32)
+                ),
+            )
+
+        emb, emb_missing = once(("emb", *map(id, emb_columns), dims), emb_columns, embedding_tensors)
         batch = {
-            "sparse": torch.from_numpy(np.stack(sparse, axis=1).astype(np.int64)),
+            "sparse": once(sparse_key, (*id_columns, *context), sparse_tensor),
             "dense": torch.from_numpy(dense.astype(np.float32)),
-            "emb": torch.from_numpy(np.concatenate(matrices, axis=1) if matrices else np.zeros((n, 0), np.float32)),
-            "emb_missing": torch.from_numpy(
-                np.stack(missing, axis=1).astype(np.float32) if missing else np.zeros((n, 0), np.float32)
-            ),
+            "emb": emb,
+            "emb_missing": emb_missing,
         }
         length = spec.model.sequence_length
         if length:
@@ -566,8 +620,11 @@ class Ranker:
     def input_columns(self) -> list[str]:
         return self.transform.input_columns
 
-    def logits(self, frame: Mapping[str, Any], batch_size: int = 65_536) -> np.ndarray:
-        batch = self.transform(frame)
+    def logits(
+        self, frame: Mapping[str, Any], batch_size: int = 65_536, memo: dict[Any, Any] | None = None
+    ) -> np.ndarray:
+        """Raw logits ``(B,)``; ``memo``: see :meth:`FeatureTransform.__call__` (serving shares it between rankers)."""
+        batch = self.transform(frame, memo=memo)
         n = batch["sparse"].shape[0]
         self.model.eval()
         out = []
@@ -577,12 +634,18 @@ class Ranker:
             else:
                 for start in range(0, n, batch_size):
                     out.append(self.model({k: v[start : start + batch_size] for k, v in batch.items()}))
-        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+        if not out:
+            return np.zeros(0, np.float32)
+        return (out[0] if len(out) == 1 else torch.cat(out)).numpy()  # serving's one batch: no copy
 
-    def score(self, frame: Mapping[str, Any]) -> np.ndarray:
-        """Calibrated probabilities ``(B,)`` float32 for the rows of ``frame`` (column name -> array or list)."""
+    def score(self, frame: Mapping[str, Any], memo: dict[Any, Any] | None = None) -> np.ndarray:
+        """Calibrated probabilities ``(B,)`` float32 for the rows of ``frame`` (column name -> array or list).
+
+        ``memo``: one dict per request shared by the request's rankers (see :meth:`FeatureTransform.__call__`).
+        """
         scale, bias = self.spec.calibration
-        return (1.0 / (1.0 + np.exp(-(scale * self.logits(frame).astype(np.float64) + bias)))).astype(np.float32)
+        logits = self.logits(frame, memo=memo).astype(np.float64)
+        return (1.0 / (1.0 + np.exp(-(scale * logits + bias)))).astype(np.float32)
 
     def save(self, directory: Path) -> Path:
         """``model.pt`` and ``ranker.json`` into ``directory``, which appears (or is replaced) whole."""
