@@ -26,6 +26,12 @@ Two measurements per target, each bounded in seconds and in requests:
   growing without bound (coordinated omission), so latencies at loads a server cannot
   sustain are optimistic; the saturation figures above are the honest limit.
 
+Per target, ``server_cpu_ms_per_request`` is the CPU time of the server's processes (every
+worker; not wrk's, not Redis') over the requests of both measurements, from ``/proc``. It does not
+count the time other processes held the cores, as latencies do, but shared caches and cores still
+inflate it on a busy machine (a /rank of 100 Pins: ~7 ms quiet, up to ~20 ms at load average 10
+here), so compare code versions side by side in one run, not across runs.
+
 ``wrk`` is pinned to the last core and the servers (and Redis) to the others when the
 machine has at least 3 cores; on 2 cores wrk gets core 1 and the servers both (they
 cannot be separated without halving the workers).
@@ -164,10 +170,39 @@ def wrk(
     return result
 
 
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid`` and every live process below it (Linux ``/proc``).
+
+    A server's CPU per request is robust where its latency is not: on a shared machine the wall
+    clock counts the time other processes held the cores, the CPU time only the server's own work.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+    return total
+
+
 def measure_target(
-    name: str, url: str, path: str, bodies: Path, *, duration: float, max_requests: int, cores: str | None
+    name: str,
+    url: str,
+    path: str,
+    bodies: Path,
+    *,
+    duration: float,
+    max_requests: int,
+    cores: str | None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     wrk(url, path, bodies, connections=4, duration=3.0, max_requests=2000, cores=cores)  # warm up every worker
+    cpu_before = process_tree_cpu_seconds(server_pid) if server_pid else 0.0
     saturation = [
         wrk(url, path, bodies, connections=c, duration=duration, max_requests=max_requests, cores=cores)
         for c in CONNECTIONS
@@ -188,9 +223,12 @@ def measure_target(
             cores=cores,
         )
         curve.append(paced)
+    answered = sum(r["requests"] for r in (*saturation, *curve))
+    cpu_ms = (process_tree_cpu_seconds(server_pid) - cpu_before) * 1e3 / answered if server_pid and answered else None
     print(
         f"   {name}: max {best['rps'] if best else 0:.0f} req/s at p99 <= {P99_BUDGET_MS:g} ms; "
-        + ", ".join(f"{r['offered_rps']}/s -> {r['rps']:.0f}/s p99 {r['p99_ms']:.1f} ms" for r in curve),
+        + ", ".join(f"{r['offered_rps']}/s -> {r['rps']:.0f}/s p99 {r['p99_ms']:.1f} ms" for r in curve)
+        + (f"; server CPU {cpu_ms:.2f} ms/request" if cpu_ms is not None else ""),
         flush=True,
     )
     return {
@@ -200,6 +238,8 @@ def measure_target(
         "saturation": saturation,
         "curve": curve,
         "at_rate": {str(r["offered_rps"]): r for r in curve},
+        # The server's processes (all workers), not wrk's nor Redis': CPU seconds per answered request.
+        "server_cpu_ms_per_request": round(cpu_ms, 3) if cpu_ms is not None else None,
     }
 
 
@@ -294,15 +334,16 @@ def run(
         ):
             _wait_ready(f"{rank_url}/health", derm_process)
             _wait_ready(f"{feast_url}/health", feast_process)
-            for name, url, path, kind, pins in (
-                ("rank100", rank_url, "/rank", "rank", 100),
-                ("rank500", rank_url, "/rank", "rank", 500),
-                ("feast100", feast_url, "/get-online-features", "feast", 100),
+            for name, url, path, kind, pins, process in (
+                ("rank100", rank_url, "/rank", "rank", 100, derm_process),
+                ("rank500", rank_url, "/rank", "rank", 500, derm_process),
+                ("feast100", feast_url, "/get-online-features", "feast", 100, feast_process),
             ):
                 bodies = write_bodies(Path(tmp) / f"{name}.jsonl", kind, pins, platform.users, platform.pins)
                 result[name] = measure_target(
-                    name, url, path, bodies, duration=duration, max_requests=max_requests, cores=client_cores
-                )
+                    name, url, path, bodies, duration=duration, max_requests=max_requests, cores=client_cores,
+                    server_pid=process.pid,
+                )  # fmt: skip
             with urllib.request.urlopen(f"{rank_url}/metrics", timeout=10) as scrape:
                 metrics = scrape.read().decode()
             result["rank_requests_in_metrics"] = sum(
