@@ -147,6 +147,8 @@ WORKLOADS: tuple[Workload, ...] = (
             ("rank100_rps_at_budget", "/rank 100 Pins req/s within the budget"),
             ("feast100_rps_at_budget", "feast serve 100 Pins req/s within the budget"),
             ("peak_throughput_ratio_100", "peak req/s ratio /rank / feast serve (any p99)"),
+            ("rank100.server_cpu_ms_per_request", "/rank 100 Pins: server CPU ms per request"),
+            ("feast100.server_cpu_ms_per_request", "feast serve 100 Pins: server CPU ms per request"),
         ),
         ratios=(
             Ratio("throughput_ratio_100", "/rank / feast serve req/s at the same p99 (100 Pins)", 5.0),
