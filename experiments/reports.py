@@ -242,6 +242,7 @@ def plot_upstream_quality(snapshots_dir: Path, versions: dict[str, str], path: P
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates
     import matplotlib.pyplot as plt
 
     series = {f: quality_rows(snapshots_dir, f, v) for f, v in versions.items() if f.endswith("_user")}
@@ -250,14 +251,18 @@ def plot_upstream_quality(snapshots_dir: Path, versions: dict[str, str], path: P
         return None
     fig, axes = plt.subplots(len(series), 2, figsize=(11, 3.2 * len(series)), squeeze=False)
     for row, (family, rows) in enumerate(series.items()):
-        days = [r["day"][5:] for r in rows]
+        # Real dates, so matplotlib spaces the ticks: one label per day is unreadable past a few weeks.
+        days = [np.datetime64(r["day"]) for r in rows]
         for col, metric in enumerate(("roc_auc", "recall_at_k")):
             ax = axes[row][col]
             for suffix, name in (("", "embeddings"), ("_popularity", "popularity"), ("_previous", "yesterday's")):
                 values = [np.nan if r[metric + suffix] is None else r[metric + suffix] for r in rows]
                 ax.plot(days, values, marker="o", ms=3, label=name)
             ax.set_title(f"{family.split('_')[0].upper()} {versions[family]}: next-day {metric}", fontsize=9)
-            ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+            locator = matplotlib.dates.AutoDateLocator(maxticks=10)
+            ax.xaxis.set_major_locator(locator)
+            ax.xaxis.set_major_formatter(matplotlib.dates.ConciseDateFormatter(locator))
+            ax.tick_params(axis="x", labelsize=7)
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
