@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
 from derm.core.naming import all_counting_features
 from derm.core.training_set import TrainingSetInfo, write_training_set
@@ -28,12 +27,7 @@ DIMS = {"ctr_user": 4, "ctr_pin": 16}
 VARIANTS = (("none", ()), ("ctr_user", ("ctr_user",)), ("ctr_user + ctr_pin", ("ctr_user", "ctr_pin")))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _frame(n: int = 2_400, seed: int = 0) -> dict[str, pa.Array]:

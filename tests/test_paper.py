@@ -35,13 +35,7 @@ DIM = 8
 SMALL = RankerModelConfig(mlp_hidden=(32,), cross_rank=8, projection_dim=8)  # test-sized; the same code paths
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _frame(n: int, rng: np.random.Generator, start: datetime, days: int, signal: float = 0.0) -> dict:
