@@ -46,7 +46,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,18 +58,13 @@ from typing import Any
 import numpy as np
 
 from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV
+from derm.infra.redis_server import free_ports
 
 LUA_SCRIPT = Path(__file__).with_name("p2_load.lua")
 RATES = (50, 100, 200, 400)
 CONNECTIONS = (1, 2, 4, 8, 16)
 P99_BUDGET_MS = 50.0
 BODIES = 256
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _cores() -> tuple[str | None, str | None]:
@@ -314,7 +308,7 @@ def run(
         env = {**os.environ, DATA_DIR_ENV: str(platform.paths.data_dir),
                REDIS_CONNECTION_ENV: platform.connection_string, REDIS_TYPE_ENV: "redis"}  # fmt: skip
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        derm_port, feast_port = _free_port(), _free_port()
+        derm_port, feast_port = free_ports(2)
         derm = [
             str(Path(sys.executable).with_name("derm")),
             "serve",

@@ -25,7 +25,7 @@ from pathlib import Path
 import redis
 from redis.cluster import RedisCluster
 
-from derm.infra.redis_server import RedisServerError, find_redis_server, free_port
+from derm.infra.redis_server import RedisServerError, find_redis_server, free_ports
 
 SLOTS = 16384
 
@@ -65,9 +65,7 @@ class LocalRedisCluster:
         nodes = masters * (1 + replicas)
         # Each node also needs a cluster bus port; Redis defaults it to port + 10000, which overflows for the
         # high ports the OS hands out, so pick both (``cluster-port``).
-        picked = [free_port() for _ in range(2 * nodes)]
-        if len(set(picked)) != len(picked):
-            raise RedisServerError(f"could not pick {len(picked)} distinct free ports: {picked}")
+        picked = free_ports(2 * nodes)
         self.ports = picked[:nodes]
         self.bus_ports = dict(zip(self.ports, picked[nodes:], strict=True))
         self._processes: dict[int, subprocess.Popen[bytes]] = {}

@@ -54,8 +54,15 @@ def _client(connection: str) -> redis.Redis:
 def _start_foreground(data_dir: Path) -> subprocess.Popen[str]:
     env = {**os.environ, DATA_DIR_ENV: str(data_dir), PROFILE_ENV: "local"}
     env.pop(REDIS_CONNECTION_ENV, None)
+    # SIGHUP back to its default before exec: under nohup (a CI job started that way) the test process
+    # ignores it, derm would rightly keep it ignored, and the SIGHUP case would wait forever.
+    start = "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
     return subprocess.Popen(
-        [str(DERM), "redis", "up", "--foreground"], env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, "-c", start, str(DERM), "redis", "up", "--foreground"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
