@@ -24,6 +24,7 @@ Users who prefer Feast's own feature server can serve the same features with
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -98,6 +99,10 @@ def build_app(options: dict[str, Any], *, wait_for_index: bool = True, announce:
         service.index_manager.refresh(wait=True)  # build (or load) the Pin index before taking traffic
         if announce:
             click.echo(f"retrieval: {service.index_manager.describe()['index']}", err=True)
+    # Move everything start-up allocated (Feast, torch, protobuf: ~300k objects) out of the cyclic GC's
+    # reach: a full collection over them took ~0.5 s here, a pause any request caught in it would pay.
+    gc.collect()
+    gc.freeze()
     return create_app(service)
 
 
