@@ -129,8 +129,8 @@ WORKLOADS: tuple[Workload, ...] = (
         name="P2-load",
         title="External load (wrk, loopback): derm serve /rank vs feast serve, same workers, Redis, registry",
         module="bench.p2_load",
-        sizes=dict(duration=5.0, max_requests=20_000, workers=2),
-        smoke=dict(duration=1.0, max_requests=200, workers=1, chart=None),
+        sizes=dict(duration=5.0, rate_duration=20.0, max_requests=20_000, workers=2),
+        smoke=dict(duration=1.0, rate_duration=1.0, max_requests=200, workers=1, chart=None),
         scaled=("max_requests",),
         figures=(
             ("rank100.max_rps_at_p99_50ms", "/rank 100 Pins: max req/s at p99 <= 50 ms"),

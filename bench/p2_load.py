@@ -18,13 +18,16 @@ Two measurements per target, each bounded in seconds and in requests:
 
 * **saturation**: closed loop at 1, 2, 4, 8, 16 connections; ``max_rps_at_p99_50ms`` is
   the highest throughput whose p99 is at most 50 ms;
-* **fixed offered loads** (50, 100, 200, 400 req/s): wrk has no constant-rate mode (wrk2
-  is not packaged and ``oha`` is not in the registries used here), so each connection
-  waits ``connections / rate`` seconds (uniform jitter) between requests. This is a
-  closed loop with think time: the achieved rate is reported next to the offered one,
-  and when the server cannot keep up the achieved rate falls short instead of latency
-  growing without bound (coordinated omission), so latencies at loads a server cannot
-  sustain are optimistic; the saturation figures above are the honest limit.
+* **fixed offered loads** (50, 100, 200, 400 req/s, ``--rate-duration`` seconds each, 20 by
+  default so that a p99 rests on 1,000+ requests): wrk has no constant-rate mode and wrk2
+  is not packaged, so the Lua script paces as wrk2 does: each wrk thread keeps a schedule
+  of send times at the offered rate, and a connection waits for the next one (or sends at
+  once when the schedule is past). Latency is timed from the write, so when the server
+  cannot keep up the schedule slips instead of the latencies growing (coordinated
+  omission); each point reports the achieved rate and how late requests left
+  (``late_p99_ms``), and ``kept_up`` says whether it held the offered rate (achieved
+  >= 95 %, p99 lateness <= 5 ms). Only such points are honest; the saturation figures
+  above are the limit.
 
 Per target, ``server_cpu_ms_per_request`` is the CPU time of the server's processes (every
 worker; not wrk's, not Redis') over the requests of both measurements, from ``/proc``. It does not
@@ -36,7 +39,7 @@ here), so compare code versions side by side in one run, not across runs.
 machine has at least 3 cores; on 2 cores wrk gets core 1 and the servers both (they
 cannot be separated without halving the workers).
 
-    python -m bench.p2_load --duration 5 --workers 2
+    python -m bench.p2_load --duration 5 --rate-duration 20 --workers 2
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ LUA_SCRIPT = Path(__file__).with_name("p2_load.lua")
 RATES = (50, 100, 200, 400)
 CONNECTIONS = (1, 2, 4, 8, 16)
 P99_BUDGET_MS = 50.0
+KEPT_UP_SHARE, KEPT_UP_LATE_MS = 0.95, 5.0
 BODIES = 256
 
 
@@ -148,7 +152,8 @@ def wrk(
         **os.environ,
         "P2_BODIES": str(bodies),
         "P2_PATH": path,
-        "P2_DELAY_MS": f"{connections * 1000.0 / rate:.3f}" if rate else "0",
+        "P2_INTERVAL_MS": f"{threads * 1000.0 / rate:.3f}" if rate else "0",  # per thread: each has its schedule
+        "P2_THREADS": str(threads),
         "P2_MAX_REQUESTS": str(max(1, max_requests // threads)),  # per wrk thread
     }
     command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s", "--timeout", "5s",
@@ -161,6 +166,8 @@ def wrk(
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     result = json.loads(lines[-1])
     result.update(connections=connections, offered_rps=rate)
+    if rate:
+        result["kept_up"] = result["rps"] >= KEPT_UP_SHARE * rate and result["late_p99_ms"] <= KEPT_UP_LATE_MS
     return result
 
 
@@ -191,6 +198,7 @@ def measure_target(
     bodies: Path,
     *,
     duration: float,
+    rate_duration: float,
     max_requests: int,
     cores: str | None,
     server_pid: int | None = None,
@@ -211,7 +219,7 @@ def measure_target(
             path,
             bodies,
             connections=connections,
-            duration=duration,
+            duration=rate_duration,
             max_requests=max_requests,
             rate=rate,
             cores=cores,
@@ -221,7 +229,10 @@ def measure_target(
     cpu_ms = (process_tree_cpu_seconds(server_pid) - cpu_before) * 1e3 / answered if server_pid and answered else None
     print(
         f"   {name}: max {best['rps'] if best else 0:.0f} req/s at p99 <= {P99_BUDGET_MS:g} ms; "
-        + ", ".join(f"{r['offered_rps']}/s -> {r['rps']:.0f}/s p99 {r['p99_ms']:.1f} ms" for r in curve)
+        + ", ".join(
+            f"{r['offered_rps']}/s -> {r['rps']:.0f}/s p99 {r['p99_ms']:.1f} ms" + ("" if r["kept_up"] else " (behind)")
+            for r in curve
+        )
         + (f"; server CPU {cpu_ms:.2f} ms/request" if cpu_ms is not None else ""),
         flush=True,
     )
@@ -289,6 +300,7 @@ def write_chart(result: dict[str, Any], path: Path) -> Path:
 
 def run(
     duration: float = 5.0,
+    rate_duration: float = 20.0,
     max_requests: int = 20_000,
     workers: int = 2,
     users: int = 200,
@@ -302,6 +314,7 @@ def run(
 
     server_cores, client_cores = _cores()
     result: dict[str, Any] = {"workers": workers, "cores": len(os.sched_getaffinity(0)), "duration_s": duration,
+                              "rate_duration_s": rate_duration,
                               "server_cores": server_cores, "client_cores": client_cores}  # fmt: skip
     with bench_platform(pins=pin_pool, users=users) as platform, tempfile.TemporaryDirectory() as tmp:
         save_rankers(platform.paths.models_dir)
@@ -335,7 +348,8 @@ def run(
             ):
                 bodies = write_bodies(Path(tmp) / f"{name}.jsonl", kind, pins, platform.users, platform.pins)
                 result[name] = measure_target(
-                    name, url, path, bodies, duration=duration, max_requests=max_requests, cores=client_cores,
+                    name, url, path, bodies, duration=duration, rate_duration=rate_duration,
+                    max_requests=max_requests, cores=client_cores,
                     server_pid=process.pid,
                 )  # fmt: skip
             with urllib.request.urlopen(f"{rank_url}/metrics", timeout=10) as scrape:
@@ -367,10 +381,11 @@ def run(
 def main() -> None:  # pragma: no cover - command line
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--rate-duration", type=float, default=20.0, help="seconds per fixed-rate wrk run")
     parser.add_argument("--max-requests", type=int, default=20_000, help="requests per wrk run at most")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    result = run(args.duration, args.max_requests, args.workers)
+    result = run(args.duration, args.rate_duration, args.max_requests, args.workers)
     print(json.dumps({k: v for k, v in result.items() if k not in {"rank100", "rank500", "feast100"}}, indent=2))
 
 
