@@ -66,8 +66,8 @@ WORKLOADS: tuple[Workload, ...] = (
         figures=(
             ("user_embeddings_per_s", "user embeddings/s, single process"),
             ("pin_embeddings_per_s", "Pin embeddings/s, single process"),
-            ("ray_user_embeddings_per_s", "user embeddings/s, Ray Data (2 actors)"),
-            ("ray_pin_embeddings_per_s", "Pin embeddings/s, Ray Data (2 actors)"),
+            ("ray_user_embeddings_per_s", "user embeddings/s, Ray Data (2 tasks)"),
+            ("ray_pin_embeddings_per_s", "Pin embeddings/s, Ray Data (2 tasks)"),
             ("ray_over_local_user", "Ray / single process, users"),
             ("ray_over_local_pin", "Ray / single process, Pins"),
         ),

@@ -7,9 +7,9 @@ to disk. Entity features are generated on the fly (random ids, counts and click
 sequences), so the number measures the export, not DuckDB feature queries.
 
 Side by side in one run: the single-process export and the export on Ray Data
-(``ray.data`` ``map_batches`` on a pool of ``ray_workers`` actors, local Ray with
+(``ray.data`` ``map_batches`` in at most ``ray_workers`` Ray tasks at a time, local Ray with
 ``num_cpus`` CPUs; the cluster profile's engine). Ray's start-up is warmed up once; each
-timed Ray export includes its actors' start (loading the model), as a daily export does.
+timed Ray export includes loading the model in the worker processes, as a daily export does.
 
 Usage::
 
@@ -148,8 +148,8 @@ def run(
     export's snapshot is checked to be the single-process one, byte for byte.
 
     Args:
-        ray_workers: actors of the Ray Data export (None: the single-process export only; ``python -m bench``
-            asks for 2).
+        ray_workers: Ray tasks at a time of the Ray Data export (None: the single-process export only;
+            ``python -m bench`` asks for 2).
         num_cpus: CPUs of the local Ray.
 
     Returns:
@@ -227,7 +227,7 @@ def run(
 @click.option("--entities", default=1_000_000, show_default=True, help="Entities exported per family.")
 @click.option("--repeats", default=3, show_default=True, help="Timed runs per family (median reported).")
 @click.option("--dim", default=64, show_default=True, help="Embedding dimension.")
-@click.option("--ray-workers", default=2, show_default=True, help="Ray Data actors (0: single process only).")
+@click.option("--ray-workers", default=2, show_default=True, help="Ray Data tasks at a time (0: single process only).")
 def main(entities: int, repeats: int, dim: int, ray_workers: int) -> None:
     """Print the export throughput as JSON."""
     click.echo(json.dumps(run(entities, repeats, dim, ray_workers=ray_workers or None), indent=2))

@@ -12,7 +12,7 @@ Checked: the whole job finishes with both rankers trained on training sets the R
 ``get_online_features`` answers, for every entity, the vector of the newest published snapshot
 in the offline store.
 
-CI cost: one run-all on 3 days of 400 events (one torch thread), about 1-2 minutes.
+CI cost: one run-all on 5 days of 400 events (one torch thread), about 2 minutes here.
 """
 
 from __future__ import annotations

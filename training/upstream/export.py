@@ -16,7 +16,7 @@ Example::
 Inference on Ray Data: with ``ray=RayExport(...)`` (what :func:`export_engine` returns on
 the cluster profile, ``DERM_PROFILE=cluster``, or with ``DERM_EXPORT_ENGINE=ray``),
 :func:`embed_batches` runs the tower as ``ray.data`` ``map_batches`` over the entity
-batches on an actor pool, each actor holding a copy of the model; the batches come back
+batches in Ray tasks, each worker process loading the model once; the batches come back
 in id order and go through the same moving average and snapshot writer, so the snapshot
 is the single-process one, bit for bit (``tests/test_ray_export.py``).
 """
@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -186,10 +187,10 @@ class RayExport:
 
     Args:
         ray_address: a running Ray cluster (``ray://head:10001`` or ``auto``); None starts a local Ray.
-        workers: actors of the pool, each with its own copy of the model (one CPU each).
+        workers: Ray tasks at a time, one CPU each (each worker process keeps its copy of the model).
         num_cpus: CPUs of the local Ray (ignored with ``ray_address``).
         object_store_memory: bytes of the local Ray's object store (the feature batches wait there).
-        threads: torch threads per actor; None leaves Ray's default (one per CPU the actor holds).
+        threads: torch threads per task; None leaves Ray's default (one per CPU the task holds).
     """
 
     ray_address: str | None = None
@@ -244,23 +245,35 @@ def embed_batches(
             yield from _embed_in_batches(model, entity, features, batch_size)
 
 
-class _TowerActor:
-    """A Ray Data actor: one copy of the model, embeds whole blocks (one feature batch each)."""
+# The tower a Ray worker process has loaded, by its object's id: an export's blocks are many tasks, and a
+# worker process that runs several of them reads and unpickles the model once.
+_loaded_towers: dict[str, DermModel] = {}
 
-    def __init__(self, model_bytes: bytes, entity: str, batch_size: int, threads: int | None) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        self.model = torch.load(io.BytesIO(model_bytes), weights_only=False)
-        self.model.eval()
-        self.entity = entity
-        self.batch_size = batch_size
 
-    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Blocks arrive read-only (shared memory); torch wants writable arrays (a copy of one batch).
-        block = {name: values if values.flags.writeable else values.copy() for name, values in block.items()}
-        with torch.inference_mode():
-            parts = list(_embed_in_batches(self.model, self.entity, block, self.batch_size))
-        return {"id": np.concatenate([ids for ids, _ in parts]), "embedding": np.concatenate([e for _, e in parts])}
+def _embed_block(
+    block: dict[str, np.ndarray], *, model: list[Any], entity: str, batch_size: int, threads: int | None
+) -> dict[str, np.ndarray]:
+    """A Ray Data task: embeds one whole block (one feature batch) with the tower in ``model[0]`` (an ObjectRef).
+
+    The ref is wrapped in a list so that Ray passes it through unresolved: it is fetched only by a
+    process that has not loaded that model yet.
+    """
+    import ray
+
+    (ref,) = model
+    tower = _loaded_towers.get(ref.hex())
+    if tower is None:
+        tower = torch.load(io.BytesIO(ray.get(ref)), weights_only=False)
+        tower.eval()
+        _loaded_towers.clear()  # each export puts its model anew: an earlier one is not asked for again
+        _loaded_towers[ref.hex()] = tower
+    if threads:
+        torch.set_num_threads(threads)
+    # Blocks arrive read-only (shared memory); torch wants writable arrays (a copy of one batch).
+    block = {name: values if values.flags.writeable else values.copy() for name, values in block.items()}
+    with torch.inference_mode():
+        parts = list(_embed_in_batches(tower, entity, block, batch_size))
+    return {"id": np.concatenate([ids for ids, _ in parts]), "embedding": np.concatenate([e for _, e in parts])}
 
 
 def embed_batches_on_ray(
@@ -270,10 +283,14 @@ def embed_batches_on_ray(
     batch_size: int,
     config: RayExport,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """:func:`embed_batches` as ``ray.data`` ``map_batches`` over the feature batches, on a pool of actors.
+    """:func:`embed_batches` as ``ray.data`` ``map_batches`` over the feature batches, in Ray tasks.
+
+    Tasks, not an actor pool: a pool's actors start (a process importing torch, seconds each) for
+    every dataset, i.e. for every family of every day, where tasks reuse Ray's worker processes,
+    which load the model once per export (:func:`_embed_block`).
 
     Each feature batch becomes one block (put in Ray's object store as it is read, so the
-    driver holds one batch at a time); an actor embeds a whole block in the same passes of
+    driver holds one batch at a time); a task embeds a whole block in the same passes of
     ``batch_size`` rows as the single-process export, so every vector is the same; the
     output blocks are read back in order (``preserve_order``), ids ascending as they went in.
 
@@ -304,16 +321,17 @@ def embed_batches_on_ray(
         return
     buffer = io.BytesIO()
     torch.save(model, buffer)
+    model_ref = ray_module.put(buffer.getvalue())
     context = ray.data.DataContext.get_current()
     preserve_order = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # the moving average merge-joins by ascending id
     try:
         embedded = ray.data.from_arrow_refs(refs).map_batches(
-            _TowerActor,
-            fn_constructor_args=(buffer.getvalue(), entity, batch_size, config.threads),
+            _embed_block,
+            fn_kwargs={"model": [model_ref], "entity": entity, "batch_size": batch_size, "threads": config.threads},
             batch_size=None,  # one feature batch per call: the same forward passes as in process
             batch_format="numpy",
-            concurrency=config.workers,
+            compute=ray.data.TaskPoolStrategy(size=config.workers),
             num_cpus=1,
         )
         for block in embedded.iter_batches(batch_size=None, batch_format="numpy"):
