@@ -122,6 +122,37 @@ def test_threads_and_memory_limit_are_applied() -> None:
         assert con.execute(settings).fetchone() == default
 
 
+def test_plain_connections_share_a_database_but_nothing_a_caller_sets() -> None:
+    with connect() as first, connect() as second:
+        first.register("frame", pa.table({"x": [1, 2]}))
+        first.execute("SET TimeZone = 'Asia/Tokyo'")
+        first.execute("CREATE TEMP TABLE scratch AS SELECT 1 AS y")
+        with pytest.raises(duckdb.CatalogException):
+            second.execute("SELECT * FROM frame")
+        with pytest.raises(duckdb.CatalogException):
+            second.execute("SELECT * FROM scratch")
+        assert second.execute("SELECT current_setting('TimeZone')").fetchone() == ("UTC",)
+    with connect() as third:  # the shared database outlives its connections
+        assert third.execute("SELECT current_setting('TimeZone')").fetchone() == ("UTC",)
+
+
+def test_a_forked_child_gets_a_database_of_its_own() -> None:
+    with connect() as con:
+        con.execute("SELECT 1").fetchall()  # the parent's shared database exists and has run a query
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            with connect() as child:
+                code = 0 if child.execute("SELECT 41 + 1").fetchone() == (42,) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child ended with status {status}"
+    with connect() as con:
+        assert con.execute("SELECT 1").fetchone() == (1,)
+
+
 @pytest.fixture
 def far_time_zone() -> Iterator[str]:
     """The process runs in UTC+14 for the test (DuckDB takes its default zone from TZ at connect)."""
