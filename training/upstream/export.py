@@ -245,9 +245,10 @@ def embed_batches(
             yield from _embed_in_batches(model, entity, features, batch_size)
 
 
-# The tower a Ray worker process has loaded, by its object's id: an export's blocks are many tasks, and a
-# worker process that runs several of them reads and unpickles the model once.
-_loaded_towers: dict[str, DermModel] = {}
+# The tower a Ray worker process loaded last, with its object's id: an export's blocks are many tasks, and a
+# worker process that runs several of them reads and unpickles the model once (each export puts its model
+# anew, so only the last one is ever asked for again).
+_loaded_tower: tuple[str, DermModel] | None = None
 
 
 def _embed_block(
@@ -260,13 +261,13 @@ def _embed_block(
     """
     import ray
 
+    global _loaded_tower
     (ref,) = model
-    tower = _loaded_towers.get(ref.hex())
-    if tower is None:
+    if _loaded_tower is None or _loaded_tower[0] != ref.hex():
         tower = torch.load(io.BytesIO(ray.get(ref)), weights_only=False)
         tower.eval()
-        _loaded_towers.clear()  # each export puts its model anew: an earlier one is not asked for again
-        _loaded_towers[ref.hex()] = tower
+        _loaded_tower = (ref.hex(), tower)
+    tower = _loaded_tower[1]
     if threads:
         torch.set_num_threads(threads)
     # Blocks arrive read-only (shared memory); torch wants writable arrays (a copy of one batch).
