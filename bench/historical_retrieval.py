@@ -51,26 +51,36 @@ DIM = 64
 TTL = timedelta(days=30)
 START = datetime(2026, 1, 1, tzinfo=UTC)
 METHODS = ("asof_store", "stock_store", "handwritten_asof")
+FAMILIES = ("ctr_user", "ctr_pin")  # P3's embedding families
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def write_dataset(workdir: Path, events: int, entities: int, days: int, seed: int = 0) -> None:
-    """Daily embedding snapshots of ``entities`` users and Pins, and ``events`` labelled events over the days."""
+def write_dataset(
+    workdir: Path, events: int, entities: int, days: int, seed: int = 0, families: tuple[str, ...] = FAMILIES
+) -> None:
+    """Daily embedding snapshots of ``entities`` users and Pins, and ``events`` labelled events over the days.
+
+    Args:
+        families: embedding families, ``<model>_<entity>`` with entity ``user`` or ``pin`` (join key
+            ``<entity>_id``, column ``<family>_emb``, folder ``offline/embeddings/<family>/v1``), written
+            in this order; the default is P3's two, and the same seed then gives P3's data exactly.
+    """
     rng = np.random.default_rng(seed)
     ids = np.arange(entities, dtype=np.int64)
-    for family in ("user", "pin"):
+    for family in families:
+        key = family_key(family)
         for day in range(days):
             snapshot_time = START + timedelta(days=day)
-            folder = workdir / "offline" / "embeddings" / f"ctr_{family}" / "v1" / f"date={snapshot_time.date()}"
+            folder = family_folder(workdir, family) / f"date={snapshot_time.date()}"
             folder.mkdir(parents=True, exist_ok=True)
             embeddings = rng.standard_normal((entities, DIM), dtype=np.float32)
             table = pa.table(
                 {
-                    f"{family}_id": ids,
+                    key: ids,
                     "event_timestamp": pa.array(np.full(entities, snapshot_time), pa.timestamp("us", tz="UTC")),
-                    f"ctr_{family}_emb": pa.FixedSizeListArray.from_arrays(embeddings.ravel(), DIM).cast(
+                    f"{family}_emb": pa.FixedSizeListArray.from_arrays(embeddings.ravel(), DIM).cast(
                         pa.list_(pa.float32())
                     ),
                 }
@@ -92,8 +102,21 @@ def write_dataset(workdir: Path, events: int, entities: int, days: int, seed: in
     )
 
 
+def family_key(family: str) -> str:
+    """The join key of a family: ``ctr_user`` -> ``user_id``, ``cvr_pin`` -> ``pin_id``."""
+    entity = family.rsplit("_", 1)[-1]
+    if entity not in ("user", "pin"):
+        raise ValueError(f"embedding family {family!r} must end in _user or _pin")
+    return f"{entity}_id"
+
+
+def family_folder(workdir: Path, family: str) -> Path:
+    """The family's offline folder (``.../<family>/v1``), with one ``date=YYYY-MM-DD`` folder per snapshot."""
+    return workdir / "offline" / "embeddings" / family / "v1"
+
+
 def _source_folder(workdir: Path, family: str) -> Path:
-    return workdir / "offline" / "embeddings" / f"ctr_{family}" / "v1"
+    return family_folder(workdir, f"ctr_{family}")
 
 
 # ----------------------------------------------------------------------------- one measurement (subprocess)
@@ -173,12 +196,12 @@ def _handwritten_retrieval(workdir: Path, entity_df):
     return retrieve
 
 
-def _summary(table: pa.Table) -> dict:
+def _summary(table: pa.Table, families: tuple[str, ...] = FAMILIES) -> dict:
     """Order-independent fingerprint of a result, to check that the three methods agree."""
     import pyarrow.compute as pc
 
     summary: dict = {"rows": table.num_rows}
-    for column in ("ctr_user_emb", "ctr_pin_emb"):
+    for column in (f"{family}_emb" for family in families):
         values = table.column(column)
         summary[f"{column}_nulls"] = values.null_count
         summary[f"{column}_sum"] = float(pc.sum(pc.list_flatten(values).cast(pa.float64())).as_py() or 0.0)
@@ -239,10 +262,10 @@ def _medians(samples: list[dict]) -> dict:
     return result
 
 
-def _agree(a: dict, b: dict) -> bool:
-    keys = ("rows", "ctr_user_emb_nulls", "ctr_pin_emb_nulls")
+def _agree(a: dict, b: dict, families: tuple[str, ...] = FAMILIES) -> bool:
+    keys = ("rows", *(f"{family}_emb_nulls" for family in families))
     return all(a[k] == b[k] for k in keys) and all(
-        np.isclose(a[k], b[k], rtol=1e-6, atol=1e-3) for k in ("ctr_user_emb_sum", "ctr_pin_emb_sum")
+        np.isclose(a[k], b[k], rtol=1e-6, atol=1e-3) for k in (f"{family}_emb_sum" for family in families)
     )
 
 
