@@ -178,13 +178,14 @@ WORKLOADS: tuple[Workload, ...] = (
         name="P3-scale",
         title="Point-in-time retrieval on Ray (local, 2 workers) vs the single-node ASOF store (s, driver peak RSS)",
         module="bench.historical_retrieval_ray",
-        sizes=dict(events=1_000_000, entities=20_000, days=30, repeats=1, num_cpus=2, buckets=8),
-        smoke=dict(events=2_000, entities=50, days=3, repeats=1, num_cpus=2, buckets=2),
+        sizes=dict(events=1_000_000, entities=20_000, days=30, repeats=1, num_cpus=2, buckets=8, families=4),
+        smoke=dict(events=2_000, entities=50, days=3, repeats=1, num_cpus=2, buckets=2, families=4),
         scaled=("events", "entities"),
         figures=(
             ("ray_store.seconds", "Ray ASOF store s (result to Parquet)"),
             ("asof_store.seconds", "single-node ASOF store s (result in memory)"),
             ("ray_store.peak_rss_mb", "Ray store driver peak RSS MB"),
+            ("ray_store.baseline_rss_mb", "Ray store driver RSS MB before the call"),
             ("asof_store.peak_rss_mb", "single-node store peak RSS MB"),
             ("result_vector_mb", "result vectors MB"),
         ),
@@ -257,6 +258,8 @@ def sizes_for(workload: Workload, scale: float, smoke: bool) -> dict[str, Any]:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:  # a figure or ratio of a store the run left out (e.g. P3-scale with stores=ray_store)
+        return "—"
     if isinstance(value, float):
         return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
