@@ -14,6 +14,7 @@ Usage::
     python -m bench --scale 10            # 10x the data on a bigger box
     python -m bench --only P1 --only P4   # a subset
     python -m bench --smoke               # tiny sizes: checks the workloads still run (used by the tests)
+    python -m bench --only P3-scale --set repeats=3 --set stores=ray_store   # override sizes (after --scale)
 """
 
 from __future__ import annotations
@@ -257,6 +258,17 @@ def sizes_for(workload: Workload, scale: float, smoke: bool) -> dict[str, Any]:
     return {k: (type(v)(v * scale) if k in workload.scaled else v) for k, v in workload.sizes.items()}
 
 
+def _size_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set``; the value as JSON when it parses (``3``, ``0.5``, ``null``), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def _fmt(value: Any) -> str:
     if value is None:  # a figure or ratio of a store the run left out (e.g. P3-scale with stores=ray_store)
         return "—"
@@ -339,12 +351,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--only", action="append", choices=[w.name for w in WORKLOADS], help="workloads to run")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the data sizes (10 on a bigger box)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check every workload still runs")
+    parser.add_argument(
+        "--set", action="append", type=_size_override, default=[], metavar="KEY=VALUE", dest="overrides",
+        help="a size parameter of every selected workload, after --scale/--smoke (e.g. repeats=3)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for results.json, RESULTS.md, ratios.png")
     args = parser.parse_args(argv)
     selected = [w for w in WORKLOADS if not args.only or w.name in args.only]
     results = []
     for workload in selected:
-        sizes = sizes_for(workload, args.scale, args.smoke)
+        sizes = {**sizes_for(workload, args.scale, args.smoke), **dict(args.overrides)}
         print(f"== {workload.name}: {workload.title} {sizes}", flush=True)
         results.append(run_workload(workload, sizes))
         for q in results[-1]["ratios"]:

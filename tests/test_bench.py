@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+
+import pytest
 
 from bench.__main__ import WORKLOADS, main, sizes_for, write_chart, write_markdown
 
@@ -62,3 +65,13 @@ def test_p3_scale_fingerprint_covers_every_family(tmp_path: Path) -> None:
     assert from_files == in_memory
     assert in_memory["rows"] == 3 and in_memory["cvr_user_emb_nulls"] == 2 and in_memory["cvr_user_emb_sum"] == 6.0
     assert in_memory["vector_bytes"] == (2 + 2 + 1 + 2) * 2 * 4
+
+
+def test_set_overrides_a_size_after_scale() -> None:
+    from bench.__main__ import _size_override
+
+    assert _size_override("repeats=3") == ("repeats", 3)
+    assert _size_override("stores=ray_store") == ("stores", "ray_store")
+    assert _size_override("stores=asof_store,ray_store") == ("stores", "asof_store,ray_store")
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        _size_override("repeats")
