@@ -178,3 +178,26 @@ def test_stock_ray_windowed_join_finds_daily_snapshots() -> None:
     oracle = pd.merge_asof(entity, feature, on="event_timestamp", by="user_id", direction="backward")["emb"]
     assert oracle.tolist() == [2.0, 2.0]
     assert got == oracle.tolist()
+
+
+def test_local_ray_processes_cache_bytecode_outside_the_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With bytecode writing off, Ray's processes get a cache folder while ray.init spawns them, and only then."""
+    import os
+    import tempfile
+
+    from derm.feast_plugins.ray_asof_offline_store import _bytecode_cache_for_ray_processes
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    with _bytecode_cache_for_ray_processes():
+        assert "PYTHONDONTWRITEBYTECODE" not in os.environ
+        assert os.path.dirname(os.environ["PYTHONPYCACHEPREFIX"]) == tempfile.gettempdir()
+    assert os.environ["PYTHONDONTWRITEBYTECODE"] == "1" and "PYTHONPYCACHEPREFIX" not in os.environ
+    # A cache folder of the user's own, or bytecode written next to the sources: left as they are.
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", "/somewhere/else")
+    with _bytecode_cache_for_ray_processes():
+        assert os.environ["PYTHONDONTWRITEBYTECODE"] == "1" and os.environ["PYTHONPYCACHEPREFIX"] == "/somewhere/else"
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX")
+    with _bytecode_cache_for_ray_processes():
+        assert "PYTHONDONTWRITEBYTECODE" not in os.environ and "PYTHONPYCACHEPREFIX" not in os.environ
