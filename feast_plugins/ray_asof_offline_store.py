@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -318,6 +320,11 @@ class RayAsofRetrievalJob(RetrievalJob):
             for chunk in range(chunks)
         ]
         ray.get(assembled)
+        # Only the result files stay: the entity file, partitions and matches are the narrow rows of the plan.
+        os.remove(entity_path)
+        for intermediate in glob.glob(os.path.join(glob.escape(self.directory), "round*")):
+            shutil.rmtree(intermediate)
+        shutil.rmtree(os.path.join(self.directory, "gather"), ignore_errors=True)
         return paths
 
     @staticmethod

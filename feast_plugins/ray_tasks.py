@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import time
 from typing import Any
 
@@ -233,7 +234,14 @@ def assemble(entity_path: str, chunk: int, chunk_rows: int, views: list[tuple[st
 
     Returns:
         The number of rows written.
+
+    The chunk's gathered features are deleted once its Parquet file is in place (renamed from a
+    temporary name, so a file at ``out_path`` is whole): the gathered vectors are as big as the
+    result, and keeping them until the job ends doubled the disk a retrieval needs. A retried task
+    finds ``out_path`` already written and returns its row count instead of reading deleted inputs.
     """
+    if os.path.exists(out_path):
+        return pq.ParquetFile(out_path).metadata.num_rows
     first_row = chunk * chunk_rows
     entity = _read_rows(entity_path, first_row, chunk_rows)
     rows = entity.num_rows
@@ -254,6 +262,10 @@ def assemble(entity_path: str, chunk: int, chunk_rows: int, views: list[tuple[st
         for name in features:
             result[name] = found.column(name).take(indices).cast(feature_types[name])
     table = pa.table({name: result[name] for name in columns})
-    with pq.ParquetWriter(out_path, table.schema, **_write_options(table.schema)) as writer:
+    partial = f"{out_path}.partial"
+    with pq.ParquetWriter(partial, table.schema, **_write_options(table.schema)) as writer:
         writer.write_table(table)
+    os.replace(partial, out_path)
+    for directory, _ in views:
+        shutil.rmtree(os.path.join(directory, f"chunk={chunk}"), ignore_errors=True)
     return rows

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 
 ray = pytest.importorskip("ray")
 
+from derm.feast_plugins import ray_tasks  # noqa: E402
 from derm.feast_plugins.asof_offline_store import AsofDuckDBOfflineStore  # noqa: E402
 from derm.feast_plugins.ray_asof_offline_store import (  # noqa: E402
     STORE_TYPE,
@@ -124,6 +125,12 @@ def test_result_is_written_to_parquet_by_the_tasks_and_persists(kit: cases.Feast
     files = job.to_remote_storage()
     assert 1 < len(files) <= 3 and all(Path(f).is_relative_to(kit.root / "results") for f in files)
     assert sum(pq.read_metadata(f).num_rows for f in files) == 8
+    # Only the result stays on disk (the gathered vectors are as big as it); a retried assemble task finds
+    # its chunk written and returns its rows without reading the inputs it deleted.
+    assert sorted(path.name for path in Path(job.directory).iterdir()) == sorted(Path(f).name for f in files)
+    written = Path(files[0]).stat().st_mtime_ns
+    retried = ray_tasks.assemble("deleted-entity.parquet", 0, 1, [("deleted-gather", ["x"])], {}, [], files[0])
+    assert retried == pq.read_metadata(files[0]).num_rows and Path(files[0]).stat().st_mtime_ns == written
     destination = tmp_path / "training_set.parquet"
     job.persist(SavedDatasetFileStorage(path=str(destination)))
     saved = cases._in_entity_order(pq.read_table(destination))
