@@ -384,6 +384,24 @@ def test_bootstrap_ci_math_on_known_cases() -> None:
     assert (perfect["m"]["roc_auc"].lo, perfect["m"]["roc_auc"].hi) == (1.0, 1.0)
 
 
+def test_sigmoid_keeps_the_hand_written_bits_and_never_warns_on_extreme_logits() -> None:
+    import warnings
+
+    from derm.training.downstream.ranker import sigmoid
+
+    rng = np.random.default_rng(0)
+    for dtype, finite in ((np.float64, 700.0), (np.float32, 80.0)):
+        x = np.clip(rng.normal(0, 30, 10_000), -finite, finite).astype(dtype)
+        expected = 1.0 / (1.0 + np.exp(-x))  # where exp(-x) is finite: the same bits as before
+        assert sigmoid(x).dtype == dtype
+        assert np.array_equal(sigmoid(x), expected)
+        extreme = np.array([-1e4, -1e3, 1e3, 1e4], dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the hand-written form warned "overflow encountered in exp"
+            p = sigmoid(extreme)
+        assert np.all(p[:2] >= 0) and np.all(p[:2] < 1e-37) and np.all(p[2:] == 1.0)
+
+
 def test_dataloader_yields_the_same_tensors_as_in_memory(ctr_set) -> None:
     import torch
 

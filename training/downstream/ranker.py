@@ -250,6 +250,23 @@ def sequence_matrix(values: Any, length: int) -> np.ndarray:
     return pad_sequences(values.cast(pa.list_(pa.int64())), length)
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function of a float array: the same bits as ``1 / (1 + exp(-x))`` wherever ``exp(-x)`` is finite.
+
+    Extreme negative logits overflowed ``exp`` (a numpy warning, then 0); the argument is capped at the
+    dtype's largest finite exponent, so they give ~1e-308 (float64) instead, silently. Neither
+    ``torch.sigmoid`` nor ``scipy.special.expit`` (scipy is not a declared dependency) keeps the
+    hand-written form's bits elsewhere: both differ by an ulp on some inputs.
+
+    Example::
+
+        sigmoid(np.array([-1000.0, 0.0, 1000.0]))  # [~1e-308, 0.5, 1.0], no warning
+    """
+    x = np.asarray(x)
+    cap = float(np.floor(np.log(np.finfo(x.dtype).max)))  # 709 (float64), 88 (float32): exp stays finite
+    return 1.0 / (1.0 + np.exp(np.minimum(-x, cap)))
+
+
 def hash_ids(ids: np.ndarray, buckets: int, salt: int) -> np.ndarray:
     """Deterministic multiplicative hash of int64 ids into ``[0, buckets)`` (same in training and serving)."""
     with np.errstate(over="ignore"):
@@ -645,7 +662,7 @@ class Ranker:
         """
         scale, bias = self.spec.calibration
         logits = self.logits(frame, memo=memo).astype(np.float64)
-        return (1.0 / (1.0 + np.exp(-(scale * logits + bias)))).astype(np.float32)
+        return sigmoid(scale * logits + bias).astype(np.float32)
 
     def save(self, directory: Path) -> Path:
         """``model.pt`` and ``ranker.json`` into ``directory``, which appears (or is replaced) whole."""
@@ -724,4 +741,5 @@ __all__ = [
     "load_rankers",
     "ranker_dir",
     "sequence_matrix",
+    "sigmoid",
 ]

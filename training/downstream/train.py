@@ -46,7 +46,7 @@ from derm.core.paths import PlatformPaths
 from derm.core.training_set import LABEL, TrainingSetInfo, read_training_set
 from derm.materialization.catalog import Catalog
 from derm.training.downstream.dataset import RankerDataset, label_array, with_user_sequences
-from derm.training.downstream.ranker import Ranker, RankerModelConfig, RankerSpec, ranker_dir
+from derm.training.downstream.ranker import Ranker, RankerModelConfig, RankerSpec, ranker_dir, sigmoid
 from derm.training.downstream.training_sets import (
     build_training_set,
     default_window,
@@ -258,7 +258,7 @@ def _cross_fitted_log_loss(logits: np.ndarray, labels: np.ndarray, calibrate: bo
     model_rows, constant_rows = [], []
     for fit, score in folds:
         a, b = fit_calibration(logits[fit], labels[fit]) if calibrate else (1.0, 0.0)
-        p = np.clip(1.0 / (1.0 + np.exp(-(a * logits[score] + b))), 1e-7, 1 - 1e-7)
+        p = np.clip(sigmoid(a * logits[score] + b), 1e-7, 1 - 1e-7)
         c = float(np.clip(np.mean(labels[fit]), 1e-7, 1 - 1e-7)) if len(labels[fit]) else 0.5
         y = labels[score]
         model_rows.append(-(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)))
@@ -297,7 +297,7 @@ def _fit_one(
             optimizer.step()
             total += loss.item()
             steps += 1
-        val_loss = _log_loss(val_labels, 1.0 / (1.0 + np.exp(-_logits(model, validation))))
+        val_loss = _log_loss(val_labels, sigmoid(_logits(model, validation)))
         if log:
             rate = len(data) / max(time.perf_counter() - started, 1e-9)
             log(
@@ -364,7 +364,7 @@ def train_ranker(
     val_labels = label_array(validation)
     logits = _logits(ranker.model, valid)
     calibration = fit_calibration(logits, val_labels) if cfg.calibrate else (1.0, 0.0)
-    calibrated = _log_loss(val_labels, 1.0 / (1.0 + np.exp(-(calibration[0] * logits + calibration[1]))))
+    calibrated = _log_loss(val_labels, sigmoid(calibration[0] * logits + calibration[1]))
     held_out_loss, beats_constant = _cross_fitted_log_loss(logits, val_labels, cfg.calibrate)
     reference = base_rate_log_loss(val_labels, rate)
     # Judged out of sample (the calibration fitted on one half of the validation rows, scored on the other):
@@ -381,7 +381,7 @@ def train_ranker(
         )
     # The log loss on the validation rows of the ranker as it will score (calibration, or the base-rate
     # fallback, applied): what a nested ablation compares between a variant and the one before it.
-    served = _log_loss(val_labels, 1.0 / (1.0 + np.exp(-(calibration[0] * logits + calibration[1]))))
+    served = _log_loss(val_labels, sigmoid(calibration[0] * logits + calibration[1]))
     selection = {
         "grid": [
             {"weight_decay": wd, "embedding_dropout": d, "validation_log_loss": v, "epochs": e}
