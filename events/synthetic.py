@@ -19,6 +19,27 @@ What the paper's ablation steps need is planted on purpose (issue 17):
   so entities come and go and idle entities exist;
 * drift: ``drift`` is large enough (cosine of a factor to itself ~0.8 over 9
   days) that stale embeddings lose signal and the moving average's weight matters;
+* daily taste noise (what the moving average is for): each day, every user's and
+  Pin's click, conversion and interest factors get a fresh perturbation of std
+  ``daily_taste_noise`` (relative to the factor's scale) that does not carry over
+  to the next day; the persistent factor underneath keeps drifting as above. The
+  day's taste is ``(persistent + noise) / sqrt(1 + daily_taste_noise**2)``, so the
+  planted signal's total strength (and the click rate) stays put and only its
+  split into persistent and transient parts changes. One day's behaviour is then
+  a noisy reading of an entity's persistent taste, and averaging days helps
+  despite the drift. The ``local`` preset's value is derived, not tuned: for a
+  random walk with per-day innovation ``drift**2`` read through noise of variance
+  ``r``, the best exponential smoother (the steady-state Kalman filter) keeps
+  ``w`` of yesterday's estimate where ``r = drift**2 * w / (1 - w)**2``. With the
+  paper's ``w = 0.8`` and ``drift = 0.2`` that is ``r = 0.8``, i.e.
+  ``daily_taste_noise = sqrt(0.8) ~ 0.894``: the world for which the paper's
+  weight is the optimal one for the latent taste (the walk here is stationary,
+  ``sqrt(1 - drift**2) = 0.98`` a day, close enough to a plain random walk). Then
+  one day's factor correlates with the next day's at ~0.54, the mean of the last
+  three days at ~0.64 (without the noise: 0.98 vs 0.97, the newest day is best;
+  the three-day mean already wins above a noise of ~0.19). Only ``local`` has it
+  (0 elsewhere: ``tiny``, ``bench`` and ``real`` write what they wrote). Whether the
+  embeddings and rankers recover it is what the aggregation ablation measures;
 * decoupled data: ``organic_per_ad`` organic engagement events (``is_ad`` false)
   come on top of each ads impression (``events_per_day`` counts ads impressions).
   Users' *interests* (a latent factor of their own, Pins' side clustered by
@@ -31,10 +52,12 @@ What the paper's ablation steps need is planted on purpose (issue 17):
   written to ``conversion_timestamp``; the log is exported with every conversion
   in it, also those after its last day.
 
-Organic engagement, the interest factor and the delays draw from random streams of
-their own: the ads impressions draw exactly what they drew before issue 17 (only the
-small interest term moves their clicks; with ``ads_interest_weight = 0`` and
-``organic_per_ad = 0`` they are the same rows).
+Organic engagement, the interest factor, the delays and the daily taste noise
+draw from random streams of their own: the ads impressions draw exactly what they
+drew before issue 17 (only the small interest term moves their clicks; with
+``ads_interest_weight = 0`` and ``organic_per_ad = 0`` they are the same rows). The
+daily taste noise moves only who clicks and converts: with ``daily_taste_noise = 0``
+every draw is what it was before.
 
 Memory stays bounded: the log is written one day at a time, in chunks of at
 most ``chunk_rows`` rows.
@@ -73,6 +96,7 @@ class SyntheticConfig:
     start_date: date = date(2026, 1, 1)
     latent_dim: int = 8  # planted factor size; first half shared by clicks and conversions
     drift: float = 0.2  # per-day innovation of the latent random walk (0 = static)
+    daily_taste_noise: float = 0.0  # std of each day's transient taste, not carried over (0 = none; see docstring)
     affinity_scale: float = 1.6  # strength of the planted user-Pin signal
     click_base_logit: float = -2.2
     conversion_base_logit: float = -2.0
@@ -95,7 +119,8 @@ class SyntheticConfig:
 
     PRESETS = {  # noqa: RUF012 - class-level table of named sizes
         "tiny": dict(n_users=200, n_pins=80, n_advertisers=10, n_categories=5, n_days=6, events_per_day=2_000),
-        "local": {},
+        # sqrt(0.8): the noise for which w = 0.8 is the optimal smoothing weight under drift 0.2 (docstring)
+        "local": dict(daily_taste_noise=float(np.sqrt(0.8))),
         "bench": dict(
             n_users=1_000_000,
             n_pins=200_000,
@@ -219,6 +244,31 @@ def _drift(factor: np.ndarray, drift: float, rng: np.random.Generator) -> np.nda
     return np.sqrt(1.0 - drift**2) * factor + drift * rng.normal(size=factor.shape) * factor.std()
 
 
+_TASTE_FIELDS = ("user_factor", "pin_factor", "user_cvr_factor", "pin_cvr_factor", "user_interest", "pin_interest")
+
+
+def day_taste(world: _World, noise: float, rng: np.random.Generator) -> _World:
+    """The world as one day's events see it: each taste factor plus a fresh transient of std ``noise``.
+
+    Args:
+        world: the persistent state (its factors keep drifting; this returns a copy and changes nothing).
+        noise: std of the transient relative to each factor's scale (``daily_taste_noise``); 0 returns ``world``.
+        rng: the day's own stream, so that the transient moves no other draw.
+
+    Returns:
+        A ``_World`` whose ``(U, K)`` / ``(P, K)`` taste factors are ``(persistent + noise * e) / sqrt(1 + noise**2)``,
+        ``e`` standard normal per entity, dimension and day (the same marginal scale as the persistent factor).
+    """
+    if not noise:
+        return world
+    norm = np.sqrt(1.0 + noise**2)
+    transient = {}
+    for name in _TASTE_FIELDS:
+        factor = getattr(world, name)
+        transient[name] = (factor + noise * rng.normal(size=factor.shape) * factor.std()) / norm
+    return dataclasses.replace(world, **transient)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -321,6 +371,32 @@ def _day_chunks(
         )
 
 
+def daily_worlds(cfg: SyntheticConfig) -> Iterator[tuple[int, _World, np.random.Generator, np.random.Generator]]:
+    """The generator's days in order: ``(day index, the world that day's events see, day stream, extra stream)``.
+
+    The persistent factors drift from one day to the next; each day's world adds that day's transient taste
+    (``daily_taste_noise``, its own stream) on top, which the next day does not inherit. The two streams are
+    the ones the day's events then draw from (:func:`generate_event_log` uses exactly this sequence).
+    """
+    rng = np.random.default_rng(cfg.seed)
+    world = _init_world(cfg, rng)
+    for day_index in range(cfg.n_days):
+        day_rng = np.random.default_rng([cfg.seed, day_index])
+        extra_rng = np.random.default_rng([cfg.seed, day_index, 1])  # interests, organic flags, delays
+        taste_rng = np.random.default_rng([cfg.seed, day_index, 2])  # the day's transient taste only
+        if day_index:  # a new world each day: a world yielded before stays as it was (keyword order = draw order)
+            world = dataclasses.replace(
+                world,
+                user_factor=_drift(world.user_factor, cfg.drift, day_rng),
+                pin_factor=_drift(world.pin_factor, cfg.drift, day_rng),
+                user_cvr_factor=_drift(world.user_cvr_factor, cfg.drift, day_rng),
+                pin_cvr_factor=_drift(world.pin_cvr_factor, cfg.drift, day_rng),
+                user_interest=_drift(world.user_interest, cfg.drift, extra_rng),
+                pin_interest=_drift(world.pin_interest, cfg.drift, extra_rng),
+            )
+        yield day_index, day_taste(world, cfg.daily_taste_noise, taste_rng), day_rng, extra_rng
+
+
 def generate_event_log(cfg: SyntheticConfig, events_dir: Path, progress: bool = False) -> list[Path]:
     """Write ``cfg.n_days`` day partitions under ``events_dir`` (replacing what is there).
 
@@ -337,31 +413,20 @@ def generate_event_log(cfg: SyntheticConfig, events_dir: Path, progress: bool = 
     staging = events_dir.with_name(events_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    rng = np.random.default_rng(cfg.seed)
-    world = _init_world(cfg, rng)
     files = []
-    days = range(cfg.n_days)
+    days = daily_worlds(cfg)
     if progress:
         from rich.progress import track
 
-        days = track(days, description="generating events")
-    for day_index in days:
-        day_rng = np.random.default_rng([cfg.seed, day_index])
-        extra_rng = np.random.default_rng([cfg.seed, day_index, 1])  # interests, organic flags, delays
-        if day_index:
-            world.user_factor = _drift(world.user_factor, cfg.drift, day_rng)
-            world.pin_factor = _drift(world.pin_factor, cfg.drift, day_rng)
-            world.user_cvr_factor = _drift(world.user_cvr_factor, cfg.drift, day_rng)
-            world.pin_cvr_factor = _drift(world.pin_cvr_factor, cfg.drift, day_rng)
-            world.user_interest = _drift(world.user_interest, cfg.drift, extra_rng)
-            world.pin_interest = _drift(world.pin_interest, cfg.drift, extra_rng)
+        days = track(days, total=cfg.n_days, description="generating events")
+    for day_index, today, day_rng, extra_rng in days:
         volume = cfg.day_volume(day_rng)
         if volume == 0:  # an empty calendar day has no partition, as in a real export
             continue
         path = staging / f"date={cfg.days[day_index].isoformat()}" / "part-0.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         with pq.ParquetWriter(path, CANONICAL_SCHEMA) as writer:
-            for chunk in _day_chunks(cfg, world, day_index, volume, day_rng, extra_rng):
+            for chunk in _day_chunks(cfg, today, day_index, volume, day_rng, extra_rng):
                 writer.write_table(chunk)
         files.append(events_dir / path.relative_to(staging))
     replace_directory(staging, events_dir)
