@@ -87,5 +87,6 @@ case "$mode" in
     .venv/bin/lint-imports --no-cache
     # Two workers, each module on one of them (its module-scoped Redis, platform and Ray with it): one
     # process kept one core busy and left the other mostly idle while it trained, published and served.
-    exec .venv/bin/python -m pytest -n 2 --dist loadfile ;;
+    # Modules go out in collection order, the heavy ones first (tests/conftest.py), not by test count.
+    exec .venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder ;;
 esac

@@ -43,6 +43,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(f"random test order; reproduce it with: -p randomly --randomly-seed={seed}")
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle, which it keeps within each group
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The CI runs two xdist workers, each taking whole modules in this order; a module of minutes
+    # (marked ``heavy``) drawn last would leave the other worker idle until it ends.
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 def _restore(saved: dict[str, str | None]) -> None:
     for name, value in saved.items():
         if value is None:

@@ -32,6 +32,8 @@ from hypothesis import strategies as st
 
 from derm.feast_plugins.asof_offline_store import STORE_TYPE, AsofDuckDBOfflineStore, AsofRetrievalJob
 
+pytestmark = pytest.mark.heavy  # minutes of CI: scheduled first (tests/conftest.py)
+
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
 PROJECT = "asof_test"
 EMB_DIM = 4

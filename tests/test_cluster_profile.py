@@ -32,6 +32,8 @@ from derm.core.paths import DATA_DIR_ENV, PROFILE_ENV, RAY_ADDRESS_ENV, REDIS_CO
 
 pytest.importorskip("ray")
 
+pytestmark = pytest.mark.heavy  # minutes of CI: scheduled first (tests/conftest.py)
+
 DAYS = 5  # two train days, at least, before the two eval days (the window starts at the first snapshot)
 EVENTS_PER_DAY = 400
 

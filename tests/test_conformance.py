@@ -37,6 +37,8 @@ from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV
 from derm.events.schema import EVENT_LOG_SCHEMA, SURFACES
 from tests.test_own_log import BROKEN, ID_MAX, UNITS, ZONES, _valid, _write_day
 
+pytestmark = pytest.mark.heavy  # minutes of CI: scheduled first (tests/conftest.py)
+
 FIRST_DAY = date(2026, 3, 1)
 
 

@@ -39,6 +39,8 @@ from derm.core.paths import DATA_DIR_ENV, PlatformPaths
 from derm.infra.redis_server import LocalRedisServer
 from tests.kill_trials import run_killed, template_redis, template_start
 
+pytestmark = pytest.mark.heavy  # minutes of CI: scheduled first (tests/conftest.py)
+
 DAY = date(2026, 3, 1)
 FAMILIES = ("ctr_user", "ctr_pin")
 VERSIONS = ("v1", "v2", "v3")

@@ -43,6 +43,8 @@ from bench.online_read import BenchPlatform, build_platform, feast_environment, 
 from derm.core.paths import DATA_DIR_ENV, REDIS_CONNECTION_ENV, REDIS_TYPE_ENV, PlatformPaths
 from derm.infra.redis_server import LocalRedisServer, free_port
 
+pytestmark = pytest.mark.heavy  # minutes of CI: scheduled first (tests/conftest.py)
+
 USERS, PINS, DIM = 60, 80, 8
 PASSWORD = "faults-test-password-0123"
 FAMILIES = ("ctr_pin", "ctr_user", "cvr_pin", "cvr_user")

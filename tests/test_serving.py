@@ -42,6 +42,8 @@ from bench.online_read import (
 from derm.core.days import day_end
 from derm.core.paths import PlatformPaths
 
+pytestmark = pytest.mark.heavy  # minutes of CI: scheduled first (tests/conftest.py)
+
 USERS, PINS, DIM = 200, 80, 16  # the tiny event log's users and Pins
 UNKNOWN = 10**9
 # Pins 5 and 6 get two events each at the same newest instant; the higher event_id's attributes are due.
