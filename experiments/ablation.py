@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,8 +53,9 @@ from derm.training.downstream.train import (
     run_downstream,
 )
 from derm.training.downstream.training_sets import default_window, ranker_service, service_families
-from derm.training.upstream.config import RefreshConfig, UpstreamConfig
+from derm.training.upstream.config import UpstreamConfig
 from derm.training.upstream.refresh import refresh
+from derm.training.upstream.train import version_dir
 
 Log = Callable[[str], None] | None
 
@@ -321,11 +323,29 @@ def overwrite_thresholds(paths: PlatformPaths) -> Path:
     return path
 
 
-def aggregation_config(ema_weight: float | None) -> UpstreamConfig:
-    """The upstream config of one point of the sweep (``None``: overwrite); everything else the default."""
+def aggregation_config(ema_weight: float | None, base: UpstreamConfig | None = None) -> UpstreamConfig:
+    """The upstream config of one point of the sweep (``None``: overwrite): ``base`` (default: the default
+    config) with only its aggregation changed, so the point re-uses ``base``'s daily weights."""
+    base = base or UpstreamConfig()
     if ema_weight is None:
-        return UpstreamConfig(refresh=RefreshConfig(aggregation="overwrite"))
-    return UpstreamConfig(refresh=RefreshConfig(aggregation="ema", ema_weight=ema_weight))
+        refresh_cfg = dataclasses.replace(base.refresh, aggregation="overwrite")
+    else:
+        refresh_cfg = dataclasses.replace(base.refresh, aggregation="ema", ema_weight=ema_weight)
+    return dataclasses.replace(base, refresh=refresh_cfg)
+
+
+def promoted_upstream_config(paths: PlatformPaths) -> UpstreamConfig | None:
+    """The upstream config of the promoted DERM-CTR version (its ``config.json``), or None when no version
+    trained here is promoted (nothing published yet, or snapshots imported from elsewhere).
+
+    The sweep varies the aggregation of what is promoted: a user who refreshes with more epochs, another
+    model or other features must see the sweep of that upstream, not of the defaults.
+    """
+    version = Catalog(paths.embeddings_offline_dir).read_state().promoted.get("ctr_user")
+    config_file = version_dir(paths.models_dir, "ctr", version) / "config.json" if version else None
+    if config_file is None or not config_file.exists():
+        return None
+    return UpstreamConfig.from_version_payload(json.loads(config_file.read_text()))
 
 
 def publish_aggregation_version(
@@ -334,12 +354,14 @@ def publish_aggregation_version(
     ema_weight: float | None,
     log: Log = None,
     thresholds_path: Path | None = None,
+    base: UpstreamConfig | None = None,
 ) -> str:
     """Run the upstream refresh of one sweep point and publish (not promote) its snapshots not yet published.
 
+    ``base``: the upstream whose aggregation the point changes (default: the default config).
     Returns the model version (the same for DERM-CTR and DERM-CVR when both are new).
     """
-    manifests = refresh(paths, ("ctr", "cvr"), aggregation_config(ema_weight))
+    manifests = refresh(paths, ("ctr", "cvr"), aggregation_config(ema_weight, base))
     ordered = sorted((m for ms in manifests.values() for m in ms), key=lambda m: (m.snapshot_date, m.family))
     versions = {m.model_version for m in ordered}
     if len(versions) != 1:
@@ -383,6 +405,9 @@ def aggregation_ablation(
     ``overwrite_version``: an already published overwrite version to use instead of refreshing one.
     """
     cfg = cfg or AblationConfig()
+    base = promoted_upstream_config(paths)
+    if log and base is None:
+        log("aggregation sweep: no promoted DERM-CTR version trained here; sweeping the default upstream config")
     versions: dict[str, str] = {}
     for weight in cfg.ema_weights:
         if weight is None and overwrite_version is not None:
@@ -390,7 +415,7 @@ def aggregation_ablation(
             continue
         if log:
             log(f"aggregation sweep: {aggregation_label(weight)}")
-        versions[aggregation_label(weight)] = publish_aggregation_version(paths, repo, weight, log)
+        versions[aggregation_label(weight)] = publish_aggregation_version(paths, repo, weight, log, base=base)
     store = repo.store()
     families = tuple(FAMILIES)
     window = _window(paths, cfg, [(family, version) for version in versions.values() for family in families])

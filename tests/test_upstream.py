@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -406,3 +407,38 @@ def test_concurrent_registrations_get_distinct_versions(tmp_path: Path) -> None:
         versions = list(pool.map(lambda h: resolve_version(tmp_path, "ctr", h), hashes))
     assert sorted(versions, key=lambda v: int(v[1:])) == [f"v{i}" for i in range(1, 13)]
     assert [resolve_version(tmp_path, "ctr", h) for h in hashes] == versions, "a given version never changes"
+
+
+def test_the_aggregation_sweep_varies_only_the_aggregation_of_the_promoted_upstream(tmp_path: Path) -> None:
+    """A version's ``config.json`` gives its config back (same hash), and the sweep's points are the promoted
+    DERM-CTR version's config with another aggregation, not the defaults: a 2-epoch upstream sweeps 2-epoch
+    versions (which re-use its daily weights) instead of training 1-epoch ones."""
+    from derm.experiments.ablation import aggregation_config, promoted_upstream_config
+    from derm.materialization.catalog import Catalog, CatalogState
+    from derm.training.upstream.train import version_dir
+
+    promoted = UpstreamConfig(
+        model=dataclasses.replace(DermConfig(), dhen_modules=("mlp", "masknet"), interaction_hidden=(32,)),
+        train=TrainConfig(epochs=2, learning_rate=0.01),
+        refresh=RefreshConfig(aggregation="overwrite", idle_entities="reembed"),
+    )
+    for objective in ("ctr", "cvr"):
+        stored = json.loads(json.dumps(promoted.version_payload(objective)))  # tuples come back as lists
+        assert UpstreamConfig.from_version_payload(stored).config_hash(objective) == promoted.config_hash(objective)
+
+    paths = PlatformPaths(tmp_path / "data")
+    assert promoted_upstream_config(paths) is None  # nothing promoted: the sweep keeps the defaults
+    folder = version_dir(paths.models_dir, "ctr", "v3")
+    folder.mkdir(parents=True)
+    payload = {"model_version": "v3", "config_hash": promoted.config_hash("ctr"), **promoted.version_payload("ctr")}
+    (folder / "config.json").write_text(json.dumps(payload))
+    paths.embeddings_offline_dir.mkdir(parents=True, exist_ok=True)
+    Catalog(paths.embeddings_offline_dir).write_state(CatalogState(promoted={"ctr_user": "v3"}))
+
+    base = promoted_upstream_config(paths)
+    assert base is not None and base.config_hash("ctr") == promoted.config_hash("ctr")
+    point = aggregation_config(0.5, base)
+    assert (point.model, point.features, point.train) == (promoted.model, promoted.features, promoted.train)
+    assert (point.refresh.aggregation, point.refresh.ema_weight, point.refresh.idle_entities) == ("ema", 0.5, "reembed")
+    assert aggregation_config(None, base).refresh.aggregation == "overwrite"
+    assert aggregation_config(0.5).train == TrainConfig()  # without a base: the defaults, as before

@@ -111,6 +111,26 @@ class UpstreamConfig:
             },
         }
 
+    @classmethod
+    def from_version_payload(cls, payload: dict) -> UpstreamConfig:
+        """The config a version's ``config.json`` (:meth:`version_payload`) stands for.
+
+        Settings that do not change the embeddings (publish delay, batch sizes, quality k) are the
+        defaults; ``config_hash`` of the result is the version's.
+        """
+
+        def build(kind: type, values: dict) -> object:
+            tuples = {f.name for f in dataclasses.fields(kind) if isinstance(getattr(kind(), f.name), tuple)}
+            return kind(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
+
+        aggregation = {k: v for k, v in payload["aggregation"].items() if v is not None}  # overwrite has no w
+        return cls(
+            model=build(DermConfig, payload["model"]),
+            features=build(FeatureConfig, payload["features"]),
+            train=build(TrainConfig, payload["train"]),
+            refresh=RefreshConfig(**aggregation),
+        )
+
     def config_hash(self, objective: str) -> str:
         canonical = json.dumps(self.version_payload(objective), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()

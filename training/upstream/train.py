@@ -38,8 +38,13 @@ from derm.training.upstream.losses import derm_loss
 from derm.training.upstream.model import DermModel
 
 
+def version_dir(models_dir: Path, objective: str, version: str) -> Path:
+    """The folder of an upstream version: its daily checkpoints and ``config.json``."""
+    return Path(models_dir) / "upstream" / objective / version
+
+
 def checkpoint_path(models_dir: Path, objective: str, version: str, day: date) -> Path:
-    return Path(models_dir) / "upstream" / objective / version / f"date={day.isoformat()}.pt"
+    return version_dir(models_dir, objective, version) / f"date={day.isoformat()}.pt"
 
 
 def build_model(cfg: UpstreamConfig) -> tuple[DermModel, torch.optim.Optimizer]:
