@@ -47,6 +47,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from derm.core.naming import join_key
+
 DIM = 64
 TTL = timedelta(days=30)
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -70,7 +72,7 @@ def write_dataset(
     rng = np.random.default_rng(seed)
     ids = np.arange(entities, dtype=np.int64)
     for family in families:
-        key = family_key(family)
+        key = join_key(family)
         for day in range(days):
             snapshot_time = START + timedelta(days=day)
             folder = family_folder(workdir, family) / f"date={snapshot_time.date()}"
@@ -100,14 +102,6 @@ def write_dataset(
         ),
         workdir / "events.parquet",
     )
-
-
-def family_key(family: str) -> str:
-    """The join key of a family: ``ctr_user`` -> ``user_id``, ``cvr_pin`` -> ``pin_id``."""
-    entity = family.rsplit("_", 1)[-1]
-    if entity not in ("user", "pin"):
-        raise ValueError(f"embedding family {family!r} must end in _user or _pin")
-    return f"{entity}_id"
 
 
 def family_folder(workdir: Path, family: str) -> Path:

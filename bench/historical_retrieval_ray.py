@@ -43,7 +43,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.historical_retrieval import TTL, _agree, _summary, family_folder, family_key, write_dataset
+from bench.historical_retrieval import TTL, _agree, _summary, family_folder, write_dataset
+from derm.core.naming import entity_of, join_key
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -117,7 +118,7 @@ def _retrieval_inputs(workdir: Path, offline_store: dict, families: tuple[str, .
     )
     views = []
     for family in families:
-        key = family_key(family)
+        key = join_key(family)
         source = FileSource(
             name=f"{family}_emb_v1_source",
             path=str(family_folder(workdir, family)),
@@ -127,7 +128,7 @@ def _retrieval_inputs(workdir: Path, offline_store: dict, families: tuple[str, .
         views.append(
             FeatureView(
                 name=f"{family}_emb_v1",
-                entities=[Entity(name=key.removesuffix("_id"), join_keys=[key], value_type=ValueType.INT64)],
+                entities=[Entity(name=entity_of(family), join_keys=[key], value_type=ValueType.INT64)],
                 ttl=TTL,
                 schema=[Field(name=key, dtype=Int64), Field(name=f"{family}_emb", dtype=Array(Float32))],
                 source=source,

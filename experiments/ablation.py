@@ -55,7 +55,7 @@ from derm.training.downstream.train import (
 from derm.training.downstream.training_sets import default_window, ranker_service, service_families
 from derm.training.upstream.config import UpstreamConfig
 from derm.training.upstream.refresh import refresh
-from derm.training.upstream.train import version_dir
+from derm.training.upstream.train import VERSION_CONFIG_FILE, version_dir
 
 Log = Callable[[str], None] | None
 
@@ -342,7 +342,7 @@ def promoted_upstream_config(paths: PlatformPaths) -> UpstreamConfig | None:
     model or other features must see the sweep of that upstream, not of the defaults.
     """
     version = Catalog(paths.embeddings_offline_dir).read_state().promoted.get("ctr_user")
-    config_file = version_dir(paths.models_dir, "ctr", version) / "config.json" if version else None
+    config_file = version_dir(paths.models_dir, "ctr", version) / VERSION_CONFIG_FILE if version else None
     if config_file is None or not config_file.exists():
         return None
     return UpstreamConfig.from_version_payload(json.loads(config_file.read_text()))

@@ -77,12 +77,14 @@ from derm.training.upstream.features import (
 )
 from derm.training.upstream.model import DermModel
 from derm.training.upstream.train import (
+    VERSION_CONFIG_FILE,
     build_model,
     checkpoint_path,
     load_checkpoint,
     replay_arrays,
     save_checkpoint,
     train_one_day,
+    version_dir,
 )
 
 
@@ -173,7 +175,7 @@ def _plan_day(paths: PlatformPaths, objective: str, version: str, config_hash: s
 
 def write_version_config(paths: PlatformPaths, job: _Day, cfg: UpstreamConfig) -> None:
     """``config.json`` beside the version's checkpoints: what the version stands for, written once."""
-    config_file = job.checkpoint(paths).parent / "config.json"
+    config_file = version_dir(paths.models_dir, job.objective, job.version) / VERSION_CONFIG_FILE
     if not config_file.exists():
         payload = {"model_version": job.version, "config_hash": job.config_hash, **cfg.version_payload(job.objective)}
         atomic_write_text(config_file, json.dumps(payload, indent=2, sort_keys=True) + "\n")
@@ -204,7 +206,8 @@ def _same_training_checkpoint(job: _Day, paths: PlatformPaths, cfg: UpstreamConf
     """The day's checkpoint of another version of the model trained identically (same model, features and
     training config; only the aggregation differs), so an aggregation sweep re-trains nothing."""
     training = {k: v for k, v in cfg.version_payload(job.objective).items() if k != "aggregation"}
-    for config_file in sorted(job.checkpoint(paths).parent.parent.glob("*/config.json")):
+    versions = version_dir(paths.models_dir, job.objective, job.version).parent
+    for config_file in sorted(versions.glob(f"*/{VERSION_CONFIG_FILE}")):
         version = config_file.parent.name
         if version == job.version:
             continue

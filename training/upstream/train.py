@@ -37,9 +37,11 @@ from derm.training.upstream.features import FeatureConfig, UpstreamDataset, trai
 from derm.training.upstream.losses import derm_loss
 from derm.training.upstream.model import DermModel
 
+VERSION_CONFIG_FILE = "config.json"  # beside a version's checkpoints: the config it stands for
+
 
 def version_dir(models_dir: Path, objective: str, version: str) -> Path:
-    """The folder of an upstream version: its daily checkpoints and ``config.json``."""
+    """The folder of an upstream version: its daily checkpoints and ``VERSION_CONFIG_FILE``."""
     return Path(models_dir) / "upstream" / objective / version
 
 
