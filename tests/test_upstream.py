@@ -20,7 +20,7 @@ from derm.events.synthetic import SyntheticConfig, generate_event_log
 from derm.training.upstream.config import RefreshConfig, TrainConfig, UpstreamConfig
 from derm.training.upstream.export import aggregate, aggregate_batches, embed_batches, write_snapshot
 from derm.training.upstream.features import FeatureConfig, entity_feature_batches, training_arrays
-from derm.training.upstream.losses import derm_loss, sampled_softmax_loss
+from derm.training.upstream.losses import derm_loss, impression_loss, sampled_softmax_loss
 from derm.training.upstream.model import DermConfig, DermModel
 from derm.training.upstream.refresh import RefreshGapError, refresh, refresh_day
 from derm.training.upstream.train import checkpoint_path, load_checkpoint, score_day
@@ -129,6 +129,51 @@ def test_derm_loss_adds_weighted_contrastive_on_positives_only() -> None:
     assert out.total.item() == pytest.approx((bce + 0.5 * contrastive).item(), rel=1e-6)
     one_positive = derm_loss(logit, torch.tensor([1.0, 0, 0, 0, 0, 0]), user, pin, logq)
     assert one_positive.contrastive.item() == 0.0
+
+
+def test_impression_loss_makes_non_clicked_impressions_negatives() -> None:
+    """Logistic loss of u.p / tau plus the batch's label log-odds, on every row; its gradient pulls a clicked
+    pair's dot product up and pushes a non-clicked one's down, which the softmax (positives only) never does."""
+    torch.manual_seed(0)
+    user = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1).requires_grad_()
+    pin = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    label = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    tau = 0.5
+    got = impression_loss(user, pin, label, tau)
+    offset = math.log(0.25 / 0.75)
+    expected = 0.0
+    for i in range(4):
+        z = sum(float(a) * float(b) for a, b in zip(user[i].detach(), pin[i], strict=True)) / tau + offset
+        p = 1 / (1 + math.exp(-z))
+        expected -= math.log(p) if label[i] else math.log(1 - p)
+    assert got.item() == pytest.approx(expected / 4, rel=1e-6)
+
+    got.backward()
+    toward_pin = (user.grad * pin).sum(dim=1)  # d loss / d step along the row's own Pin vector
+    assert toward_pin[0] < 0 and (toward_pin[1:] > 0).all()
+
+    logit = torch.zeros(4)
+    off = derm_loss(logit, label, user.detach(), pin, torch.zeros(4))
+    on = derm_loss(logit, label, user.detach(), pin, torch.zeros(4), temperature=tau, impression_weight=2.0)
+    assert off.impression.item() == 0.0
+    assert on.total.item() == pytest.approx(off.total.item() + 2.0 * expected / 4, rel=1e-6)
+
+
+def test_training_settings_added_later_keep_the_hashes_of_earlier_versions() -> None:
+    """``impression_weight`` and ``first_day_epochs`` at their "as before" values are left out of the version
+    payload: the default config hashes as it did before they existed (the constant below was computed then),
+    so a data directory's versions keep their names; set, they are part of the version."""
+    assert UpstreamConfig().config_hash("ctr") == "36e0b5c3a9f114bb3efa8de92975c1fefdc33c044f431eef5b7092137e06642e"
+    assert "impression_weight" not in UpstreamConfig().version_payload("ctr")["train"]
+    for train in (TrainConfig(impression_weight=1.0), TrainConfig(first_day_epochs=8), TrainConfig(epochs=4)):
+        cfg = UpstreamConfig(train=train)
+        assert cfg.config_hash("ctr") != UpstreamConfig().config_hash("ctr")
+        stored = json.loads(json.dumps(cfg.version_payload("ctr")))
+        assert UpstreamConfig.from_version_payload(stored) == cfg
+    with pytest.raises(ValueError, match="impression_weight"):
+        TrainConfig(impression_weight=-1.0)
+    with pytest.raises(ValueError, match="first_day_epochs"):
+        TrainConfig(first_day_epochs=0)
 
 
 def test_entity_outputs_are_unit_norm_and_context_free() -> None:

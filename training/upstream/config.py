@@ -34,6 +34,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     temperature: float = 0.1  # tau of the in-batch sampled softmax
     contrastive_weight: float = 0.5  # total loss = BCE + weight * contrastive
+    # Weight of the logistic loss of the user x Pin dot product over every example row (see
+    # derm.training.upstream.losses.impression_loss): a user's non-clicked impressions become his
+    # negatives. 0 = off, the paper's loss.
+    impression_weight: float = 0.0
+    # Passes over the first day of a version's chain (a cold start, no earlier weights to warm-start
+    # from); None = ``epochs``.
+    first_day_epochs: int | None = None
     seed: int = 0  # initial weights and per-day shuffling
     # Replay window for sparse days (see derm.training.upstream.train.replay_arrays). A day with fewer than
     # ``replay_min_examples`` examples of the objective (impressions for CTR, clicks for CVR) also trains on
@@ -57,6 +64,16 @@ class TrainConfig:
             raise ValueError(f"replay_min_examples={self.replay_min_examples}: expected 0 (off) or more")
         if self.replay_max_days < 0:
             raise ValueError(f"replay_max_days={self.replay_max_days}: expected 0 (off) or more")
+        if self.impression_weight < 0:
+            raise ValueError(f"impression_weight={self.impression_weight}: expected 0 (off) or more")
+        if self.first_day_epochs is not None and self.first_day_epochs < 1:
+            raise ValueError(f"first_day_epochs={self.first_day_epochs}: expected None (= epochs) or at least 1")
+
+
+# Training settings added after versions were first hashed, with the value that means "as before":
+# left out of the version payload at that value, so an existing version keeps its hash (and its
+# data directory its versions) and a payload without them reads back as the default.
+_TRAIN_SETTINGS_ADDED_LATER = {"impression_weight": 0.0, "first_day_epochs": None}
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,11 @@ class UpstreamConfig:
             "objective": objective,
             "model": dataclasses.asdict(self.model),
             "features": dataclasses.asdict(self.features),
-            "train": dataclasses.asdict(self.train),
+            "train": {
+                key: value
+                for key, value in dataclasses.asdict(self.train).items()
+                if key not in _TRAIN_SETTINGS_ADDED_LATER or value != _TRAIN_SETTINGS_ADDED_LATER[key]
+            },
             "aggregation": {
                 "aggregation": refresh.aggregation,
                 # Overwrite ignores w; keep it out so the same embeddings never get two versions.

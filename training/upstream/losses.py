@@ -10,6 +10,11 @@ logit is corrected by the log of the Pin's sampling probability ``Q(p)``::
 
     L = -log( exp(u_i.p_i / tau - log Q(p_i)) / sum_j exp(u_i.p_j / tau - log Q(p_j)) )
 
+The softmax's negatives are other users' positives: a user's own non-clicked impressions never
+push his dot products down. The optional impression term (:func:`impression_loss`, off by
+default, not in the paper) adds a logistic loss on the dot product over every example row, so
+those impressions act as his negatives, as in matrix factorisation.
+
 Example::
 
     out = derm_loss(logit, label, user_emb, pin_emb, pin_logq, pin_id, temperature=0.1)
@@ -55,10 +60,35 @@ def sampled_softmax_loss(
     return F.cross_entropy(logits, targets)
 
 
+def impression_loss(
+    user_emb: torch.Tensor, pin_emb: torch.Tensor, label: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Logistic loss of the user x Pin dot product on every example row (clicked or not).
+
+    The logit is ``u.p / tau`` plus the batch's label log-odds (a constant, not learnt), so the dot
+    product carries how much more or less likely than average the pair's label is: the user x Pin
+    taste, with the base rate left to the offset.
+
+    Args:
+        user_emb: ``(B, D)`` L2-normalised user embeddings.
+        pin_emb: ``(B, D)`` L2-normalised Pin embeddings of the same rows.
+        label: ``(B,)`` 0/1 float label.
+        temperature: ``tau``, as in the sampled softmax.
+
+    Returns:
+        Scalar loss.
+    """
+    rate = label.mean().clamp(1e-4, 1 - 1e-4)
+    offset = torch.log(rate / (1 - rate)).detach()
+    dot = (user_emb * pin_emb).sum(dim=1) / temperature  # (B,)
+    return F.binary_cross_entropy_with_logits(dot + offset, label)
+
+
 class DermLoss(NamedTuple):
     total: torch.Tensor
     bce: torch.Tensor
     contrastive: torch.Tensor
+    impression: torch.Tensor
 
 
 def derm_loss(
@@ -70,8 +100,9 @@ def derm_loss(
     pin_ids: torch.Tensor | None = None,
     temperature: float = 0.1,
     contrastive_weight: float = 1.0,
+    impression_weight: float = 0.0,
 ) -> DermLoss:
-    """``BCE(logit, label) + contrastive_weight * sampled_softmax(positives)``.
+    """``BCE(logit, label) + contrastive_weight * sampled_softmax(positives) + impression_weight * impression``.
 
     Args:
         logit: ``(B,)`` interaction-tower output.
@@ -82,9 +113,10 @@ def derm_loss(
         pin_ids: ``(B,)`` Pin ids, to keep duplicates of the positive out of the negatives.
         temperature: softmax temperature ``tau``.
         contrastive_weight: weight of the contrastive term; 0 turns it off.
+        impression_weight: weight of :func:`impression_loss`; 0 (the default) turns it off.
 
     Returns:
-        :class:`DermLoss` with the total and both parts; the contrastive part is 0
+        :class:`DermLoss` with the total and its parts; the contrastive part is 0
         when the batch holds fewer than two positives (no negative to contrast with).
     """
     bce = F.binary_cross_entropy_with_logits(logit, label)
@@ -99,4 +131,9 @@ def derm_loss(
             temperature,
             None if pin_ids is None else pin_ids[positive],
         )
-    return DermLoss(bce + contrastive_weight * contrastive, bce, contrastive)
+    if impression_weight == 0:
+        impression = logit.new_zeros(())
+    else:
+        impression = impression_loss(user_emb, pin_emb, label, temperature)
+    total = bce + contrastive_weight * contrastive + impression_weight * impression
+    return DermLoss(total, bce, contrastive, impression)

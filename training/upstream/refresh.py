@@ -197,7 +197,8 @@ def train_day(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> DermModel
     )
     arrays, _ = replay_arrays(paths.events_dir, job.day, job.objective, cfg.features, cfg.train)
     if len(arrays["label"]):
-        train_one_day(model, optimizer, UpstreamDataset(arrays), cfg.train, job.day)
+        epochs = cfg.train.epochs if job.warm_start else cfg.train.first_day_epochs
+        train_one_day(model, optimizer, UpstreamDataset(arrays), cfg.train, job.day, epochs)
     save_checkpoint(checkpoint, model, optimizer)
     return model
 

@@ -164,13 +164,14 @@ def train_one_day(
     dataset: UpstreamDataset,
     cfg: TrainConfig,
     day: date,
+    epochs: int | None = None,
 ) -> dict[str, float]:
-    """``cfg.epochs`` passes over the day's examples in a seeded order; returns mean losses."""
+    """``epochs`` (default ``cfg.epochs``) passes over the day's examples in a seeded order; returns mean losses."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + day.toordinal())
     model.train()
-    totals = {"loss": 0.0, "bce": 0.0, "contrastive": 0.0}
+    totals = {"loss": 0.0, "bce": 0.0, "contrastive": 0.0, "impression": 0.0}
     steps = 0
-    for _ in range(cfg.epochs):
+    for _ in range(cfg.epochs if epochs is None else epochs):
         for index in torch.randperm(len(dataset), generator=generator).split(cfg.batch_size):
             batch = dataset[index]
             logit, user_emb, pin_emb = model(batch)
@@ -183,6 +184,7 @@ def train_one_day(
                 batch["pin_id"],
                 temperature=cfg.temperature,
                 contrastive_weight=cfg.contrastive_weight,
+                impression_weight=cfg.impression_weight,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
@@ -190,6 +192,7 @@ def train_one_day(
             totals["loss"] += loss.total.item()
             totals["bce"] += loss.bce.item()
             totals["contrastive"] += loss.contrastive.item()
+            totals["impression"] += loss.impression.item()
             steps += 1
     return {k: v / max(steps, 1) for k, v in totals.items()}
 
