@@ -36,6 +36,21 @@ def _parse_date(_ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--aggregation", type=click.Choice(["ema", "overwrite"]), default="ema", show_default=True)
 @click.option("--ema-weight", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.8, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Passes over each day.")
+@click.option(
+    "--first-day-epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Passes over the first day (a cold start; default: --epochs).",
+)
+@click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.0, show_default=True)
+@click.option(
+    "--impression-weight",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="Weight of a logistic loss of the user x Pin dot product on every impression: non-clicked "
+    "impressions become the user's negatives (0 = off, the paper's loss).",
+)
 @click.option("--batch-size", type=click.IntRange(min=2), default=512, show_default=True)
 @click.option("--lr", "learning_rate", type=float, default=2e-3, show_default=True)
 @click.option("--contrastive-weight", type=float, default=0.5, show_default=True)
@@ -52,6 +67,9 @@ def train_upstream(
     aggregation: str,
     ema_weight: float,
     epochs: int,
+    first_day_epochs: int | None,
+    weight_decay: float,
+    impression_weight: float,
     batch_size: int,
     learning_rate: float,
     contrastive_weight: float,
@@ -81,10 +99,13 @@ def train_upstream(
         features=FeatureConfig(),
         train=TrainConfig(
             epochs=epochs,
+            first_day_epochs=first_day_epochs,
             batch_size=batch_size,
             learning_rate=learning_rate,
+            weight_decay=weight_decay,
             temperature=temperature,
             contrastive_weight=contrastive_weight,
+            impression_weight=impression_weight,
             seed=seed,
         ),
         refresh=RefreshConfig(
