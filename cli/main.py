@@ -37,7 +37,7 @@ from derm.cli.publishing import (
 )
 from derm.cli.runtime import online_store, resolve_redis
 from derm.cli.serving import serve
-from derm.cli.upstream import train_upstream
+from derm.cli.upstream import train_upstream, upstream_quality_command
 from derm.cli.validation import docs, validate
 from derm.core.paths import REDIS_CONNECTION_ENV, PlatformPaths
 
@@ -304,6 +304,7 @@ def run_all(ctx: click.Context, preset: str, events_source: Path | None, threads
 
 for _command in (
     train_upstream,
+    upstream_quality_command,
     validate,
     docs,
     publish,

@@ -142,3 +142,89 @@ def train_upstream(
     for name, count in sorted(written.items()):
         console.print(f"{name}: {count} day(s) up to date under {paths.snapshots_dir}")
     console.print(f"done in {elapsed:.1f}s")
+
+
+@click.command("upstream-quality")
+@click.option(
+    "--objective",
+    "objective_choice",
+    default="both",
+    show_default=True,
+    help="ctr, cvr or both (an unknown one is refused with exit code 1, like a range without data).",
+)
+@click.option("--from-date", callback=_parse_date, default=None, help="First snapshot day (YYYY-MM-DD; inclusive).")
+@click.option("--through-date", callback=_parse_date, default=None, help="Last snapshot day (YYYY-MM-DD; inclusive).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows and notes as JSON.")
+def upstream_quality_command(
+    objective_choice: str, from_date: date | None, through_date: date | None, as_json: bool
+) -> None:
+    """Compare upstream versions on the next-day quality check recorded in their manifests.
+
+    One row per (objective, version): the settings that set it apart from the default config, the
+    snapshot days scored, mean ROC-AUC of day t's dot products on day t+1 against Pin popularity's,
+    the mean margin with a 95% t-interval over days, mean recall@k against popularity's, and the days
+    flagged no better than popularity. `*` marks each objective's largest mean margin among the
+    versions scored on the same days. Choose the schedule on days before the rankers' validation and
+    evaluation days (a note says when the range reaches them).
+    """
+    import json
+
+    from derm.core.naming import OBJECTIVES
+    from derm.core.paths import PlatformPaths
+    from derm.experiments.upstream_selection import UpstreamQualityError, compare_upstream_versions
+
+    objectives = tuple(OBJECTIVES) if objective_choice == "both" else (objective_choice,)
+    try:
+        comparison = compare_upstream_versions(PlatformPaths.from_env(), objectives, from_date, through_date)
+    except UpstreamQualityError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        payload = {
+            "snapshots_dir": str(comparison.snapshots_dir),
+            "from_date": from_date.isoformat() if from_date else None,
+            "through_date": through_date.isoformat() if through_date else None,
+            "rows": [row.to_json() for row in comparison.rows],
+            "notes": comparison.notes,
+        }
+        click.echo(json.dumps(payload, indent=2))
+        return
+    click.echo(
+        f"next-day upstream quality, snapshot days {from_date or 'first'} .. {through_date or 'last'} "
+        f"(manifests under {comparison.snapshots_dir})"
+    )
+    click.echo(_quality_table(comparison.rows))
+    for note in comparison.notes:
+        click.echo(f"note: {note}")
+
+
+def _quality_table(rows: list) -> str:
+    """Plain fixed-width text: pastes into a README or an issue as it is."""
+
+    def number(value: float | None, signed: bool = False) -> str:
+        return "-" if value is None else (f"{value:+.4f}" if signed else f"{value:.4f}")
+
+    ks = {row.k for row in rows}
+    k = f"{ks.pop()}" if len(ks) == 1 and None not in ks else "k"
+    header = ["objective", "version", "best", "days", "roc_auc", "popularity", "margin [95% CI]"]
+    header += [f"recall@{k}", "popularity", "flagged", "settings"]
+    lines = [header]
+    for row in rows:
+        ci = f" [{number(row.margin_ci[0], True)}, {number(row.margin_ci[1], True)}]" if row.margin_ci else ""
+        settings = " ".join(f"{name}={value}" for name, value in row.settings.items())
+        lines.append(
+            [
+                row.objective,
+                row.version,
+                "*" if row.best else ("" if row.comparable else "n/a"),
+                str(len(row.days)),
+                number(row.roc_auc),
+                number(row.roc_auc_popularity),
+                number(row.margin, True) + ci,
+                number(row.recall_at_k),
+                number(row.recall_at_k_popularity),
+                str(row.flagged_days),
+                settings,
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines)
