@@ -201,7 +201,10 @@ def _quality_table(rows: list) -> str:
     """Plain fixed-width text: pastes into a README or an issue as it is."""
 
     def number(value: float | None, signed: bool = False) -> str:
-        return "-" if value is None else (f"{value:+.4f}" if signed else f"{value:.4f}")
+        if value is None:
+            return "-"
+        value = 0.0 if abs(value) < 5e-5 else value  # no "-0.0000"
+        return f"{value:+.4f}" if signed else f"{value:.4f}"
 
     ks = {row.k for row in rows}
     k = f"{ks.pop()}" if len(ks) == 1 and None not in ks else "k"

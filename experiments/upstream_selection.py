@@ -68,17 +68,22 @@ class VersionQuality:
     roc_auc_popularity: float  # mean over days of Pin popularity's ROC-AUC on the same rows
     margin: float  # mean over days of roc_auc - roc_auc_popularity
     margin_ci: tuple[float, float] | None  # 95% t-interval of the mean margin over days; None under 2 days
+    daily_margin: tuple[float, ...]  # roc_auc - roc_auc_popularity of each day of ``days``
     recall_at_k: float | None  # mean over days (days with a figure) of recall@k of next-day positive Pins
     recall_at_k_popularity: float | None
     k: int | None  # recall cut-off, when every day used the same
     flagged_days: int  # days flagged ``no_better_than_popularity``
     best: bool = False  # the largest mean margin among the objective's versions scored on the same days
     comparable: bool = True  # scored on the day set the objective's best was chosen on
+    # On the best row: its mean margin minus the runner-up's, with a 95% paired t-interval over the shared days
+    # (the day-to-day swing both versions share cancels out); None without a runner-up.
+    lead: tuple[float, float, float] | None = None  # (mean, low, high)
 
     def to_json(self) -> dict[str, Any]:
         payload = dataclasses.asdict(self)
         payload["days"] = [d.isoformat() for d in self.days]
         payload["margin_ci"] = list(self.margin_ci) if self.margin_ci else None
+        payload["lead"] = list(self.lead) if self.lead else None
         return payload
 
 
@@ -110,7 +115,8 @@ def compare_upstream_versions(
     flagged no better than popularity. The best version of an objective (largest mean margin) is
     chosen only among versions scored on the same set of days: when the day sets differ, the set shared
     by most versions (then the longest, then the latest) is used and a note says which versions were
-    left out of the choice.
+    left out of the choice. The best row's ``lead`` is its mean margin minus the runner-up's with a 95%
+    paired t-interval over the shared days; a note says when that interval reaches zero (no clear lead).
 
     Args:
         paths: platform locations; the manifests are read under ``paths.snapshots_dir``.
@@ -284,6 +290,7 @@ def _summarise(
         roc_auc_popularity=sum(popularity) / len(popularity),
         margin=sum(margins) / len(margins),
         margin_ci=_t_interval(margins),
+        daily_margin=tuple(margins),
         recall_at_k=_mean([f["recall_at_k"] for f in figures]),
         recall_at_k_popularity=_mean([f["recall_at_k_popularity"] for f in figures]),
         k=int(ks.pop()) if len(ks) == 1 and None not in ks else None,
@@ -304,9 +311,24 @@ def _mark_best(objective: str, rows: list[VersionQuality]) -> tuple[list[Version
     for row in rows:
         groups.setdefault(row.days, []).append(row)
     chosen_days = max(groups, key=lambda days: (len(groups[days]), len(days), days[-1]))
-    best = max(groups[chosen_days], key=lambda row: row.margin)
-    marked = [dataclasses.replace(row, best=row is best, comparable=row.days == chosen_days) for row in rows]
-    notes = []
+    ranked = sorted(groups[chosen_days], key=lambda row: row.margin, reverse=True)
+    best, lead, notes = ranked[0], None, []
+    if len(ranked) > 1:
+        runner_up = ranked[1]
+        differences = [b - r for b, r in zip(best.daily_margin, runner_up.daily_margin, strict=True)]
+        interval = _t_interval(differences)
+        lead = (best.margin - runner_up.margin, *interval) if interval else None
+        if interval is not None and interval[0] <= 0.0:
+            notes.append(
+                f"{objective}: {best.version} leads {runner_up.version} by {lead[0]:+.4f} mean margin, 95% paired "
+                f"t-interval over days [{interval[0]:+.4f}, {interval[1]:+.4f}]: not a clear lead on these days."
+            )
+    marked = [
+        dataclasses.replace(
+            row, best=row is best, comparable=row.days == chosen_days, lead=lead if row is best else None
+        )
+        for row in rows
+    ]
     if len(groups) > 1:
         left_out = ", ".join(f"{r.version} ({_span(r.days)})" for r in marked if not r.comparable)
         notes.append(

@@ -100,6 +100,10 @@ def test_table_carries_the_manifests_figures_and_marks_the_larger_margin(two_ver
     assert margins["v1"] != margins["v2"]
     best = max(margins, key=margins.get)
     assert [v for v, row in rows.items() if row["best"]] == [best]
+    other = next(v for v in margins if v != best)
+    lead, low, high = rows[best]["lead"]
+    assert lead == pytest.approx(margins[best] - margins[other]) and low <= lead <= high
+    assert rows[other]["lead"] is None
     # Only what differs from the default config: the epochs (and the test's dim), and the aggregation always.
     assert rows["v2"]["settings"]["epochs"] == 2 and "epochs" not in rows["v1"]["settings"]
     assert rows["v1"]["settings"]["model.dim"] == 16
@@ -110,7 +114,7 @@ def test_table_carries_the_manifests_figures_and_marks_the_larger_margin(two_ver
 
     text = _derm(paths.data_dir, "upstream-quality").output
     marks = {line.split()[1]: line.split()[2] for line in text.splitlines() if line.startswith("ctr ")}
-    assert marks[best] == "*" and marks[next(v for v in margins if v != best)] != "*"
+    assert marks[best] == "*" and marks[other] != "*"
     assert "epochs=2" in text
 
 
