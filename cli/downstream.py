@@ -91,6 +91,12 @@ def ranker_options(function):
                 show_default=True,
                 help="> 0: a mixture of this many experts (MMoE gates) as the deep tower.",
             ),
+            click.option(
+                "--embedding-dot-products/--no-embedding-dot-products",
+                default=False,
+                show_default=True,
+                help="Give the ranker each upstream model's user x Pin dot product as an input.",
+            ),
         ]
     ):
         function = option(function)

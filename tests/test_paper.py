@@ -244,6 +244,49 @@ def test_sequence_encoder_and_experts_shapes_and_serving_contract(tmp_path: Path
     )
 
 
+def test_embedding_dot_products_give_each_user_pin_pair_its_score(tmp_path: Path) -> None:
+    """With ``embedding_dot_products``, each upstream model read as a (user, Pin) pair adds one input, its
+    user x Pin dot product (cold vectors for missing rows); a family without its partner adds none."""
+    rng = np.random.default_rng(4)
+    frame = _frame(48, rng, datetime(2026, 2, 2, tzinfo=UTC), days=1)
+    for family in ("ctr_pin", "cvr_user"):
+        frame[f"{family}_emb"] = pa.array(rng.normal(size=(48, DIM)).astype(np.float32).tolist())
+    families = ("ctr_user", "ctr_pin", "cvr_user")
+    spec = RankerSpec(
+        objective="ctr",
+        feature_service="ctr_ranker[test]",
+        feature_refs=[f"{f}_emb_v1:{f}_emb" for f in families],
+        embedding_versions=dict.fromkeys(families, "v1"),
+        embedding_dims=dict.fromkeys(families, DIM),
+        model=replace(SMALL, embedding_dot_products=True),
+    ).with_counting_stats(frame)
+    torch.manual_seed(0)
+    with_dots = RankerModel(spec)
+    torch.manual_seed(0)
+    without = RankerModel(replace(spec, model=SMALL))
+    assert with_dots.dot_pairs == [(slice(0, DIM), slice(DIM, 2 * DIM))]  # ctr only: cvr_pin is not read
+    assert with_dots.head.in_features == without.head.in_features + 1  # x0 is one wider (the cross keeps its width)
+
+    # The input is u.p of the rows' vectors: capture x0 (the cross network's input) and compare.
+    batch = Ranker(spec, with_dots).transform(frame)
+    seen = {}
+    hook = with_dots.cross.register_forward_pre_hook(lambda _m, args: seen.update(x0=args[0]))
+    with_dots.eval()
+    with torch.no_grad():
+        with_dots(batch)
+        emb, _ = with_dots.embedding_input(batch)
+    hook.remove()
+    expected = (emb[:, :DIM] * emb[:, DIM : 2 * DIM]).sum(dim=1)
+    torch.testing.assert_close(seen["x0"][:, -1], expected)
+
+    saved = load_ranker(Ranker(spec, with_dots).save(tmp_path / "ranker"))
+    assert saved.spec.model.embedding_dot_products
+    np.testing.assert_allclose(saved.score(frame), Ranker(spec, with_dots).score(frame))
+    uneven = replace(spec, embedding_dims={**spec.embedding_dims, "ctr_pin": DIM + 1})
+    with pytest.raises(ValueError, match="ctr_user has 8 dimensions and ctr_pin 9"):
+        RankerModel(uneven)
+
+
 # --------------------------------------------------------------------------- embeddings as the paper keeps them
 
 

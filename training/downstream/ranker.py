@@ -79,7 +79,7 @@ import torch
 from torch import nn
 
 from derm.core.files import replace_directory
-from derm.core.naming import COUNTING_VIEWS, OBJECTIVES, all_counting_features, feature_name
+from derm.core.naming import COUNTING_VIEWS, OBJECTIVES, all_counting_features, families_of, feature_name
 from derm.events.schema import SURFACES
 
 MODEL_FILE = "model.pt"
@@ -112,6 +112,10 @@ class RankerModelConfig:
     sequence_layers: int = 1
     experts: int = 0  # > 0: the deep tower is a mixture of this many expert MLPs with a softmax gate (MMoE)
     expert_hidden: int = 128
+    # One more input per upstream model whose user and Pin families are both read: the dot product of the
+    # two vectors, the upstream's own user x Pin score. The projection and cross layers can form it, but
+    # only by learning a 64 x 64 bilinear form from the ranker's rows; here it is given.
+    embedding_dot_products: bool = False
 
 
 @dataclass(frozen=True)
@@ -525,11 +529,31 @@ class MixtureOfExperts(nn.Module):
         return gates @ outputs  # (B, T, H)
 
 
+def _dot_product_pairs(spec: RankerSpec) -> list[tuple[slice, slice]]:
+    """Column slices of the (user, Pin) families of each upstream model the ranker reads both of."""
+    offsets, start = {}, 0
+    for family in spec.families:
+        offsets[family] = slice(start, start + spec.embedding_dims[family])
+        start += spec.embedding_dims[family]
+    pairs = []
+    for objective in OBJECTIVES:
+        user, pin = families_of(objective)["user"], families_of(objective)["pin"]
+        if user in offsets and pin in offsets:
+            if spec.embedding_dims[user] != spec.embedding_dims[pin]:
+                raise ValueError(
+                    f"embedding_dot_products: {user} has {spec.embedding_dims[user]} dimensions and {pin} "
+                    f"{spec.embedding_dims[pin]}; a dot product needs the same"
+                )
+            pairs.append((offsets[user], offsets[pin]))
+    return pairs
+
+
 class RankerModel(nn.Module):
     """DCNv2-style ranker: hashed id embeddings + dense counts + projected DERM embeddings -> cross || deep -> logit.
 
     The deep tower is an MLP, or a :class:`MixtureOfExperts` with ``experts > 0``; with
-    ``sequence_length > 0`` a :class:`SequenceEncoder` over the user's recent Pins adds ``E`` inputs.
+    ``sequence_length > 0`` a :class:`SequenceEncoder` over the user's recent Pins adds ``E`` inputs;
+    with ``embedding_dot_products`` each upstream model read as a (user, Pin) pair adds its dot product.
     A missing family gets its learned cold-start vector (``cold_start``, never zeros) and its flag.
 
     Args:
@@ -566,8 +590,9 @@ class RankerModel(nn.Module):
             else None
         )
         seq_out = cfg.id_embedding_dim if self.sequence is not None else 0
+        self.dot_pairs = _dot_product_pairs(spec) if cfg.embedding_dot_products else []
         width = len(spec.sparse_buckets) * cfg.id_embedding_dim + spec.dense_dim + emb_out + len(spec.families)
-        width += seq_out
+        width += seq_out + len(self.dot_pairs)
         self.cross = CrossNetV2(width, cfg.cross_layers, cfg.cross_rank)
         if cfg.experts:
             self.moe: MixtureOfExperts | None = MixtureOfExperts(width, cfg.experts, cfg.expert_hidden, 1, cfg.dropout)
@@ -605,6 +630,8 @@ class RankerModel(nn.Module):
         emb, missing = self.embedding_input(batch)
         if emb.shape[1]:
             parts += [self.projection(emb), missing]
+        for user, pin in self.dot_pairs:  # (B, 1) each: the upstream's user x Pin score, cold vectors included
+            parts.append((emb[:, user] * emb[:, pin]).sum(dim=1, keepdim=True))
         if self.sequence is not None:
             seq = batch["seq"]  # (B, L), -1 = padding
             items = self.id_embeddings[self.pin_table](seq.clamp(min=0))  # (B, L, E)
