@@ -425,9 +425,10 @@ def test_aggregation_sweep_reuses_the_days_weights(refreshed) -> None:
     ema_version, new_version = manifests[0].model_version, overwrite[0].model_version
     assert new_version != ema_version
     for day in (START, START + timedelta(days=2)):
-        assert file_sha256(checkpoint_path(paths.models_dir, "ctr", new_version, day)) == file_sha256(
-            checkpoint_path(paths.models_dir, "ctr", ema_version, day)
-        )
+        shared = checkpoint_path(paths.models_dir, "ctr", new_version, day)
+        assert file_sha256(shared) == file_sha256(checkpoint_path(paths.models_dir, "ctr", ema_version, day))
+        # one copy on disk: a hard link of the other version's file
+        assert shared.stat().st_ino == checkpoint_path(paths.models_dir, "ctr", ema_version, day).stat().st_ino
     last = next(m for m in overwrite if m.snapshot_date == START + timedelta(days=2) and m.family == "ctr_user")
     ema_last = next(m for m in manifests if m.snapshot_date == last.snapshot_date and m.family == "ctr_user")
     assert last.data_sha256 != ema_last.data_sha256  # same weights, other aggregation

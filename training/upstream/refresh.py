@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -187,7 +188,13 @@ def train_day(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> DermModel
     shared = None if checkpoint.exists() else _same_training_checkpoint(job, paths, cfg)
     if shared is not None:  # another version differs only in its aggregation: the day's weights are the same
         staging = checkpoint.with_name(f".{checkpoint.name}.tmp")
-        shutil.copyfile(shared, staging)
+        staging.unlink(missing_ok=True)
+        try:
+            # One copy on disk for every version of the sweep (a 215-day refresh is ~6 GB of checkpoints per
+            # version). Safe because a checkpoint is never written in place: save_checkpoint replaces the file.
+            os.link(shared, staging)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(shared, staging)
         staging.replace(checkpoint)
     if checkpoint.exists():  # trained before an interrupted export; training is deterministic anyway
         model, _ = load_checkpoint(checkpoint, cfg)
