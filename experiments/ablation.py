@@ -175,11 +175,12 @@ def select_nested(
 
     Each variant's candidates are its own selected ranker (its grid, calibration, "no harm" check) and the
     ranker already selected for the variant before it; the one with the lower validation log loss (as it
-    scores: calibrated, or the base-rate fallback) is kept, the smaller on a tie. When the smaller is kept,
-    the variant's evaluation scores *are* that ranker's, so its step lift is exactly 0. The evaluation rows
-    are never looked at to decide. It is what a gate that ships a family only when it helps on held-out
-    days does; without it, a variant whose grid switched its families off (embedding dropout 1.0) is
-    another training run of a ranker that cannot see them, and its lift is seed noise.
+    scores: calibrated, or the base-rate fallback) is kept, the smaller on a tie. A variant whose own grid
+    switched its families off (embedding dropout 1.0, ``result.families_off``) never displaces the smaller
+    ranker, whatever its validation log loss: it is another training run of a ranker that cannot see the
+    families, and a lower loss is seed noise. When the smaller is kept, the variant's evaluation scores
+    *are* that ranker's, so its step lift is exactly 0. The evaluation rows are never looked at to decide.
+    It is what a gate that ships a family only when it helps on held-out days does.
 
     Args:
         variants: ``(label, families, result)`` in nesting order; each variant's families include the
@@ -228,8 +229,10 @@ def select_nested(
                 f"nested selection: {label!r} or {previous_label!r} has no validation log loss (no validation "
                 "rows); train with validation_days >= 1 or turn nested selection off"
             )
-        keep_own = bool(own < other)  # a tie keeps the smaller ranker: the families did not help
+        # A tie keeps the smaller ranker (the families did not help); so does a ranker that switched them off.
+        keep_own = bool(own < other) and not result.families_off
         decision.update(
+            families_off=result.families_off,
             compared_with=previous_label,
             added=[f for f in families if f not in previous_families],
             previous_validation_log_loss=other,
@@ -258,6 +261,12 @@ def nested_selection_notes(results: Sequence[DownstreamResult]) -> list[str]:
         )
         if decision["kept_own"]:
             notes.append(f"`{label}`: validation kept the `{label}` ranker: {added} helped on held-out days ({losses})")
+        elif decision.get("families_off"):
+            notes.append(
+                f"`{label}`: validation kept the `{previous}` ranker: the `{label}` ranker's grid switched its "
+                f"families off (embedding dropout 1.0), so it cannot carry {added}, whatever its validation log "
+                f"loss ({losses}); its eval scores are the `{previous}` ranker's, so this step's lift is exactly 0"
+            )
         else:
             origin = "" if decision["kept"] == previous else f" (itself the `{decision['kept']}` ranker)"
             notes.append(

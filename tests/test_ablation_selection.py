@@ -172,3 +172,27 @@ def test_nested_selection_refuses_variants_on_other_rows(trained) -> None:
         select_nested([("none", (), none), ("ctr_user", ("ctr_user",), shorter)])
     with pytest.raises(ValueError, match="does not contain the families"):
         select_nested([("ctr_user", ("ctr_user",), user), ("none", (), none)])
+
+
+def test_a_variant_whose_grid_switched_its_families_off_never_displaces_the_smaller_ranker(trained) -> None:
+    """Embedding dropout 1.0 chosen on validation: the ranker cannot see its families, so a lower validation
+    log loss is another training run's noise (the real-shaped log's CVR `ctr_user` step of +0.0104 was one);
+    nested selection keeps the smaller ranker and says why."""
+    from derm.experiments.ablation import nested_selection_notes, select_nested
+    from derm.training.downstream.ranker import load_ranker
+
+    _, results = trained
+    for label, families in VARIANTS:  # the flag is what the saved ranker's grid point says
+        spec = load_ranker(results[label].ranker_dir).spec
+        assert results[label].families_off == (bool(families) and spec.model.embedding_dropout >= 1.0)
+    none = results["none"]
+    off = dataclasses.replace(
+        results["ctr_user"], families_off=True, validation_log_loss=none.validation_log_loss - 0.01
+    )
+    kept = select_nested([("none", (), none), ("ctr_user", ("ctr_user",), off)])
+    decision = kept["ctr_user"].nested_selection
+    assert decision["kept"] == "none" and not decision["kept_own"] and decision["families_off"]
+    np.testing.assert_array_equal(kept["ctr_user"].eval_scores, none.eval_scores)
+    assert "switched its families off (embedding dropout 1.0)" in nested_selection_notes(list(kept.values()))[0]
+    on = dataclasses.replace(off, families_off=False)
+    assert select_nested([("none", (), none), ("ctr_user", ("ctr_user",), on)])["ctr_user"].nested_selection["kept_own"]

@@ -487,6 +487,9 @@ class DownstreamResult:
     # Set by a nested ablation (derm.experiments.ablation.select_nested): the decision between this
     # variant's own ranker and the one selected for the variant before it.
     nested_selection: dict[str, Any] = field(default_factory=dict)
+    # The grid chose embedding dropout 1.0 for a ranker with families: it never sees them (constant
+    # cold-start inputs in training and serving), so it is another run of the ranker without them.
+    families_off: bool = False
 
     @property
     def no_harm(self) -> bool:
@@ -603,6 +606,7 @@ def train_on_training_set(
             validation.column("event_id").to_numpy() if validation is not None else np.zeros(0, np.int64)
         ),
         validation_log_loss=float(ranker.spec.extra.get("selection", {}).get("validation_log_loss_served", np.nan)),
+        families_off=bool(ranker.spec.families) and ranker.spec.model.embedding_dropout >= 1.0,
     )
     return ranker, result
 
