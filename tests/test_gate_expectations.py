@@ -76,6 +76,7 @@ EXPECTATIONS = [
     Expected("low_cosine_fraction", "expect_column_values_to_be_between", suites.COSINE_TO_PREVIOUS),
     Expected("mean_shift", "expect_column_values_to_be_between", suites.MEAN_SHIFT),
     Expected("std_ratio", "expect_column_values_to_be_between", suites.STD_RATIO),
+    Expected("own_previous", "expect_column_mean_to_be_between", suites.CLOSER_TO_OWN_PREVIOUS),
     # training set
     Expected("required_user_id", "expect_column_values_to_not_be_null", "user_id"),
     Expected("required_pin_id", "expect_column_values_to_not_be_null", "pin_id"),
@@ -90,8 +91,8 @@ EXPECTATIONS = [
 ]
 BY_NAME = {e.name: e for e in EXPECTATIONS}
 # required_event_timestamp and timestamp_not_null share type and column: they live in different suites.
-SNAPSHOT_NAMES = {e.name for e in EXPECTATIONS[:19]}
-TRAINING_NAMES = {e.name for e in EXPECTATIONS[19:]}
+SNAPSHOT_NAMES = {e.name for e in EXPECTATIONS[:20]}
+TRAINING_NAMES = {e.name for e in EXPECTATIONS[20:]}
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -349,6 +350,12 @@ SNAPSHOT_CASES: dict[str, SnapshotCase] = {
         lambda p: {"vectors": _around_e0(11, shift=0.15)},
         ("mean_shift",),
         [2],  # dimensions count from 1
+    ),
+    # Alike vectors (near one axis) written on the wrong entities: the same population, so every moment,
+    # the coverage and the retention are unchanged, and every cosine to the day before stays ~0.99; no
+    # entity is closer to its own vector of the day before than to another's beyond chance.
+    "vectors_on_the_wrong_entities": SnapshotCase(
+        lambda: _around_e0(13), lambda p: {"vectors": np.roll(p, 7, axis=0)}, ("own_previous",)
     ),
     # A symmetric population (means exactly 0) stretched along the first axis: its std more than doubles.
     "dimension_std_ratio": SnapshotCase(

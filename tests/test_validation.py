@@ -410,6 +410,27 @@ def test_remapped_entity_ids_are_rejected(history: tuple[Path, np.ndarray], docs
     assert ("expect_column_sum_to_be_between", "in_previous_day") in _failed(report), report.failures
 
 
+def test_right_vectors_on_the_wrong_entities_are_rejected(tmp_path: Path, docs_dir: Path) -> None:
+    """A family whose vectors are alike (a shared direction, as popularity gives the Pin vectors): written on
+    the wrong entities, every distribution and cosine check still passes; only the closer-to-own-previous
+    check sees it. The same vectors on the right entities pass."""
+    rng = np.random.default_rng(3)
+    shared = np.ones(DIM) / np.sqrt(DIM)
+    alike = shared + 0.12 * rng.normal(size=(ENTITIES, DIM))  # per-entity part ~1/3 of the shared one
+    previous = (alike / np.linalg.norm(alike, axis=1, keepdims=True)).astype(np.float32)
+    moved = previous + 0.01 * rng.normal(size=previous.shape)
+    today = (moved / np.linalg.norm(moved, axis=1, keepdims=True)).astype(np.float32)
+    write_snapshot(tmp_path, DAY - timedelta(days=1), previous)
+
+    right = validate_snapshot(write_snapshot(tmp_path, DAY, today), docs_dir=docs_dir, now=NOW)
+    assert right.success, right.failures
+
+    wrong = validate_snapshot(
+        write_snapshot(tmp_path, DAY, today[np.roll(np.arange(ENTITIES), 7)]), docs_dir=docs_dir, now=NOW
+    )
+    assert _failed(wrong) == {("expect_column_mean_to_be_between", "closer_to_own_previous")}, wrong.failures
+
+
 # --------------------------------------------------------------------------- issue 11: real-log shapes
 # Each distribution check tolerates outliers and small populations; each change comes with a minimal
 # input that fails exactly that expectation beside a positive control.

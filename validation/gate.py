@@ -420,14 +420,19 @@ def _derive_snapshot_frames(
         parameters = {"current": str(snapshot_dir / manifest.data_file)}
         if previous is None:
             previous_rows = f"SELECT NULL::BIGINT AS {key}, NULL::FLOAT[] AS embedding WHERE false"
-            cosine = seen = ""
+            cosine = seen = closer = ""
         else:
             parameters["previous"] = str(previous[0] / previous[1].data_file)
             history_files = [str(directory / recent.data_file) for directory, recent in history]
             # One vector per entity even if the previous snapshot (wrongly) had duplicates.
-            previous_rows = (
-                f"SELECT {key}, any_value(embedding) AS embedding FROM read_parquet($previous) GROUP BY {key}"
-            )
+            # ``other``: another entity's vector of the day before (the next one in a fixed hash order,
+            # wrapping around), the reference of the closer-to-own-previous check.
+            previous_rows = f"""
+                SELECT {key}, embedding,
+                       coalesce(lead(embedding) OVER w, first_value(embedding) OVER w) AS other
+                FROM (SELECT {key}, any_value(embedding) AS embedding FROM read_parquet($previous) GROUP BY {key})
+                WINDOW w AS (ORDER BY hash({key}), {key})
+            """
             # list_cosine_similarity rejects lists of unequal length or with NULL elements; those fail
             # their own checks.
             # Retention: which of today's entities the day before had; their count against the day before's
@@ -438,6 +443,14 @@ def _derive_snapshot_frames(
                 "AND list_count(p.embedding) = len(p.embedding) "
                 "THEN list_cosine_similarity(c.embedding::DOUBLE[], p.embedding::DOUBLE[]) END "
                 f"AS {suites.COSINE_TO_PREVIOUS}"
+            )
+            closer = (
+                ", CASE WHEN len(c.embedding) = len(p.embedding) AND len(c.embedding) = len(p.other) "
+                "AND list_count(c.embedding) = len(c.embedding) AND list_count(p.embedding) = len(p.embedding) "
+                "AND list_count(p.other) = len(p.other) "
+                "THEN (list_cosine_similarity(c.embedding::DOUBLE[], p.embedding::DOUBLE[]) "
+                "> list_cosine_similarity(c.embedding::DOUBLE[], p.other::DOUBLE[]))::INT END "
+                f"AS {suites.CLOSER_TO_OWN_PREVIOUS}"
             )
         rows = con.execute(
             f"""
@@ -451,8 +464,9 @@ def _derive_snapshot_frames(
                    coalesce(list_count(c.embedding) = len(c.embedding), false) AS {suites.NO_NULL_VALUES},
                    coalesce(list_bool_or(list_transform(c.embedding, lambda x: x <> 0)), false)
                        AS {suites.HAS_NONZERO_VALUE}
-                   {cosine} {seen}
-            FROM read_parquet($current) AS c LEFT JOIN p USING ({key})
+                   {cosine} {closer} {seen}
+            FROM read_parquet($current, file_row_number = true) AS c LEFT JOIN p USING ({key})
+            ORDER BY c.file_row_number  -- the file's order: offending ids are reported as written
             """,
             parameters,
         ).df()

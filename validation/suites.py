@@ -34,6 +34,7 @@ NO_NULL_VALUES = "no_null_values"
 HAS_NONZERO_VALUE = "has_nonzero_value"
 COSINE_TO_PREVIOUS = "cosine_to_previous"
 IN_PREVIOUS_DAY = "in_previous_day"
+CLOSER_TO_OWN_PREVIOUS = "closer_to_own_previous"
 DIMENSION = "dimension"
 MEAN_SHIFT = "mean_shift_in_previous_std"
 STD_RATIO = "std_ratio_to_previous"
@@ -180,6 +181,18 @@ def snapshot_rows_suite(
                     f"At least {retained:.0%} of the {previous_count} entities of {previous_label} are still here "
                     f"(sum of in_previous_day at least {math.ceil(retained * previous_count)}): guards against "
                     "remapped or dropped ids; new entities are growth, not a failure"
+                ),
+            )
+        )
+        closer = thresholds.min_fraction_closer_to_own_previous
+        expectations.append(
+            gxe.ExpectColumnMeanToBeBetween(
+                column=CLOSER_TO_OWN_PREVIOUS,
+                min_value=closer,
+                description=(
+                    f"At least {closer:.0%} of the entities in both days are closer (cosine) to their own vector of "
+                    f"{previous_label} than to another entity's: guards against the right vectors written on the "
+                    "wrong entities, which keeps every distribution and can keep the cosines high"
                 ),
             )
         )

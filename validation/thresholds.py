@@ -29,6 +29,7 @@ class SnapshotThresholds:
     coverage_change_min_entities: int = 50
     min_population_for_relative_checks: int = 50
     min_fraction_of_previous_retained: float = 0.5
+    min_fraction_closer_to_own_previous: float = 0.75
     min_median_cosine_to_previous: float = 0.8
     low_cosine_to_previous: float = 0.5
     max_fraction_below_low_cosine: float = 0.05
