@@ -444,12 +444,11 @@ def _derive_snapshot_frames(
                 "THEN list_cosine_similarity(c.embedding::DOUBLE[], p.embedding::DOUBLE[]) END "
                 f"AS {suites.COSINE_TO_PREVIOUS}"
             )
+            # Reuses the cosine column (NULL where a vector is malformed); only ``other`` needs its own guard.
             closer = (
-                ", CASE WHEN len(c.embedding) = len(p.embedding) AND len(c.embedding) = len(p.other) "
-                "AND list_count(c.embedding) = len(c.embedding) AND list_count(p.embedding) = len(p.embedding) "
-                "AND list_count(p.other) = len(p.other) "
-                "THEN (list_cosine_similarity(c.embedding::DOUBLE[], p.embedding::DOUBLE[]) "
-                "> list_cosine_similarity(c.embedding::DOUBLE[], p.other::DOUBLE[]))::INT END "
+                f", CASE WHEN {suites.COSINE_TO_PREVIOUS} IS NOT NULL AND len(p.other) = len(c.embedding) "
+                f"AND list_count(p.other) = len(p.other) THEN ({suites.COSINE_TO_PREVIOUS} > "
+                "list_cosine_similarity(c.embedding::DOUBLE[], p.other::DOUBLE[]))::INT END "
                 f"AS {suites.CLOSER_TO_OWN_PREVIOUS}"
             )
         rows = con.execute(

@@ -145,6 +145,11 @@ class RankerSpec:
         return list(self.embedding_versions)
 
     @property
+    def families_off(self) -> bool:
+        """Families read but switched off (embedding dropout 1.0): the model sees only the cold-start vectors."""
+        return bool(self.embedding_versions) and self.model.embedding_dropout >= 1.0
+
+    @property
     def sparse_buckets(self) -> list[int]:
         """Bucket counts of the sparse inputs, in :meth:`FeatureTransform.__call__` column order."""
         return [*self.id_buckets.values(), len(self.surfaces) + 1, 7]

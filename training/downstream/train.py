@@ -606,7 +606,7 @@ def train_on_training_set(
             validation.column("event_id").to_numpy() if validation is not None else np.zeros(0, np.int64)
         ),
         validation_log_loss=float(ranker.spec.extra.get("selection", {}).get("validation_log_loss_served", np.nan)),
-        families_off=bool(ranker.spec.families) and ranker.spec.model.embedding_dropout >= 1.0,
+        families_off=ranker.spec.families_off,
     )
     return ranker, result
 
