@@ -176,6 +176,26 @@ def test_training_settings_added_later_keep_the_hashes_of_earlier_versions() -> 
         TrainConfig(first_day_epochs=0)
 
 
+def test_first_day_epochs_train_only_the_cold_start_day_longer(tmp_path: Path) -> None:
+    """``first_day_epochs=3, epochs=1`` trains the chain's first day as ``epochs=3`` does (same weights, bit for
+    bit) and the second day with one pass (other weights than three passes on top of the same first day)."""
+    paths = _events(tmp_path / "data")
+    warm_up = dataclasses.replace(SMALL, train=dataclasses.replace(SMALL.train, epochs=1, first_day_epochs=3))
+    three = dataclasses.replace(SMALL, train=dataclasses.replace(SMALL.train, epochs=3))
+    versions = {}
+    for name, cfg in (("warm_up", warm_up), ("three", three)):
+        versions[name] = refresh(paths, ("ctr",), cfg, max_days=2)["ctr"][0].model_version
+    first, second = TINY.days[0], TINY.days[1]
+
+    def weights(name: str, day) -> dict[str, torch.Tensor]:
+        path = checkpoint_path(paths.models_dir, "ctr", versions[name], day)
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+    for key, value in weights("warm_up", first).items():
+        torch.testing.assert_close(value, weights("three", first)[key], rtol=0, atol=0)
+    assert any(not torch.equal(v, weights("three", second)[k]) for k, v in weights("warm_up", second).items())
+
+
 def test_entity_outputs_are_unit_norm_and_context_free() -> None:
     torch.manual_seed(0)
     for modules in (("mlp", "attention"), ("masknet", "attention", "mlp")):
