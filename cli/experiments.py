@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -138,6 +139,70 @@ def ablation(
             f"the leakage audit of the {' and '.join(leaked)} ablation rows found values not known at their time "
             "(see the audit above): the ablation's figures are not trustworthy"
         )
+
+
+@click.command("plant-upstream")
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "local", "real", "bench"]),
+    default="local",
+    show_default=True,
+    help="The preset `derm generate` wrote the log with.",
+)
+@click.option("--days", type=int, help="As given to `derm generate` (default: the preset's).")
+@click.option("--events-per-day", type=int, help="As given to `derm generate` (default: the preset's).")
+@click.option(
+    "--start-date", type=click.DateTime(["%Y-%m-%d"]), required=True, help="The log's first day (YYYY-MM-DD)."
+)
+@click.option("--seed", type=int, default=7, show_default=True, help="As given to `derm generate`.")
+@click.option("--dim", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding dimension.")
+@click.option("--aggregation", type=click.Choice(["ema", "overwrite"]), default="ema", show_default=True)
+@click.option("--ema-weight", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.8, show_default=True)
+def plant_upstream_command(
+    preset: str,
+    days: int | None,
+    events_per_day: int | None,
+    start_date: datetime,
+    seed: int,
+    dim: int,
+    aggregation: str,
+    ema_weight: float,
+) -> None:
+    """Publishable snapshots of the synthetic generator's own tastes: a positive control for the ablation.
+
+    For a log written by `derm generate` (same --preset, --days, --events-per-day, --start-date and --seed;
+    checked byte for byte by regenerating it, exit 1 if it differs), writes a DERM-CTR and a DERM-CVR version
+    whose day-t vectors are the generator's day-t user and Pin tastes (CTR: click and interest factors; CVR:
+    the shared click half and purchase intent), through the refresh's own moving average, carry-forward,
+    re-normalisation and next-day quality check. `derm publish --all`, `derm apply` and `derm ablation` then
+    treat it like a trained version; the ablation's aggregation sweep plants its points too. What the
+    ablation finds with it is what it would find if the upstream models learnt everything planted.
+    """
+    from derm.core.paths import PlatformPaths
+    from derm.events.synthetic import SyntheticConfig
+    from derm.experiments.planted import PlantedLogMismatch, PlantedUpstream, plant_upstream
+    from derm.training.upstream.config import DermConfig, RefreshConfig, UpstreamConfig
+
+    overrides: dict[str, object] = {"seed": seed, "start_date": start_date.date()}
+    if days:
+        overrides["n_days"] = days
+    if events_per_day:
+        overrides["events_per_day"] = events_per_day
+    planted = PlantedUpstream(
+        SyntheticConfig.preset(preset, **overrides),
+        UpstreamConfig(
+            model=DermConfig(dim=dim), refresh=RefreshConfig(aggregation=aggregation, ema_weight=ema_weight)
+        ),
+    )
+    paths = PlatformPaths.from_env()
+    try:
+        manifests = plant_upstream(paths, planted)
+    except (PlantedLogMismatch, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for objective, written in manifests.items():
+        days_written = len({m.snapshot_date for m in written})
+        version = written[0].model_version
+        click.echo(f"{objective} {version} (planted): {days_written} day(s) under {paths.snapshots_dir}")
 
 
 def _echo_skipped(comparisons: list) -> None:

@@ -23,7 +23,7 @@ import click
 from rich.console import Console
 
 from derm.cli.downstream import audit_leakage, train_downstream
-from derm.cli.experiments import ablation, leakage_experiment_command
+from derm.cli.experiments import ablation, leakage_experiment_command, plant_upstream_command
 from derm.cli.publishing import (
     accept_command,
     compat_command,
@@ -318,6 +318,7 @@ for _command in (
     compat_command,
     train_downstream,
     ablation,
+    plant_upstream_command,
     audit_leakage,
     leakage_experiment_command,
     serve,

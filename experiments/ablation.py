@@ -41,6 +41,7 @@ from derm.core.feast_repo import FeatureRepo
 from derm.core.naming import FAMILIES
 from derm.core.paths import PlatformPaths
 from derm.core.snapshot import snapshot_dir
+from derm.experiments.planted import PLANTED_KEY, PlantedUpstream, plant_upstream, planted_config
 from derm.experiments.reports import Comparison, compare, reports_dir, skipped_comparison
 from derm.materialization.catalog import Catalog
 from derm.materialization.publish import publish_snapshot
@@ -354,7 +355,16 @@ def promoted_upstream_config(paths: PlatformPaths) -> UpstreamConfig | None:
     config_file = version_dir(paths.models_dir, "ctr", version) / VERSION_CONFIG_FILE if version else None
     if config_file is None or not config_file.exists():
         return None
-    return UpstreamConfig.from_version_payload(json.loads(config_file.read_text()))
+    payload = json.loads(config_file.read_text())
+    if PLANTED_KEY in payload:  # the generator's tastes, not a trained model: see promoted_planted_config
+        return None
+    return UpstreamConfig.from_version_payload(payload)
+
+
+def promoted_planted_config(paths: PlatformPaths) -> PlantedUpstream | None:
+    """The planted version (:mod:`derm.experiments.planted`) promoted for DERM-CTR, or None."""
+    version = Catalog(paths.embeddings_offline_dir).read_state().promoted.get("ctr_user")
+    return planted_config(paths, "ctr", version) if version else None
 
 
 def publish_aggregation_version(
@@ -364,13 +374,20 @@ def publish_aggregation_version(
     log: Log = None,
     thresholds_path: Path | None = None,
     base: UpstreamConfig | None = None,
+    planted: PlantedUpstream | None = None,
 ) -> str:
     """Run the upstream refresh of one sweep point and publish (not promote) its snapshots not yet published.
 
     ``base``: the upstream whose aggregation the point changes (default: the default config).
+    ``planted``: a planted version whose aggregation the point changes instead (its snapshots are planted,
+    not trained: :func:`derm.experiments.planted.plant_upstream`).
     Returns the model version (the same for DERM-CTR and DERM-CVR when both are new).
     """
-    manifests = refresh(paths, ("ctr", "cvr"), aggregation_config(ema_weight, base))
+    if planted is not None:
+        aggregation = ("overwrite", planted.upstream.refresh.ema_weight) if ema_weight is None else ("ema", ema_weight)
+        manifests = plant_upstream(paths, planted.with_aggregation(*aggregation))
+    else:
+        manifests = refresh(paths, ("ctr", "cvr"), aggregation_config(ema_weight, base))
     ordered = sorted((m for ms in manifests.values() for m in ms), key=lambda m: (m.snapshot_date, m.family))
     versions = {m.model_version for m in ordered}
     if len(versions) != 1:
@@ -414,8 +431,11 @@ def aggregation_ablation(
     ``overwrite_version``: an already published overwrite version to use instead of refreshing one.
     """
     cfg = cfg or AblationConfig()
+    planted = promoted_planted_config(paths)
     base = promoted_upstream_config(paths)
-    if log and base is None:
+    if log and planted is not None:
+        log("aggregation sweep: the promoted DERM-CTR version is planted; every point plants the generator's tastes")
+    elif log and base is None:
         log("aggregation sweep: no promoted DERM-CTR version trained here; sweeping the default upstream config")
     versions: dict[str, str] = {}
     for weight in cfg.ema_weights:
@@ -424,7 +444,9 @@ def aggregation_ablation(
             continue
         if log:
             log(f"aggregation sweep: {aggregation_label(weight)}")
-        versions[aggregation_label(weight)] = publish_aggregation_version(paths, repo, weight, log, base=base)
+        versions[aggregation_label(weight)] = publish_aggregation_version(
+            paths, repo, weight, log, base=base, planted=planted
+        )
     store = repo.store()
     families = tuple(FAMILIES)
     window = _window(paths, cfg, [(family, version) for version in versions.values() for family in families])
