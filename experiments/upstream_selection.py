@@ -43,6 +43,8 @@ from derm.core.paths import PlatformPaths
 from derm.core.snapshot import MANIFEST_FILE
 from derm.core.sql import connect
 from derm.events.schema import log_days
+from derm.events.synthetic import SyntheticConfig
+from derm.experiments.planted import PLANTED_KEY, PlantedUpstream
 from derm.training.downstream.train import DownstreamConfig
 from derm.training.upstream.config import UpstreamConfig
 from derm.training.upstream.train import VERSION_CONFIG_FILE, version_dir
@@ -240,6 +242,10 @@ def _settings(paths: PlatformPaths, objective: str, version: str) -> dict[str, A
     payload = json.loads(config_file.read_text())
     defaults = json.loads(json.dumps(UpstreamConfig().version_payload(objective)))
     out: dict[str, Any] = {}
+    if PLANTED_KEY in payload:  # the generator's tastes: its settings are diffed from the generator's defaults
+        generator = PlantedUpstream(SyntheticConfig()).version_payload(objective)[PLANTED_KEY]
+        defaults[PLANTED_KEY] = json.loads(json.dumps(generator))
+        out[PLANTED_KEY] = True
     for section, values in sorted(payload.items()):
         if not isinstance(values, dict) or section == "aggregation":
             continue

@@ -10,6 +10,7 @@ empty days, bursty users, no daily taste, other seeds, both aggregations and bot
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -152,3 +153,27 @@ def test_planted_version_refuses_another_log_and_round_trips(tmp_path: Path) -> 
     # Next-day quality: the planted pair ranks the next day's clicks well above chance.
     scored = [m.quality["roc_auc"] for m in manifests["ctr"] if m.quality.get("roc_auc") is not None]
     assert scored and min(scored) > 0.6
+
+
+def test_plant_upstream_command_and_its_settings_in_upstream_quality(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from derm.cli.main import cli
+    from derm.core.paths import DATA_DIR_ENV
+
+    def derm(*args: str):
+        return CliRunner().invoke(cli, list(args), env={DATA_DIR_ENV: str(tmp_path)})
+
+    generate_event_log(SyntheticConfig.preset("tiny", start_date=START), PlatformPaths(tmp_path).events_dir)
+    refused = derm("plant-upstream", "--preset", "tiny", "--start-date", "2026-03-02")
+    assert refused.exit_code == 1
+    assert "date=2026-03-01/part-0.parquet: not what `derm generate` writes" in refused.output
+    planted = derm("plant-upstream", "--preset", "tiny", "--start-date", "2026-03-01", "--dim", "32")
+    assert planted.exit_code == 0, planted.output
+    assert "ctr v1 (planted): 6 day(s)" in planted.output and "cvr v1 (planted): 6 day(s)" in planted.output
+    table = derm("upstream-quality", "--objective", "ctr", "--json")
+    assert table.exit_code == 0, table.output
+    (row,) = json.loads(table.output)["rows"]
+    # Diffed from the generator's defaults: the tiny preset's sizes show, the default seed does not.
+    assert row["settings"]["planted"] is True and row["settings"]["planted.n_users"] == 200
+    assert "planted.seed" not in row["settings"] and row["settings"]["model.dim"] == 32
