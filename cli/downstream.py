@@ -93,7 +93,7 @@ def ranker_options(function):
             ),
             click.option(
                 "--embedding-dot-products/--no-embedding-dot-products",
-                default=False,
+                default=True,
                 show_default=True,
                 help="Give the ranker each upstream model's user x Pin dot product as an input.",
             ),

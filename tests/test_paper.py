@@ -7,6 +7,7 @@ writing real snapshots, real torch training.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -263,7 +264,7 @@ def test_embedding_dot_products_give_each_user_pin_pair_its_score(tmp_path: Path
     torch.manual_seed(0)
     with_dots = RankerModel(spec)
     torch.manual_seed(0)
-    without = RankerModel(replace(spec, model=SMALL))
+    without = RankerModel(replace(spec, model=replace(SMALL, embedding_dot_products=False)))
     assert with_dots.dot_pairs == [(slice(0, DIM), slice(DIM, 2 * DIM))]  # ctr only: cvr_pin is not read
     assert with_dots.head.in_features == without.head.in_features + 1  # x0 is one wider (the cross keeps its width)
 
@@ -282,9 +283,17 @@ def test_embedding_dot_products_give_each_user_pin_pair_its_score(tmp_path: Path
     saved = load_ranker(Ranker(spec, with_dots).save(tmp_path / "ranker"))
     assert saved.spec.model.embedding_dot_products
     np.testing.assert_allclose(saved.score(frame), Ranker(spec, with_dots).score(frame))
+    # A ranker saved before the option existed has no such key: it was trained without the input, and loads so.
+    legacy = json.loads(replace(spec, model=replace(SMALL, embedding_dot_products=False)).to_json())
+    del legacy["model"]["embedding_dot_products"]
+    assert not RankerSpec.from_json(json.dumps(legacy)).model.embedding_dot_products
+    # Two spaces get no dot product: another width, or another version of the upstream model.
     uneven = replace(spec, embedding_dims={**spec.embedding_dims, "ctr_pin": DIM + 1})
-    with pytest.raises(ValueError, match="ctr_user has 8 dimensions and ctr_pin 9"):
-        RankerModel(uneven)
+    assert RankerModel(uneven).dot_pairs == []
+    other_version = replace(spec, embedding_versions={**spec.embedding_versions, "ctr_pin": "v2"})
+    assert RankerModel(other_version).dot_pairs == []
+    other_hash = replace(spec, embedding_config_hashes={"ctr_user": "a" * 64, "ctr_pin": "b" * 64})
+    assert RankerModel(other_hash).dot_pairs == []
 
 
 # --------------------------------------------------------------------------- embeddings as the paper keeps them

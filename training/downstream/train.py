@@ -78,7 +78,7 @@ class DownstreamConfig:
     sequence_encoder: bool = False  # a transformer over the user's recent engaged Pins (RankerModelConfig)
     sequence_length: int = 20
     experts: int = 0  # > 0: mixture-of-experts deep tower (MMoE gates) with this many experts
-    embedding_dot_products: bool = False  # each (user, Pin) family pair's dot product as an input (RankerModelConfig)
+    embedding_dot_products: bool = True  # each (user, Pin) family pair's dot product as an input (RankerModelConfig)
     seed: int = 0  # initial weights, shuffling and bootstrap
     bootstrap: int = 1000  # resamples for the 95% confidence intervals
     gate: bool = True  # run the Great Expectations training-set gate; refuse to train when it fails
