@@ -67,7 +67,8 @@ def ablation(
     leakage audit of the compared rows (labels respect conversion time, embeddings are the snapshots
     known then; exit 1 if it finds a leak) and lists the upstream quality figures of the promoted
     versions' manifests. Every training set is gated with --thresholds (the sweep's snapshots are
-    published with the gate's drift checks relaxed, as that ablation requires); a refusal lists the
+    published with the gate's drift checks relaxed, as that ablation requires; when the promoted version is
+    planted by `derm plant-upstream`, the sweep's points are planted too); a refusal lists the
     failed expectations and the Data Docs link and exits 1. A ranker the log gives nothing to learn
     (a single label class, too few labelled days) is reported as skipped with its reason (exit 0).
     """
