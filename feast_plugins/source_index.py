@@ -25,8 +25,6 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from derm.feast_plugins.duckdb_sql import connect, glob_escape
-
 INDEX_FILE = "_event_timestamps.json"
 
 
@@ -55,10 +53,23 @@ def record_files_timestamps(folder: Path, ranges: dict[str, tuple[datetime, date
             raise ValueError(f"{folder / INDEX_FILE}: timestamps of {relative_file} must carry a time zone")
         index[relative_file] = (first.isoformat(), last.isoformat())
     with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{INDEX_FILE}.", delete=False) as handle:
-        json.dump(index, handle, indent=0, sort_keys=True)
+        # One json.dumps without indent: the C encoder (an indented dump is pure Python, 10 ms at 2,000 days).
+        handle.write(json.dumps(index, sort_keys=True))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(handle.name, folder / INDEX_FILE)
+
+
+def parquet_files(folder: Path) -> list[str]:
+    """The files DuckDB itself reads for a folder path, ``<folder>/**/*.parquet``, sorted.
+
+    Listed with ``os.walk`` rather than DuckDB's ``glob``, which took 58 ms for 2,000 day folders against
+    ~10 ms: the same files (hidden files and folders included, symlinked folders not followed, the suffix
+    case-sensitive; ``tests/test_source_index.py`` compares the two on such a folder).
+    """
+    return sorted(
+        os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.endswith(".parquet")
+    )
 
 
 def files_in_window(path: str, start: datetime | None, end: datetime | None) -> list[str] | None:
@@ -74,16 +85,13 @@ def files_in_window(path: str, start: datetime | None, end: datetime | None) -> 
     index = _read_index(folder)
     if not index:
         return None
-    # The files DuckDB itself reads for a folder path: <folder>/**/*.parquet, the folder escaped so that a
-    # "[" or "?" in its name is a character, not a pattern.
-    with connect() as con:
-        files = [row[0] for row in con.execute("SELECT file FROM glob($pattern) ORDER BY file", {
-            "pattern": os.path.join(glob_escape(str(folder)), "**", "*.parquet")}).fetchall()]  # fmt: skip
+    files = parquet_files(folder)
     if not files:
         return None
+    prefix = len(os.path.join(str(folder), ""))
     kept = []
     for file in files:
-        bounds = index.get(os.path.relpath(file, folder))
+        bounds = index.get(file[prefix:])
         if bounds is None or ((start is None or bounds[1] >= start) and (end is None or bounds[0] <= end)):
             kept.append(file)
     return kept or files[-1:]

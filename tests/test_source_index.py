@@ -111,3 +111,34 @@ def test_pull_latest_over_an_indexed_source_gives_the_stock_rows(
         stock = kit.stock.pull_latest_from_table_or_query(*args).to_arrow()
         order = [(key, "ascending") for key in keys]
         assert ours.sort_by(order).to_pylist() == stock.sort_by(order).to_pylist()
+
+
+def test_parquet_files_are_the_files_duckdb_reads_for_the_folder(tmp_path: Path) -> None:
+    """The index lists with os.walk; the files must be exactly DuckDB's ``<folder>/**/*.parquet``."""
+    from derm.feast_plugins.duckdb_sql import connect, glob_escape
+    from derm.feast_plugins.source_index import parquet_files
+
+    folder = tmp_path / "odd [name]?"
+    for relative in (
+        "top.parquet",
+        "date=2026-01-01/data.parquet",
+        "date=2026-01-01/.hidden.parquet",
+        ".staging/date=2026-01-02/data.parquet",
+        "a/b/c/deep.parquet",
+        "date=2026-01-03/data.PARQUET",
+        "date=2026-01-03/notes.parquet.json",
+        INDEX_FILE,
+    ):
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(b"")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "linked.parquet").write_bytes(b"")
+    (folder / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (folder / "file_link.parquet").symlink_to(folder / "top.parquet")
+    with connect() as con:
+        pattern = str(Path(glob_escape(str(folder))) / "**" / "*.parquet")
+        duckdb_files = [
+            row[0] for row in con.execute("SELECT file FROM glob($p) ORDER BY file", {"p": pattern}).fetchall()
+        ]
+    assert parquet_files(folder) == duckdb_files
+    assert len(duckdb_files) == 6  # the case above really has hidden files and folders, and skips the others
