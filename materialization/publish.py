@@ -200,9 +200,11 @@ def _published_days(
             continue
         try:
             day = date.fromisoformat(name.removeprefix("date="))
-        except ValueError:
-            if os.path.exists(os.path.join(version_dir, name, MANIFEST_FILE)):
-                raise  # a published folder that names no day is a broken catalog, not a gap
+        except ValueError as error:
+            if os.path.exists(os.path.join(version_dir, name, MANIFEST_FILE)):  # a broken catalog, not a gap
+                raise ValueError(
+                    f"{version_dir / name}: a published day folder must be named date=YYYY-MM-DD"
+                ) from error
             continue
         if before is None or day < before:
             candidates.append((day, name))

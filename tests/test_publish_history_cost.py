@@ -109,3 +109,13 @@ def test_bounded_listing_matches_the_full_one(history, monkeypatch: pytest.Monke
             )
     assert _published_days(catalog, FAMILY, VERSION, before=DAY, newest=0) == []
     assert _published_days(catalog, FAMILY, "v9") == []  # no folder for the version yet
+
+
+def test_a_published_folder_that_names_no_day_is_refused_by_name(tmp_path: Path) -> None:
+    catalog = Catalog(PlatformPaths(tmp_path).embeddings_offline_dir)
+    version_dir = catalog.root / FAMILY / VERSION
+    (version_dir / "date=someday").mkdir(parents=True)  # no manifest: a leftover, not a published day
+    assert _published_days(catalog, FAMILY, VERSION) == []
+    (version_dir / "date=someday" / MANIFEST_FILE).write_text("{}")
+    with pytest.raises(ValueError, match=r"date=someday: a published day folder must be named date=YYYY-MM-DD"):
+        _published_days(catalog, FAMILY, VERSION)
