@@ -147,6 +147,14 @@ def test_planted_version_refuses_another_log_and_round_trips(tmp_path: Path) -> 
     version = manifests["ctr"][0].model_version
     # What the ablation's aggregation sweep reads back: the same generator and refresh, hence the same version.
     assert planted_config(paths, "ctr", version) == planted
+    # Promoted, it is what the ablation's sweep varies: its points are planted, never trained.
+    from derm.experiments.ablation import promoted_planted_config, promoted_upstream_config
+    from derm.materialization.catalog import Catalog, CatalogState
+
+    assert promoted_planted_config(paths) is None  # nothing promoted yet
+    paths.embeddings_offline_dir.mkdir(parents=True, exist_ok=True)
+    Catalog(paths.embeddings_offline_dir).write_state(CatalogState(promoted={"ctr_user": version}))
+    assert promoted_planted_config(paths) == planted and promoted_upstream_config(paths) is None
     overwrite = planted.with_aggregation("overwrite", 0.8)
     assert overwrite.config_hash("ctr") != planted.config_hash("ctr")
     assert plant_upstream(paths, overwrite, check_log=False)["ctr"][0].model_version != version
