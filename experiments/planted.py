@@ -41,24 +41,28 @@ import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from derm.core.days import day_end
 from derm.core.files import atomic_write_text
 from derm.core.model_versions import ModelVersions
-from derm.core.naming import OBJECTIVES, families_of, join_key
+from derm.core.naming import OBJECTIVES, families_of
 from derm.core.paths import PlatformPaths
-from derm.core.snapshot import DATA_FILE, MANIFEST_FILE, SnapshotManifest, file_sha256, read_manifest, snapshot_dir
-from derm.core.sql import connect, ident
+from derm.core.snapshot import SnapshotManifest, file_sha256
 from derm.events.schema import event_files
 from derm.events.synthetic import SyntheticConfig, daily_worlds, generate_event_log
 from derm.training.upstream.config import UpstreamConfig
-from derm.training.upstream.export import aggregate_batches, snapshot_available_at, write_snapshot
-from derm.training.upstream.features import events_used_window, window_events_sql
-from derm.training.upstream.refresh import active_entities, refresh_days, upstream_quality
+from derm.training.upstream.refresh import (
+    RefreshDay,
+    export_family,
+    manifest_template,
+    record_quality,
+    refresh_days,
+    window_entity_batches,
+)
 from derm.training.upstream.train import VERSION_CONFIG_FILE, version_dir
 
 PLANTED_KEY = "planted"  # the key of config.json that marks a planted version (the generator's config under it)
@@ -183,19 +187,14 @@ def _describe(synthetic: SyntheticConfig) -> str:
     )
 
 
-def _window_ids(paths: PlatformPaths, entity: str, day: date, active_window_days: int) -> np.ndarray:
-    """Sorted ids with an event in the active window ending with ``day`` (the entities the refresh embeds)."""
-    end = day_end(day)
-    events, params = window_events_sql(paths.events_dir, "active", end - timedelta(days=active_window_days), end)
-    key = ident(join_key(f"ctr_{entity}"))
-    with connect() as con:
-        rows = con.execute(f"SELECT DISTINCT {key} FROM {events} ORDER BY 1", params).fetchnumpy()
-    return np.asarray(rows[join_key(f"ctr_{entity}")], dtype=np.int64)
-
-
-def _batches(ids: np.ndarray, vectors: np.ndarray, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for start in range(0, len(ids), rows):
-        yield ids[start : start + rows], vectors[start : start + rows]
+def _planted_batches(
+    job: RefreshDay, paths: PlatformPaths, cfg: UpstreamConfig, entity: str, world: object, rotation: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The refresh's own entities of the day, in its batches (:func:`window_entity_batches`), with the day's
+    planted tastes as their vectors."""
+    for batch in window_entity_batches(job, paths, cfg, entity):
+        ids = batch[f"{entity}_id"]
+        yield ids, planted_vectors(world, job.objective, entity, ids, rotation)
 
 
 def plant_upstream(
@@ -217,7 +216,7 @@ def plant_upstream(
     """
     if check_log:
         check_log_is_generated(paths, planted.synthetic)
-    refresh, dim = planted.upstream.refresh, planted.upstream.model.dim
+    cfg, dim = planted.upstream, planted.upstream.model.dim
     days = refresh_days(paths)  # every calendar day of the log, as the refresh exports them
     jobs = {}
     for objective in objectives:
@@ -230,64 +229,25 @@ def plant_upstream(
         width = planted.synthetic.latent_dim * (2 if objective == "ctr" else 1)
         jobs[objective] = (version, config_hash, _rotation(objective, dim, width))
     out: dict[str, list[SnapshotManifest]] = {objective: [] for objective in objectives}
-    first_day = days[0]
     worlds = daily_worlds(planted.synthetic)
     for day in days:
         world = next(w for i, w, _, _ in worlds if planted.synthetic.days[i] == day)
-        window = events_used_window(paths.events_dir, day, planted.upstream.features, refresh.active_window_days)
         for objective, (version, config_hash, rotation) in jobs.items():
-            manifests = []
-            for entity, family in families_of(objective).items():
-                target = snapshot_dir(paths.snapshots_dir, family, version, day)
-                if (target / MANIFEST_FILE).exists():
-                    manifests.append(read_manifest(target))
-                    continue
-                ids = _window_ids(paths, entity, day, refresh.active_window_days)
-                active = active_entities(paths.events_dir, entity, day)
-                # Idle entities' rows are placeholders: aggregate keeps their last vector (carry-forward).
-                daily = planted_vectors(world, objective, entity, ids, rotation)
-                previous = snapshot_dir(paths.snapshots_dir, family, version, day - timedelta(days=1)) / DATA_FILE
-                carry = refresh.idle_entities == "carry_forward" and day != first_day
-                batches = aggregate_batches(
-                    _batches(ids, daily, refresh.inference_batch_size),
-                    previous if day != first_day else None,
-                    join_key(family),
-                    dim,
-                    refresh.aggregation,
-                    refresh.ema_weight,
-                    active_ids=active if carry else None,
-                    renormalize=refresh.renormalize,
-                )
-                manifest = SnapshotManifest(
-                    family=family,
-                    model_version=version,
-                    config_hash=config_hash,
-                    weights_sha256=config_hash,  # no weights: the generator config is what made the vectors
-                    dim=dim,
-                    snapshot_date=day,
-                    event_timestamp=snapshot_available_at(day, refresh.publish_delay),
-                    data_window_start=window[0],
-                    data_window_end=window[1],
-                    row_count=0,
-                    aggregation=refresh.aggregation,
-                    ema_weight=refresh.ema_weight,
-                    created_at=datetime.now(UTC),
-                )
-                manifests.append(write_snapshot(target, batches, manifest, refresh.inference_batch_size))
-            if any(m.quality is None for m in manifests):
-                quality = upstream_quality(
+            job = RefreshDay(objective, version, config_hash, day, warm_start=day != days[0])
+            # No weights: the generator config is what made the vectors.
+            template = manifest_template(job, paths, cfg, weights_sha256=config_hash)
+            manifests = [
+                export_family(
+                    job,
                     paths,
-                    objective,
-                    version,
-                    day,
-                    refresh.quality_k,
-                    planted.upstream.features.count_window_days,
+                    cfg,
+                    family,
+                    partial(_planted_batches, job, paths, cfg, entity, world, rotation),
+                    template,
                 )
-                manifests = [dataclasses.replace(m, quality=quality) for m in manifests]
-                for manifest in manifests:
-                    target = snapshot_dir(paths.snapshots_dir, manifest.family, version, day)
-                    atomic_write_text(target / MANIFEST_FILE, manifest.to_json() + "\n")
-            out[objective].extend(manifests)
+                for entity, family in families_of(objective).items()
+            ]
+            out[objective].extend(record_quality(job, paths, cfg, manifests))
     return out
 
 

@@ -46,9 +46,10 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ import pyarrow.parquet as pq
 from derm.core.days import day_end, day_start
 from derm.core.files import atomic_write_text
 from derm.core.model_versions import ModelVersions
-from derm.core.naming import OBJECTIVES, families_of, join_key
+from derm.core.naming import FAMILIES, OBJECTIVES, families_of, join_key
 from derm.core.paths import PlatformPaths
 from derm.core.snapshot import DATA_FILE, MANIFEST_FILE, SnapshotManifest, file_sha256, read_manifest, snapshot_dir
 from derm.core.sql import connect, ident
@@ -94,8 +95,9 @@ class RefreshGapError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class _Day:
-    """One (objective, version, day) of the refresh, and where its outputs go."""
+class RefreshDay:
+    """One (objective, version, day) of the refresh, and where its outputs go (also a planted version's day:
+    :mod:`derm.experiments.planted` writes its snapshots through :func:`export_family`)."""
 
     objective: str
     version: str
@@ -153,20 +155,20 @@ def refresh_day(
     job = _plan_day(paths, objective, version, config_hash, day)
     write_version_config(paths, job, cfg)
     model = train_day(job, paths, cfg)
-    window = _events_window(job, paths, cfg)
-    manifest = _manifest_template(job, paths, cfg, window)
+    template = manifest_template(job, paths, cfg, weights_sha256=file_sha256(job.checkpoint(paths)))
     manifests = [
-        _export_family(job, paths, cfg, model, entity, family, manifest) for entity, family in families.items()
+        export_family(job, paths, cfg, family, partial(_embedded, model, job, paths, cfg, entity), template)
+        for entity, family in families.items()
     ]
-    return _record_quality(job, paths, cfg, manifests)
+    return record_quality(job, paths, cfg, manifests)
 
 
-def _plan_day(paths: PlatformPaths, objective: str, version: str, config_hash: str, day: date) -> _Day:
+def _plan_day(paths: PlatformPaths, objective: str, version: str, config_hash: str, day: date) -> RefreshDay:
     """The day to refresh, refused when it is outside the log or would leave a gap after the day before."""
     days = log_days(paths.events_dir)
     if not days[0] <= day <= days[-1]:
         raise ValueError(f"{objective} {version}: {day} is outside the event log ({days[0]} .. {days[-1]})")
-    job = _Day(objective, version, config_hash, day, warm_start=day != days[0])
+    job = RefreshDay(objective, version, config_hash, day, warm_start=day != days[0])
     if job.warm_start and not _day_done(paths, objective, version, job.previous_day):
         raise RefreshGapError(
             f"{objective} {version}: no snapshot for {job.previous_day}; run the refresh for that day first"
@@ -174,7 +176,7 @@ def _plan_day(paths: PlatformPaths, objective: str, version: str, config_hash: s
     return job
 
 
-def write_version_config(paths: PlatformPaths, job: _Day, cfg: UpstreamConfig) -> None:
+def write_version_config(paths: PlatformPaths, job: RefreshDay, cfg: UpstreamConfig) -> None:
     """``config.json`` beside the version's checkpoints: what the version stands for, written once."""
     config_file = version_dir(paths.models_dir, job.objective, job.version) / VERSION_CONFIG_FILE
     if not config_file.exists():
@@ -182,7 +184,7 @@ def write_version_config(paths: PlatformPaths, job: _Day, cfg: UpstreamConfig) -
         atomic_write_text(config_file, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def train_day(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> DermModel:
+def train_day(job: RefreshDay, paths: PlatformPaths, cfg: UpstreamConfig) -> DermModel:
     """The model of the day: trained on day ``t`` from day ``t-1``'s checkpoint, and checkpointed."""
     checkpoint = job.checkpoint(paths)
     shared = None if checkpoint.exists() else _same_training_checkpoint(job, paths, cfg)
@@ -210,7 +212,7 @@ def train_day(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> DermModel
     return model
 
 
-def _same_training_checkpoint(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> Path | None:
+def _same_training_checkpoint(job: RefreshDay, paths: PlatformPaths, cfg: UpstreamConfig) -> Path | None:
     """The day's checkpoint of another version of the model trained identically (same model, features and
     training config; only the aggregation differs), so an aggregation sweep re-trains nothing."""
     training = {k: v for k, v in cfg.version_payload(job.objective).items() if k != "aggregation"}
@@ -226,7 +228,7 @@ def _same_training_checkpoint(job: _Day, paths: PlatformPaths, cfg: UpstreamConf
     return None
 
 
-def _events_window(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> tuple[datetime, datetime]:
+def _events_window(job: RefreshDay, paths: PlatformPaths, cfg: UpstreamConfig) -> tuple[datetime, datetime]:
     window = events_used_window(paths.events_dir, job.day, cfg.features, cfg.refresh.active_window_days)
     if window is None:
         raise ValueError(f"{job.objective} {job.version}: no events in the window ending {job.day}; nothing to embed")
@@ -236,15 +238,19 @@ def _events_window(job: _Day, paths: PlatformPaths, cfg: UpstreamConfig) -> tupl
     return window
 
 
-def _manifest_template(
-    job: _Day, paths: PlatformPaths, cfg: UpstreamConfig, window: tuple[datetime, datetime]
+def manifest_template(
+    job: RefreshDay, paths: PlatformPaths, cfg: UpstreamConfig, weights_sha256: str
 ) -> SnapshotManifest:
-    """The manifest both families of the day share; family, row count and data hash are set per family."""
+    """The manifest both families of the day share; family, row count and data hash are set per family.
+
+    ``weights_sha256``: what made the vectors (the day's checkpoint for a trained version).
+    """
+    window = _events_window(job, paths, cfg)
     return SnapshotManifest(
         family="",
         model_version=job.version,
         config_hash=job.config_hash,
-        weights_sha256=file_sha256(job.checkpoint(paths)),
+        weights_sha256=weights_sha256,
         dim=cfg.model.dim,
         snapshot_date=job.day,
         event_timestamp=snapshot_available_at(job.day, cfg.refresh.publish_delay),
@@ -257,28 +263,48 @@ def _manifest_template(
     )
 
 
-def _export_family(
-    job: _Day,
+def window_entity_batches(
+    job: RefreshDay, paths: PlatformPaths, cfg: UpstreamConfig, entity: str
+) -> Iterator[dict[str, np.ndarray]]:
+    """The features of every entity the day's export embeds (active in the window), in id order."""
+    refresh = cfg.refresh
+    return entity_feature_batches(
+        paths.events_dir, entity, job.day, cfg.features, refresh.active_window_days, refresh.inference_batch_size
+    )
+
+
+def _embedded(
+    model: DermModel, job: RefreshDay, paths: PlatformPaths, cfg: UpstreamConfig, entity: str
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    # In process, or Ray Data on the cluster profile / DERM_EXPORT_ENGINE=ray: the same vectors either way.
+    features = window_entity_batches(job, paths, cfg, entity)
+    return embed_batches(model, entity, features, cfg.refresh.inference_batch_size, ray=export_engine())
+
+
+def export_family(
+    job: RefreshDay,
     paths: PlatformPaths,
     cfg: UpstreamConfig,
-    model: DermModel,
-    entity: str,
     family: str,
+    daily: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
     template: SnapshotManifest,
 ) -> SnapshotManifest:
-    """One family's snapshot of the day: embed every active entity, average with yesterday, write atomically."""
+    """One family's snapshot of the day: today's vectors averaged with yesterday, written atomically.
+
+    Args:
+        daily: called only when the snapshot is not written yet; ``(ids, vectors (n, D))`` batches of every
+            entity of :func:`window_entity_batches`, in id order.
+        template: :func:`manifest_template`'s manifest of the day.
+    """
     target = job.snapshot(paths, family)
     if (target / MANIFEST_FILE).exists():  # written before an interrupted run stopped
         return read_manifest(target)
     previous_file = job.snapshot(paths, family, job.previous_day) / DATA_FILE if job.warm_start else None
     refresh = cfg.refresh
     carry = refresh.idle_entities == "carry_forward" and previous_file is not None
-    features = entity_feature_batches(
-        paths.events_dir, entity, job.day, cfg.features, refresh.active_window_days, refresh.inference_batch_size
-    )
+    entity = FAMILIES[family]
     batches = aggregate_batches(
-        # In process, or Ray Data on the cluster profile / DERM_EXPORT_ENGINE=ray: the same vectors either way.
-        embed_batches(model, entity, features, refresh.inference_batch_size, ray=export_engine()),
+        daily(),
         previous_file,
         join_key(family),
         cfg.model.dim,
@@ -495,8 +521,8 @@ def upstream_quality(
     return {key: (None if isinstance(v, float) and not np.isfinite(v) else v) for key, v in result.items()}
 
 
-def _record_quality(
-    job: _Day, paths: PlatformPaths, cfg: UpstreamConfig, manifests: list[SnapshotManifest]
+def record_quality(
+    job: RefreshDay, paths: PlatformPaths, cfg: UpstreamConfig, manifests: list[SnapshotManifest]
 ) -> list[SnapshotManifest]:
     """Both manifests of the day with :func:`upstream_quality` filled in (rewritten atomically, before publishing)."""
     if all(m.quality is not None for m in manifests):
