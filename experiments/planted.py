@@ -218,6 +218,8 @@ def plant_upstream(
         check_log_is_generated(paths, planted.synthetic)
     cfg, dim = planted.upstream, planted.upstream.model.dim
     days = refresh_days(paths)  # every calendar day of the log, as the refresh exports them
+    # Checked before anything is registered or written: a dim too small for the tastes leaves no version behind.
+    rotations = {o: _rotation(o, dim, planted.synthetic.latent_dim * (2 if o == "ctr" else 1)) for o in objectives}
     jobs = {}
     for objective in objectives:
         config_hash = planted.config_hash(objective)
@@ -226,8 +228,7 @@ def plant_upstream(
         if not config_file.exists():
             payload = {"model_version": version, "config_hash": config_hash, **planted.version_payload(objective)}
             atomic_write_text(config_file, json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        width = planted.synthetic.latent_dim * (2 if objective == "ctr" else 1)
-        jobs[objective] = (version, config_hash, _rotation(objective, dim, width))
+        jobs[objective] = (version, config_hash, rotations[objective])
     out: dict[str, list[SnapshotManifest]] = {objective: [] for objective in objectives}
     worlds = daily_worlds(planted.synthetic)
     for day in days:

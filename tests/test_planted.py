@@ -27,7 +27,7 @@ from derm.core.snapshot import DATA_FILE, snapshot_dir
 from derm.events.schema import event_files, log_days
 from derm.events.synthetic import SyntheticConfig, daily_worlds, generate_event_log
 from derm.experiments.planted import PlantedLogMismatch, PlantedUpstream, plant_upstream, planted_config
-from derm.training.upstream.config import RefreshConfig, UpstreamConfig
+from derm.training.upstream.config import DermConfig, RefreshConfig, UpstreamConfig
 
 START = date(2026, 3, 1)
 SMALL = dict(n_users=40, n_pins=15, n_advertisers=3, n_categories=3, n_days=4, events_per_day=150)
@@ -141,6 +141,11 @@ def test_planted_version_refuses_another_log_and_round_trips(tmp_path: Path) -> 
     with pytest.raises(PlantedLogMismatch, match=r"date=2026-03-01/part-0\.parquet: not what `derm generate` writes"):
         plant_upstream(paths, PlantedUpstream(other))
     assert not paths.snapshots_dir.exists() or not any(paths.snapshots_dir.iterdir())  # nothing half-written
+    too_narrow = PlantedUpstream(cfg, UpstreamConfig(model=DermConfig(dim=8)))  # CTR tastes have 16 dimensions
+    with pytest.raises(ValueError, match="planted ctr tastes have 16 dimensions; the upstream dim 8 is smaller"):
+        plant_upstream(paths, too_narrow)
+    assert not paths.snapshots_dir.exists() or not any(paths.snapshots_dir.iterdir())
+    assert not paths.models_dir.exists() or not any(paths.models_dir.rglob("config.json"))
 
     planted = PlantedUpstream(cfg)
     manifests = plant_upstream(paths, planted)
